@@ -1,0 +1,134 @@
+"""RunPolicy: how a model is trained, never what it is.
+
+Auxiliary losses, memory patches, precision, activation checkpointing,
+compile and parallel layout live here, so that switching one never changes
+the model's identity (ModelSpec) — only the run's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    name: str = "adamw"              # adamw | muon (Muon on hidden 2-D matrices, AdamW elsewhere)
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1        # final lr = lr * min_lr_ratio
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0           # 0: no clipping
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    kind: str = "cosine"             # cosine | wsd | constant
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2      # wsd: last fraction of steps decays linearly
+
+
+@dataclass(frozen=True)
+class PrecisionSpec:
+    compute: str = "bf16"            # fp32 | bf16 | fp16 (autocast dtype)
+    params: str = "fp32"             # master weights
+    low_precision: str = "none"      # none | fp8_rowwise | fp8_tensorwise | nvfp4_emulated
+    # Modules kept in float32 whatever the compute dtype (matched by name part).
+    fp32_modules: tuple[str, ...] = ("A_log", "D", "dt_bias", "norm", "router")
+    min_gemm_size: int = 0           # low-precision conversion skips smaller GEMMs (in*out)
+    loss_scale_init: float = 65536.0  # fp16 dynamic loss scaling
+    loss_scale_growth_interval: int = 2000
+
+
+@dataclass(frozen=True)
+class CompileSpec:
+    mode: str = "none"               # none | default | reduce-overhead | max-autotune
+    scope: str = "block"             # block (each layer) | model
+    fullgraph: bool = False
+
+
+@dataclass(frozen=True)
+class ParallelSpec:
+    data: int = 1                    # data-parallel degree (1: one device)
+    sharding: str = "none"           # none | ddp | fsdp2
+    tensor: int = 1
+    context: int = 1
+    expert: int = 1
+    pipeline: int = 1
+
+
+@dataclass(frozen=True)
+class STPSpec:
+    """Semantic Tube Prediction (Huang, LeCun, Balestriero, arXiv 2602.22617)."""
+    enabled: bool = False
+    weight: float = 0.05
+    start_step: int = 0
+    warmup_steps: int = 0            # linear ramp of the weight after start_step
+    layers: str = "final"            # "final" or comma-separated layer indices, e.g. "11,23"
+    form: str = "curvature"          # curvature (three-point) | span (paper form)
+    n_spans: int = 4
+
+
+@dataclass(frozen=True)
+class MoEAuxSpec:
+    enabled: bool = True
+    weight: float = 1e-2             # switch-style load-balance loss
+    z_loss_weight: float = 1e-3      # router z-loss
+    bias_update_rate: float = 1e-3   # aux-loss-free balancing (when model.moe.bias_balancing)
+    start_step: int = 0
+    warmup_steps: int = 0
+
+
+@dataclass(frozen=True)
+class DSAAuxSpec:
+    enabled: bool = True
+    weight: float = 1.0
+    dense_warmup_steps: int = 0      # dense stage: only the indexer learns
+    start_step: int = 0
+    warmup_steps: int = 0
+
+
+@dataclass(frozen=True)
+class MTPAuxSpec:
+    enabled: bool = True
+    weight: float = 0.3
+    start_step: int = 0
+    warmup_steps: int = 0
+
+
+@dataclass(frozen=True)
+class AuxSpec:
+    stp: STPSpec = field(default_factory=STPSpec)
+    moe: MoEAuxSpec = field(default_factory=MoEAuxSpec)
+    dsa: DSAAuxSpec = field(default_factory=DSAAuxSpec)
+    mtp: MTPAuxSpec = field(default_factory=MTPAuxSpec)
+
+
+@dataclass(frozen=True)
+class RunPolicy:
+    seq_len: int = 1024
+    micro_batch: int = 8
+    global_batch: int = 8            # sequences per optimizer step (accumulation = global / (micro * data))
+    steps: int = 1000
+    seed: int = 0
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    precision: PrecisionSpec = field(default_factory=PrecisionSpec)
+    # Activation checkpointing per family letter: none | full | selective
+    activation_checkpointing: dict[str, str] = field(default_factory=lambda: {
+        "A": "none", "M": "none", "R": "none", "E": "none", "F": "none"})
+    compile: CompileSpec = field(default_factory=CompileSpec)
+    # Memory patches wanted: name -> "required" | "preferred" | "off".
+    patches: dict[str, str] = field(default_factory=lambda: {
+        "linear_ce": "preferred", "dsa_indexer_fused": "preferred"})
+    aux: AuxSpec = field(default_factory=AuxSpec)
+    parallel: ParallelSpec = field(default_factory=ParallelSpec)
+    data: str = ""                   # data snapshot directory ("" : the default snapshot)
+    eval_interval: int = 100
+    eval_batches: int = 8
+    checkpoint_interval: int = 500
+    keep_checkpoints: int = 3
+    log_interval: int = 10
+    max_nonfinite_steps: int = 5     # consecutive NaN/Inf steps before the run stops

@@ -1,0 +1,158 @@
+"""Built-in recipes. Each is a partial tree over the blank defaults.
+
+nam56r holds the public constants of the seed system's NAM56R recipe
+(cppmega `recipes/nam56r_nemo_recipe.py`, see shared/FACTS.md §1). The
+smaller presets keep its pattern at sizes that train here.
+"""
+from __future__ import annotations
+
+import copy
+
+from .io import deep_merge
+
+_NAM_PATTERN = "AEMEAEMEAEMR"
+
+NAM56R = {
+    "model": {
+        "name": "nam56r",
+        "vocab_size": 65536,
+        "hidden_size": 3584,
+        "depth": 52,
+        "pattern": _NAM_PATTERN,
+        "ffn_size": 18944,
+        "activation": "swiglu",
+        "attention": {
+            "kind": "mla", "num_heads": 56, "num_kv_heads": 8, "head_dim": 64,
+            "rope_theta": 500000.0,
+            "q_lora_rank": 64, "kv_lora_rank": 64, "qk_head_dim": 64, "qk_rope_dim": 64,
+            "v_head_dim": 64,
+            "index_heads": 8, "index_head_dim": 64, "index_topk": 256,
+        },
+        "mamba": {"version": 3, "state_dim": 64, "head_dim": 64, "expand": 2, "num_groups": 8,
+                  "chunk_size": 128},
+        "moe": {"num_experts": 16, "top_k": 4, "expert_ffn": 896, "shared_ffn": 1024,
+                "score": "sigmoid", "bias_balancing": True},
+        "recurrent": {"kind": "gated_deltanet", "num_heads": 28, "key_dim": 128, "value_dim": 128},
+    },
+    "policy": {
+        "seq_len": 4096, "micro_batch": 4, "global_batch": 64, "steps": 100000,
+        "optimizer": {"lr": 3e-4},
+        "schedule": {"kind": "cosine", "warmup_steps": 2000},
+        "precision": {"compute": "bf16"},
+        "parallel": {"data": 8, "sharding": "fsdp2"},
+        "aux": {
+            "stp": {"enabled": True, "weight": 0.05, "start_step": 10000, "n_spans": 4,
+                    "layers": "final"},
+            "moe": {"weight": 1e-4},
+        },
+        "checkpoint_interval": 1000, "eval_interval": 1000,
+    },
+}
+
+NAM_TINY = {
+    "model": {
+        "name": "nam-tiny",
+        "vocab_size": 4096,
+        "hidden_size": 128,
+        "depth": 12,
+        "pattern": _NAM_PATTERN,
+        "ffn_size": 512,
+        "attention": {
+            "kind": "mla", "num_heads": 4, "rope_theta": 10000.0,
+            "q_lora_rank": 0, "kv_lora_rank": 32, "qk_head_dim": 32, "qk_rope_dim": 16,
+            "v_head_dim": 32, "index_heads": 2, "index_head_dim": 32, "index_topk": 64,
+        },
+        "mamba": {"version": 3, "state_dim": 16, "head_dim": 32, "expand": 2, "num_groups": 1,
+                  "chunk_size": 64},
+        "moe": {"num_experts": 8, "top_k": 2, "expert_ffn": 128, "shared_ffn": 128,
+                "score": "sigmoid", "bias_balancing": True},
+        "recurrent": {"kind": "gated_deltanet", "num_heads": 4, "key_dim": 32, "value_dim": 32},
+    },
+    "policy": {
+        "seq_len": 256, "micro_batch": 8, "global_batch": 16, "steps": 300,
+        "optimizer": {"lr": 3e-3, "weight_decay": 0.0},
+        "schedule": {"kind": "cosine", "warmup_steps": 30},
+        "precision": {"compute": "fp32"},
+        "aux": {"stp": {"enabled": True, "weight": 0.05, "start_step": 100, "n_spans": 4}},
+        "eval_interval": 50, "eval_batches": 4, "checkpoint_interval": 100, "log_interval": 10,
+    },
+}
+
+_SMALL_GPU_POLICY = {
+    "seq_len": 2048, "micro_batch": 16, "global_batch": 32, "steps": 5000,
+    "optimizer": {"lr": 1e-3},
+    "schedule": {"kind": "cosine", "warmup_steps": 200},
+    "precision": {"compute": "bf16"},
+    "compile": {"mode": "default"},
+    "eval_interval": 250, "checkpoint_interval": 1000,
+}
+
+NAM_125M = {
+    "model": {
+        "name": "nam-125m",
+        "vocab_size": 32768,
+        "hidden_size": 768,
+        "depth": 24,
+        "pattern": _NAM_PATTERN,
+        "ffn_size": 2048,
+        "attention": {"kind": "gqa", "num_heads": 12, "num_kv_heads": 4, "rope_theta": 10000.0,
+                      "index_heads": 4, "index_head_dim": 64, "index_topk": 256},
+        "mamba": {"version": 2, "state_dim": 128, "head_dim": 64, "expand": 2, "num_groups": 1,
+                  "chunk_size": 128},
+        "moe": {"num_experts": 8, "top_k": 2, "expert_ffn": 768, "shared_ffn": 0,
+                "score": "sigmoid", "bias_balancing": True},
+        "recurrent": {"kind": "gated_deltanet", "num_heads": 6, "key_dim": 128, "value_dim": 128},
+    },
+    "policy": copy.deepcopy(_SMALL_GPU_POLICY),
+}
+
+DENSE_125M = {
+    "model": {
+        "name": "dense-125m",
+        "vocab_size": 32768,
+        "hidden_size": 768,
+        "depth": 24,
+        "pattern": "AF",
+        "ffn_size": 2048,
+        "attention": {"kind": "gqa", "num_heads": 12, "num_kv_heads": 4, "rope_theta": 10000.0},
+    },
+    "policy": copy.deepcopy(_SMALL_GPU_POLICY),
+}
+
+NAM_1B = {
+    "model": {
+        "name": "nam-1b",
+        "vocab_size": 32768,
+        "hidden_size": 2048,
+        "depth": 24,
+        "pattern": _NAM_PATTERN,
+        "ffn_size": 5632,
+        "attention": {"kind": "gqa", "num_heads": 16, "num_kv_heads": 4, "rope_theta": 10000.0,
+                      "index_heads": 4, "index_head_dim": 64, "index_topk": 256},
+        "mamba": {"version": 2, "state_dim": 128, "head_dim": 64, "expand": 2, "num_groups": 1,
+                  "chunk_size": 128},
+        "moe": {"num_experts": 8, "top_k": 2, "expert_ffn": 2816, "shared_ffn": 0,
+                "score": "sigmoid", "bias_balancing": True},
+        "recurrent": {"kind": "gated_deltanet", "num_heads": 16, "key_dim": 128, "value_dim": 128},
+    },
+    "policy": deep_merge(_SMALL_GPU_POLICY, {"micro_batch": 8, "global_batch": 32,
+                                             "optimizer": {"lr": 5e-4}}),
+}
+
+PRESETS = {
+    "nam56r": (NAM56R, "NAM56R, the seed system's public 4.7B hybrid (MLA, Mamba-3, MoE 16x top-4); "
+                       "describe/args only here"),
+    "nam-tiny": (NAM_TINY, "NAM56R's pattern at a few million parameters; trains on a CPU in minutes"),
+    "nam-125m": (NAM_125M, "NAM pattern, ~125M active parameters (GQA, Mamba-2, MoE 8x top-2); one GPU"),
+    "nam-1b": (NAM_1B, "NAM pattern, ~1B parameters; one GPU"),
+    "dense-125m": (DENSE_125M, "AF attention + dense SwiGLU baseline matched to nam-125m's active "
+                               "parameters"),
+}
+
+
+def preset_tree(name: str) -> dict:
+    return copy.deepcopy(PRESETS[name][0])
+
+
+def describe_presets() -> list[tuple[str, str]]:
+    return [(name, desc) for name, (_, desc) in PRESETS.items()]
