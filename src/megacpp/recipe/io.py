@@ -124,7 +124,12 @@ def from_dict(cls, data: dict, prefix: str = ""):
     for f in dataclasses.fields(cls):
         if f.name in data:
             where = f"{prefix}.{f.name}" if prefix else f.name
-            kwargs[f.name] = _convert(data[f.name], hints[f.name], where)
+            value = _convert(data[f.name], hints[f.name], where)
+            if typing.get_origin(hints[f.name]) is dict and f.default_factory is not dataclasses.MISSING:
+                # maps (per-family settings, patches) fill in from their defaults:
+                # a recipe names only the entries it changes
+                value = {**f.default_factory(), **value}
+            kwargs[f.name] = value
     return cls(**kwargs)
 
 

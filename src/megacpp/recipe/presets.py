@@ -131,7 +131,7 @@ NAM_1B = {
                       "index_heads": 4, "index_head_dim": 64, "index_topk": 256},
         "mamba": {"version": 2, "state_dim": 128, "head_dim": 64, "expand": 2, "num_groups": 1,
                   "chunk_size": 128},
-        "moe": {"num_experts": 8, "top_k": 2, "expert_ffn": 2816, "shared_ffn": 0,
+        "moe": {"num_experts": 8, "top_k": 2, "expert_ffn": 1408, "shared_ffn": 0,
                 "score": "sigmoid", "bias_balancing": True},
         "recurrent": {"kind": "gated_deltanet", "num_heads": 16, "key_dim": 128, "value_dim": 128},
     },

@@ -54,7 +54,8 @@ class Recipe:
         return resolve(self.to_dict(), sets, self.source)
 
 
-def _from_tree(tree: dict, source: str, lines: dict[str, int] | None = None) -> Recipe:
+def _from_tree(tree: dict, source: str, lines: dict[str, int] | None = None,
+               set_keys: tuple[str, ...] = ()) -> Recipe:
     """Typed + validated recipe from a resolved plain tree; errors get file:line."""
     try:
         for key in tree:
@@ -66,6 +67,9 @@ def _from_tree(tree: dict, source: str, lines: dict[str, int] | None = None) -> 
     except RecipeError as e:
         if e.file:
             raise
+        for key in set_keys:
+            if e.field == key or e.field.startswith(key + ".") or key.startswith(e.field + "."):
+                raise RecipeError(e.reason, e.field, "--set") from None
         line = io.line_of(lines, e.field) if lines else None
         raise RecipeError(e.reason, e.field, source, line) from None
     return Recipe(model, policy, source)
@@ -84,7 +88,8 @@ def resolve(tree: dict, sets: list[str] | None, source: str,
             _check_set(tree, key)
         except RecipeError as e:
             raise RecipeError(e.reason, e.field, "--set") from None
-    return _from_tree(tree, source, lines)
+    keys = tuple(io.parse_set(item)[0] for item in sets or [])
+    return _from_tree(tree, source, lines, keys)
 
 
 def _check_set(tree: dict, key: str) -> None:

@@ -194,6 +194,7 @@ def validate_policy(p: RunPolicy) -> None:
     _pos(p.global_batch, f + "global_batch", 1 << 24)
     _pos(p.steps, f + "steps", 1 << 40)
     _nonneg(p.seed, f + "seed")
+    _pos(p.parallel.data, f + "parallel.data", 1 << 16)
     per_step = p.micro_batch * p.parallel.data
     if p.global_batch % per_step:
         _err(f + "global_batch", f"{p.global_batch} is not a multiple of micro_batch x data-parallel "
