@@ -95,11 +95,85 @@ def _cmd_args(args) -> int:
 
 def _add_data_commands(sub) -> None:
     """`megacpp data sources|prepare|check`: owned by the data pipeline."""
+    data = sub.add_parser("data", help="C++ sources, corpus snapshots, tokenizer, packed rows")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+
+    p = dsub.add_parser("sources", help="list the available sources and how each input is pinned")
+    p.add_argument("--sources", nargs="+", metavar="SPEC",
+                   help="resolve these instead (system, debian:PKG[=VER], debian:FILE.deb, dir:PATH); "
+                        "debian: ones are downloaded into the cache")
+    p.add_argument("--cache-dir", help="where debian packages are kept (default $MEGACPP_CACHE or ~/.cache/megacpp)")
+    p.add_argument("--json", action="store_true")
+
+    p = dsub.add_parser("prepare", help="build a snapshot: corpus, tokenizer, packed parquet shards")
+    p.add_argument("--sources", nargs="+", default=["system"], metavar="SPEC",
+                   help="system (default), debian:PKG[=VER], debian:FILE.deb, dir:PATH")
+    p.add_argument("--out", required=True, help="snapshot directory to create")
+    p.add_argument("--recipe", metavar="NAME|FILE", help="take vocab size and seq_len from this recipe")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe override, as for other commands (repeatable)")
+    p.add_argument("--vocab-size", type=int, help="tokenizer size (default: recipe's, else 4096)")
+    p.add_argument("--seq-len", type=int, help="tokens per row minus one (default: recipe's, else 256)")
+    p.add_argument("--max-bytes", type=int, default=None,
+                   help="cap on kept text in bytes, 0 = none (default 64 MiB)")
+    p.add_argument("--max-file-bytes", type=int, default=None, help="drop larger files (default 1000000)")
+    p.add_argument("--near-dup-threshold", type=float, default=None, help="MinHash Jaccard threshold (default 0.8)")
+    p.add_argument("--near-dup-keep", type=int, default=None,
+                   help="members kept per near-duplicate group, 0 = all (default 1)")
+    p.add_argument("--split", default=None, metavar="TRAIN,VAL,TEST", help="split fractions (default 0.9,0.05,0.05)")
+    p.add_argument("--cache-dir", help="where debian packages are kept")
+    p.add_argument("--force", action="store_true", help="replace an existing snapshot at --out")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--json", action="store_true", help="print the snapshot summary as JSON")
+
+    p = dsub.add_parser("check", help="validate a snapshot (schema, files, sha256, parquet) and summarise it")
+    p.add_argument("snapshot", help="snapshot directory")
+    p.add_argument("--no-verify", action="store_true", help="skip sha256 of every file (sizes still checked)")
+    p.add_argument("--json", action="store_true")
 
 
 def _run_data(args) -> int:
-    raise SystemExit("data commands not wired yet")
+    from pathlib import Path
 
+    from .data import report
+
+    if args.data_command == "sources":
+        listing = report.sources_listing(args.sources, Path(args.cache_dir) if args.cache_dir else None)
+        if args.json:
+            _print_json(listing)
+        else:
+            print(report.format_sources(listing))
+        return 0
+    if args.data_command == "prepare":
+        import dataclasses
+
+        from .data.prepare import PrepareConfig, prepare_snapshot, sizes_from_recipe
+        from .errors import DataError
+
+        vocab, seq_len, provenance = sizes_from_recipe(args.recipe, args.vocab_size, args.seq_len, args.sets)
+        overrides = {"vocab_size": vocab, "seq_len": seq_len}
+        for name in ("max_bytes", "max_file_bytes", "near_dup_threshold", "near_dup_keep"):
+            if getattr(args, name) is not None:
+                overrides[name] = getattr(args, name)
+        if args.split is not None:
+            try:
+                overrides["split"] = tuple(float(x) for x in args.split.split(","))
+            except ValueError:
+                raise DataError(f"--split: '{args.split}' is not three comma-separated fractions") from None
+        config = dataclasses.replace(PrepareConfig(), **overrides)
+        log = None if args.quiet else (lambda msg: print(f"[data] {msg}", file=sys.stderr, flush=True))
+        snap = prepare_snapshot(args.out, args.sources, config, provenance=provenance,
+                                cache_dir=args.cache_dir, force=args.force, log=log)
+        summary = report.snapshot_summary(snap)
+        print(json.dumps(summary, indent=2) if args.json else report.format_summary(summary))
+        return 0
+    if args.data_command == "check":
+        from .data.loader import open_snapshot
+
+        summary = report.snapshot_summary(open_snapshot(args.snapshot, verify=not args.no_verify))
+        print(json.dumps(summary, indent=2) if args.json else report.format_summary(summary))
+        return 0
+    return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
