@@ -93,6 +93,135 @@ def _cmd_args(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- train & runs
+def _cmd_train(args) -> int:
+    from .train.distributed import from_env
+    from .train.trainer import Trainer
+
+    recipe = _load(args)
+    dist = from_env(recipe.policy.parallel.sharding, args.device)
+    if dist.world_size != recipe.policy.parallel.data:
+        from .errors import MegacppError
+        raise MegacppError(f"policy.parallel.data is {recipe.policy.parallel.data} but {dist.world_size} "
+                           f"process(es) were started; pass --set policy.parallel.data={dist.world_size}")
+    trainer = Trainer(recipe, args.out, args.data, args.resume, args.device, args.quiet, dist=dist,
+                      max_steps=args.max_steps)
+    result = trainer.run()
+    if dist.is_main:
+        o = result.manifest["outcome"]
+        print(f"run {result.run_dir}: {o['status']} ({o['end_reason']}) after {o['steps']} steps, "
+              f"{o['tokens']:,} tokens, {o['wall_seconds']} s")
+        if o.get("first_val_bpb") is not None:
+            print(f"val bits/byte: {o['first_val_bpb']:.4f} at start -> {o['final_val_bpb']:.4f} at the end")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .train.device import pick_device
+    from .eval.load import load_run
+    from .train.trainer import Trainer, bits_per_byte, lm_loss  # noqa: F401
+
+    device = pick_device(args.device)
+    run = load_run(args.run_dir, device, args.data)
+    from .eval.bpb import evaluate_split
+    res = evaluate_split(run, args.split, args.batches, device)
+    if args.json:
+        _print_json(res)
+    else:
+        print(f"{run.run_dir} step {run.step} on {args.split}: loss {res['loss']:.4f} nats/token, "
+              f"{res['bpb']:.4f} bits/byte over {res['tokens']:,} tokens")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from .data.loader import open_snapshot
+    from .data.tokenizer import load_tokenizer
+    from .eval.generate import sample
+    from .eval.load import load_run
+    from .train.device import pick_device
+
+    device = pick_device(args.device)
+    run = load_run(args.run_dir, device, args.data)
+    snap = open_snapshot(run.data_dir, verify=False)
+    tok = load_tokenizer(snap.tokenizer_path)
+    bos, eos = snap.special_ids["bos"], snap.special_ids["eos"]
+    prompt = [bos] + tok.encode(args.prompt).ids
+    ids = sample(run.model, prompt, args.max_tokens, args.temperature, args.top_k, eos, args.seed, device)
+    text = tok.decode(ids)
+    if args.json:
+        _print_json({"prompt": args.prompt, "completion": text, "tokens": len(ids)})
+    else:
+        print(args.prompt + text)
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from .run.compare import compare, compare_text
+
+    res = compare(args.run_a, args.run_b)
+    if args.json:
+        _print_json(res)
+    else:
+        print(compare_text(res))
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .run.report import make_report
+
+    files = make_report(args.run_dir, args.out)
+    if args.json:
+        _print_json(files)
+    else:
+        for k, v in files.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+def _cmd_patches(args) -> int:
+    import torch
+
+    from .patches.registry import all_patches
+    from .train.device import pick_device
+
+    device = pick_device(args.device)
+    rows = []
+    for name, patch in all_patches().items():
+        backs = patch.backends(device)
+        if args.action == "list":
+            rows.append({"name": name, "replaces": patch.replaces,
+                         "backends": [{"name": b.name, "available": b.available, "reason": b.reason,
+                                       "version": b.version} for b in backs]})
+            continue
+        for b in backs:
+            if not b.available:
+                rows.append({"name": name, "backend": b.name, "dtype": "-", "passed": None,
+                             "detail": f"unavailable: {b.reason}"})
+                continue
+            for dt in (torch.float32, torch.bfloat16):
+                r = patch.parity(device, dt, b.name, small=not args.full)
+                rows.append({"name": name, "backend": b.name, "dtype": r.dtype, "passed": r.passed,
+                             "tolerance": r.tolerance, "max_rel_err": r.max_rel_err})
+    if args.json:
+        _print_json(rows)
+    elif args.action == "list":
+        for r in rows:
+            backs = ", ".join(f"{b['name']} ({'yes ' + b['version'] if b['available'] else 'no: ' + b['reason']})"
+                              for b in r["backends"])
+            print(f"{r['name']:18} replaces {r['replaces']}\n{'':18} backends: {backs}")
+    else:
+        print(f"{'patch':18} {'backend':8} {'dtype':9} {'result':6} worst rel. error (tolerance)")
+        for r in rows:
+            if r["passed"] is None:
+                print(f"{r['name']:18} {r['backend']:8} {'-':9} {'skip':6} {r['detail']}")
+                continue
+            worst = max(r["max_rel_err"].items(), key=lambda kv: kv[1])
+            print(f"{r['name']:18} {r['backend']:8} {r['dtype']:9} {'pass' if r['passed'] else 'FAIL':6} "
+                  f"{worst[0]} {worst[1]:.2e} ({r['tolerance']:.0e})")
+    failed = [r for r in rows if r.get("passed") is False]
+    return 1 if failed else 0
+
+
 def _add_data_commands(sub) -> None:
     """`megacpp data sources|prepare|check`: owned by the data pipeline."""
     data = sub.add_parser("data", help="C++ sources, corpus snapshots, tokenizer, packed rows")
@@ -201,6 +330,58 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit 2 if the translation has any issue (fail closed)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_args)
+
+    p = sub.add_parser("train", help="train a recipe on a data snapshot; writes a run directory")
+    _recipe_args(p, required=False)
+    p.add_argument("--data", metavar="SNAPSHOT", help="data snapshot directory (default: policy.data, "
+                   "else $MEGACPP_DATA, else data/system)")
+    p.add_argument("--out", required=True, metavar="RUN_DIR")
+    p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last good checkpoint")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps without a final save (testing)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="loss and bits per byte of a run's last checkpoint on a split")
+    p.add_argument("run_dir")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--batches", type=int, default=0, help="0: the whole split")
+    p.add_argument("--data", metavar="SNAPSHOT")
+    p.add_argument("--device")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("generate", help="sample a continuation with the incremental decoder")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", default="#include <")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", metavar="SNAPSHOT")
+    p.add_argument("--device")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("compare", help="what differs between two runs (spec, pattern, patches, aux losses, backend), then metrics")
+    p.add_argument("run_a")
+    p.add_argument("run_b")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("report", help="PNG plots of a run's curves and a markdown summary")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="report directory (default RUN_DIR/report)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("patches", help="list memory patches or run their parity checks")
+    p.add_argument("action", choices=["list", "check"], nargs="?", default="list")
+    p.add_argument("--recipe", help="(check) accepted for symmetry; parity checks are recipe-independent")
+    p.add_argument("--full", action="store_true", help="(check) production-size inputs")
+    p.add_argument("--device")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_patches)
 
     _add_data_commands(sub)
     return parser

@@ -1,0 +1,565 @@
+"""`megacpp train`: one recipe + one data snapshot -> a trained model and a run record.
+
+The loop, top to bottom (search any behaviour by its name here):
+  preflight -> build model -> install patches -> activation checkpointing ->
+  compile -> optimizers -> (resume) -> for each step: lr, micro-batches with
+  gradient accumulation (LM loss through the linear-CE patch, auxiliary
+  losses behind their step gates), unscale, clip, non-finite guard,
+  optimizer step, MoE bias update, metrics, eval, checkpoint -> final record.
+Distributed runs reuse this loop: `dist` (rank, world size, wrappers) is
+applied from outside the model by train/distributed.py.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import MegacppError
+from ..losses.gates import GateSet
+from ..losses.moe_aux import bias_update, load_balance_loss, z_loss
+from ..losses.stp import stp_over_layers
+from ..recipe import Recipe
+from ..recipe.count import summarize
+from ..recipe.validate import stp_layers
+from ..run.manifest import MANIFEST, git_commit, new_manifest, write_json_atomic
+from .activation import apply_activation_checkpointing
+from .checkpoint import latest_good, load_checkpoint, save_checkpoint
+from .compile import apply_compile, compile_stats
+from .device import device_facts, memory_available, peak_flops, peak_memory, pick_device
+from .metrics import MetricsWriter
+from .optim import Optimizers
+from .precision import Precision
+from .schedule import lr_at
+
+IGNORE = -100
+LN2 = math.log(2.0)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: int
+    end_reason: str
+    final_train_loss: float | None
+    final_val_loss: float | None
+    final_val_bpb: float | None
+    first_val_bpb: float | None
+    manifest: dict = field(repr=False, default_factory=dict)
+
+
+class _Signals:
+    """First SIGTERM/SIGINT: finish the step, save, exit 0. Second: abort now."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. under a test runner thread)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:
+            os._exit(128 + signum)
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+# ----------------------------------------------------------------- preflight
+def preflight(recipe: Recipe, out_dir: Path, data_dir: Path, device: torch.device, resume: bool):
+    """Every cheap check before any heavy work; MegacppError (exit 2) on failure.
+
+    Nothing is written into out_dir here, so a failed start leaves no trace.
+    """
+    from ..data.loader import open_snapshot
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MegacppError(f"{out_dir}: --out exists and is not a directory")
+    if out_dir.exists() and (out_dir / MANIFEST).exists() and not resume:
+        raise MegacppError(f"{out_dir}: already holds a run (run.json); pass --resume to continue it "
+                           f"or choose another --out")
+    if resume and not (out_dir / MANIFEST).exists():
+        raise MegacppError(f"{out_dir}: --resume given but there is no run here (no run.json)")
+    parent = out_dir if out_dir.exists() else out_dir.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise MegacppError(f"{out_dir}: not writable ({parent} denies writes)")
+    s = summarize(recipe)
+    ckpt_bytes = s.total_params * (4 + 8) + (64 << 20)
+    free = shutil.disk_usage(parent).free
+    if free < 2 * ckpt_bytes:
+        raise MegacppError(f"{out_dir}: {free / 2**30:.1f} GiB free, a checkpoint needs about "
+                           f"{ckpt_bytes / 2**30:.1f} GiB (two must fit during a save)")
+    need = s.memory["total_estimate"]
+    have = memory_available(device)
+    if need > have:
+        raise MegacppError(
+            f"recipe {recipe.model.name}: memory estimate {need / 2**30:.1f} GiB exceeds the "
+            f"{have / 2**30:.1f} GiB free on {device} (policy.micro_batch, policy.seq_len or "
+            f"policy.activation_checkpointing can lower it)")
+    snap = open_snapshot(data_dir)  # schema, files, sizes, checksums
+    if snap.vocab_size > recipe.model.vocab_size:
+        raise MegacppError(
+            f"{snap.tokenizer_path}: tokenizer has {snap.vocab_size} tokens but model.vocab_size is "
+            f"{recipe.model.vocab_size}; prepare the snapshot with this recipe (--recipe) or raise "
+            f"model.vocab_size")
+    if snap.seq_len != recipe.policy.seq_len:
+        raise MegacppError(
+            f"{data_dir}/snapshot.json: rows are packed for seq_len {snap.seq_len} but "
+            f"policy.seq_len is {recipe.policy.seq_len}; re-prepare with --seq-len "
+            f"{recipe.policy.seq_len} or --set policy.seq_len={snap.seq_len}")
+    return snap
+
+
+def default_snapshot_dir() -> Path:
+    return Path(os.environ.get("MEGACPP_DATA", "data/system"))
+
+
+# ----------------------------------------------------------------- the losses
+def lm_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    fn = getattr(model, "lm_loss_fn", None)
+    if fn is None:
+        from ..patches.linear_ce import plain_linear_ce as fn
+    return fn(hidden.reshape(-1, hidden.shape[-1]), model.head_weight, labels.reshape(-1))
+
+
+def mtp_targets(labels: torch.Tensor, doc_ids: torch.Tensor, k: int) -> torch.Tensor:
+    """Depth k (0-based) predicts the token k+1 places after the next one."""
+    shift = k + 1
+    tgt = torch.full_like(labels, IGNORE)
+    if labels.shape[1] <= shift:
+        return tgt
+    tgt[:, :-shift] = labels[:, shift:]
+    same_doc = doc_ids[:, :-shift] == doc_ids[:, shift:]
+    tgt[:, :-shift] = torch.where(same_doc, tgt[:, :-shift], torch.full_like(tgt[:, :-shift], IGNORE))
+    return tgt
+
+
+def moe_router_terms(aux: dict) -> tuple[list, torch.Tensor | None]:
+    """Router stats of every MoE layer in a forward's aux dict."""
+    routers = [v for v in aux.get("moe", {}).values()] if isinstance(aux.get("moe"), dict) else aux.get("moe", [])
+    return routers, None
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, out_dir: str | Path, data_dir: str | Path | None = None,
+                 resume: bool = False, device: str | None = None, quiet: bool = False,
+                 dist=None, max_steps: int | None = None):
+        self.recipe = recipe
+        self.pol = recipe.policy
+        self.out = Path(out_dir)
+        self.data_dir = Path(data_dir or recipe.policy.data or default_snapshot_dir())
+        self.resume = resume
+        self.quiet = quiet
+        self.max_steps = max_steps  # stop early (tests: simulate an interrupted run)
+        if dist is None:
+            from .distributed import single_process
+            dist = single_process()
+        self.dist = dist
+        self.device = pick_device(device) if dist.device is None else dist.device
+        self.snapshot = preflight(recipe, self.out, self.data_dir, self.device, resume)
+
+    # -------------------------------------------------------------- set up
+    def _build(self) -> None:
+        import megacpp
+        from ..data.loader import PackedLoader
+        from ..patches.registry import install_patches
+
+        pol, spec = self.pol, self.recipe.model
+        seed_everything(pol.seed)
+        if self.device.type == "cpu":
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.model = megacpp.build_model(spec).to(self.device)
+        self.precision = Precision(pol.precision, self.device)
+        self.patch_records = install_patches(self.model, pol.patches, self.device, self.precision.dtype)
+        self.letters = self.recipe.layers.letters
+        self.ac_applied = apply_activation_checkpointing(self.model, self.letters,
+                                                         pol.activation_checkpointing)
+        self.train_model = self.dist.wrap(self.model, self.recipe)
+        self.compile_info = apply_compile(self.model, pol.compile)
+        self.opt = Optimizers(self.model, pol.optimizer, self.device)
+        has = set(self.letters)
+        self.gates = GateSet.from_policy(pol.aux, {"moe": "E" in has, "dsa": "D" in has,
+                                                   "mtp": spec.mtp.depths > 0, "stp": True})
+        self.stp_layers = stp_layers(pol.aux.stp.layers, spec.depth)
+        per_rank = pol.global_batch // self.dist.world_size
+        self.accum = per_rank // pol.micro_batch
+        self.loader = PackedLoader(self.snapshot, "train", pol.micro_batch, seed=pol.seed,
+                                   rank=self.dist.rank, world_size=self.dist.world_size,
+                                   drop_last=True, pin_memory=self.device.type == "cuda")
+        self.summary = summarize(self.recipe)
+        self.peak = peak_flops(self.device)
+        self.step = 0
+        self.warnings: list[str] = []
+        self.nonfinite_total = 0
+        self.nonfinite_run = 0
+        self.last_val: tuple[float, float] | None = None
+        self.first_val_bpb: float | None = None
+        self.train_loss_ema: float | None = None
+        self.tokens_seen = 0
+        self.wall_before = 0.0
+
+    def _state(self) -> dict:
+        return {"step": self.step, "optimizer": self.opt.state_dict(),
+                "precision": self.precision.state_dict(), "loader": self.loader.state_dict(),
+                "gates": self.gates.state_dict(), "rng": rng_state(),
+                "counters": {"nonfinite_total": self.nonfinite_total, "tokens_seen": self.tokens_seen,
+                             "first_val_bpb": self.first_val_bpb, "wall": self._wall(),
+                             "train_loss_ema": self.train_loss_ema},
+                "recipe_hash": self.recipe.hash}
+
+    def _restore(self) -> None:
+        v, warnings = latest_good(self.out / "checkpoints")
+        self.warnings += warnings
+        if v is None:
+            if warnings:
+                self.warnings.append("no valid checkpoint: starting from step 0")
+            return
+        st = load_checkpoint(v, self.model)
+        if st.get("recipe_hash") != self.recipe.hash:
+            raise MegacppError(f"{v.path}: checkpoint was written by recipe {st.get('recipe_hash', '?')[:12]}, "
+                               f"this run's recipe is {self.recipe.short_hash}; resume with the same recipe")
+        self.opt.load_state_dict(st["optimizer"])
+        self.precision.load_state_dict(st["precision"])
+        self.loader.load_state_dict(st["loader"])
+        self.gates.load_state_dict(st["gates"])
+        set_rng_state(st["rng"])
+        c = st["counters"]
+        self.step = st["step"]
+        self.nonfinite_total = c["nonfinite_total"]
+        self.tokens_seen = c["tokens_seen"]
+        self.first_val_bpb = c["first_val_bpb"]
+        self.wall_before = c["wall"]
+        self.train_loss_ema = c.get("train_loss_ema")
+        self.warnings.append(f"resumed from {v.path.name} (step {self.step})")
+
+    def _wall(self) -> float:
+        return self.wall_before + (time.time() - self.t_start)
+
+    # -------------------------------------------------------------- manifest
+    def _manifest(self, status: str, end_reason: str | None = None) -> dict:
+        pol = self.pol
+        m = new_manifest(self.recipe)
+        m["patches"] = [r.to_dict() for r in self.patch_records]
+        aux = self.gates.describe()
+        aux["stp"].update({"form": pol.aux.stp.form, "n_spans": pol.aux.stp.n_spans,
+                           "layers": self.stp_layers})
+        aux["moe"].update({"bias_balancing": self.recipe.model.moe.bias_balancing,
+                           "bias_update_rate": pol.aux.moe.bias_update_rate})
+        aux["dsa"].update({"dense_warmup_steps": pol.aux.dsa.dense_warmup_steps})
+        m["aux_losses"] = aux
+        m["backend"] = {
+            **device_facts(self.device),
+            "precision": self.precision.describe(),
+            "compile": {**self.compile_info, **compile_stats()},
+            "activation_checkpointing": {"policy": dict(pol.activation_checkpointing),
+                                         "applied_layers": len(self.ac_applied)},
+            "world_size": self.dist.world_size, "layout": self.dist.describe(),
+            "seed": pol.seed, "deterministic": self.device.type == "cpu",
+            "micro_batch": pol.micro_batch, "grad_accumulation": self.accum,
+            "global_batch": pol.global_batch, "seq_len": pol.seq_len,
+            "optimizer": self.opt.report,
+            "data": {"path": str(self.data_dir), "snapshot_id": self.snapshot.snapshot_id,
+                     "tokenizer_sha256": self.snapshot.tokenizer_sha256,
+                     "schema_version": self.snapshot.schema_version},
+            "megacpp": m["megacpp_version"], "git": git_commit(),
+        }
+        tl, vl = self.train_loss_ema, self.last_val
+        m["outcome"] = {
+            "status": status, "end_reason": end_reason, "steps": self.step,
+            "tokens": self.tokens_seen, "final_train_loss": tl,
+            "final_val_loss": vl[0] if vl else None, "final_val_bpb": vl[1] if vl else None,
+            "first_val_bpb": self.first_val_bpb, "wall_seconds": round(self._wall(), 2),
+            "peak_memory_bytes": peak_memory(self.device),
+            "nonfinite_steps_skipped": self.nonfinite_total, "warnings": list(self.warnings),
+        }
+        return m
+
+    def _write_manifest(self, status: str, end_reason: str | None = None) -> dict:
+        m = self._manifest(status, end_reason)
+        if self.dist.is_main:
+            write_json_atomic(self.out / MANIFEST, m)
+        return m
+
+    def _save(self) -> None:
+        if self.dist.is_main:
+            save_checkpoint(self.out / "checkpoints", self.step, self.model, self._state(),
+                            self.pol.keep_checkpoints)
+        self._write_manifest("running")
+
+    # -------------------------------------------------------------- eval
+    @torch.no_grad()
+    def evaluate(self, split: str = "val", batches: int | None = None) -> tuple[float, float]:
+        """Mean loss (nats/token) and bits per byte over the first batches of a split."""
+        from ..data.loader import PackedLoader
+
+        batches = self.pol.eval_batches if batches is None else batches
+        loader = PackedLoader(self.snapshot, split, self.pol.micro_batch, seed=0, epochs=1,
+                              rank=self.dist.rank, world_size=self.dist.world_size, prefetch=1)
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        try:
+            for i, batch in enumerate(loader):
+                if batches and i >= batches:
+                    break
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                with self.precision.autocast():
+                    out = self.model(batch["input_ids"], doc_ids=batch["doc_ids"],
+                                     positions=batch["positions"])
+                    loss = lm_loss(self.model, out.hidden, batch["labels"]).float()
+                n = (batch["labels"] != IGNORE).sum()
+                total += torch.stack([loss.double() * n, n.double()])
+        finally:
+            loader.close()
+            self.model.train()
+        total = self.dist.all_reduce_sum(total)
+        mean = float(total[0] / total[1].clamp_min(1))
+        return mean, bits_per_byte(mean, self.snapshot, split)
+
+    # -------------------------------------------------------------- one step
+    def _micro_step(self, batch: dict, step: int) -> dict:
+        """Forward + backward of one micro-batch; returns detached loss terms."""
+        pol, g = self.pol, self.gates
+        stp_on = g["stp"].active(step)
+        collect = None
+        if stp_on:
+            collect = "final" if self.stp_layers == "final" else list(self.stp_layers)
+        terms: dict[str, torch.Tensor] = {}
+        with self.precision.autocast():
+            out = self.train_model(batch["input_ids"], doc_ids=batch["doc_ids"],
+                                   positions=batch["positions"], collect_hidden=collect)
+            loss = lm_loss(self.model, out.hidden, batch["labels"])
+            terms["lm"] = loss.detach()
+            total = loss
+            if stp_on:
+                seed = pol.seed * 1_000_003 + step
+                stp = stp_over_layers(out.collected, batch["doc_ids"], pol.aux.stp.n_spans,
+                                      pol.aux.stp.form, seed)
+                terms["stp"] = stp.detach()
+                total = total + g["stp"].weight_at(step) * stp
+            routers = out.aux.get("moe", []) if out.aux else []
+            if routers and (g["moe"].active(step) or g["moe_z"].active(step)):
+                lb = torch.stack([load_balance_loss(r.probs, r.topk_idx, r.num_experts) for r in routers]).mean()
+                zl = torch.stack([z_loss(r.logits) for r in routers]).mean()
+                terms["moe_balance"], terms["moe_z"] = lb.detach(), zl.detach()
+                total = total + g["moe"].weight_at(step) * lb + g["moe_z"].weight_at(step) * zl
+            dsa = out.aux.get("dsa", []) if out.aux else []
+            if dsa and g["dsa"].active(step):
+                from ..losses.dsa_indexer import indexer_kl_loss
+                kl = torch.stack([indexer_kl_loss(d) for d in dsa]).mean()
+                terms["dsa_indexer"] = kl.detach()
+                total = total + g["dsa"].weight_at(step) * kl
+            if out.mtp_hidden and g["mtp"].active(step):
+                mtp = []
+                for k, h in enumerate(out.mtp_hidden):
+                    tgt = mtp_targets(batch["labels"], batch["doc_ids"], k)
+                    mtp.append(lm_loss(self.model, h, tgt))
+                mt = torch.stack(mtp).mean()
+                terms["mtp"] = mt.detach()
+                total = total + g["mtp"].weight_at(step) * mt
+        self.precision.scale(total / self.accum).backward()
+        terms["total"] = total.detach()
+        if routers:
+            with torch.no_grad():
+                terms["_load"] = torch.stack([r.load.float() for r in routers])  # (layers, E)
+        return terms
+
+    def _grad_norm(self) -> torch.Tensor:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = self.pol.optimizer.grad_clip
+        if clip > 0:
+            return torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+
+    def train_step(self, step: int) -> dict:
+        pol = self.pol
+        lr = lr_at(step, pol.steps, pol.optimizer.lr, pol.schedule.kind, pol.schedule.warmup_steps,
+                   pol.optimizer.min_lr_ratio, pol.schedule.decay_fraction)
+        self.opt.set_lr(lr)
+        self.gates.mark(step)
+        sums: dict[str, torch.Tensor] = {}
+        tokens = 0
+        for micro in range(self.accum):
+            batch = next(self.loader_iter)
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            with self.dist.no_sync(self.train_model, last=micro == self.accum - 1):
+                terms = self._micro_step(batch, step)
+            for k, v in terms.items():
+                sums[k] = sums[k] + v if k in sums else v.clone()
+            tokens += batch["input_ids"].numel()
+        self.precision.unscale_(self.opt.optimizers)
+        gnorm = self._grad_norm()
+        loss_val = sums["total"] / self.accum
+        finite = bool(torch.isfinite(loss_val)) and bool(torch.isfinite(gnorm))
+        finite = self.dist.all_true(finite)
+        stepped = False
+        if finite:
+            stepped = self.precision.step(self.opt.optimizers)
+            self.nonfinite_run = 0
+            if "_load" in sums and self.recipe.model.moe.bias_balancing and self.gates["moe"].enabled:
+                load = self.dist.all_reduce_sum(sums["_load"])
+                for layer_load, router in zip(load, self._moe_routers()):
+                    bias_update(router.expert_bias, layer_load, pol.aux.moe.bias_update_rate)
+        else:
+            self.nonfinite_total += 1
+            self.nonfinite_run += 1
+            if self.precision.scaler:  # fp16: let the scaler back off
+                self.precision.scaler.update(self.precision.scaler.get_scale() / 2)
+        self.opt.zero_grad()
+        record = {"kind": "train", "step": step, "lr": lr, "grad_norm": float(gnorm),
+                  "loss": float(sums["lm"] / self.accum), "total_loss": float(loss_val),
+                  "tokens": tokens * self.dist.world_size, "finite": finite, "stepped": stepped}
+        for k in ("stp", "moe_balance", "moe_z", "dsa_indexer", "mtp"):
+            if k in sums:
+                record[k] = float(sums[k] / self.accum)
+        for name, gate in self.gates.gates.items():
+            record[f"w_{name}"] = gate.weight_at(step)
+        if "_load" in sums:
+            load = sums["_load"].sum(0)
+            frac = load / load.sum().clamp_min(1)
+            record["moe_load_max_frac"] = float(frac.max())
+            record["moe_load_min_frac"] = float(frac.min())
+        return record
+
+    def _moe_routers(self):
+        return [m for m in self.model.modules() if hasattr(m, "expert_bias")]
+
+    # -------------------------------------------------------------- run
+    def run(self) -> RunResult:
+        self.t_start = time.time()
+        self._build()
+        if self.resume:
+            self._restore()
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            (self.out / "recipe.toml").write_text(self.recipe.to_toml())
+        self._write_manifest("running")
+        pol = self.pol
+        writer = MetricsWriter(self.out, pol.steps, self.step, quiet=self.quiet or not self.dist.is_main) \
+            if self.dist.is_main else None
+        self.loader_iter = iter(self.loader)
+        end_reason = "completed"
+        if self.step == 0 and pol.eval_batches > 0:
+            self._eval_and_log(writer)
+        last_t, last_step = time.time(), self.step
+        try:
+            with _Signals() as sig:
+                while self.step < pol.steps:
+                    if self.max_steps is not None and self.step >= self.max_steps:
+                        end_reason = "max_steps"
+                        break
+                    rec = self.train_step(self.step)
+                    self.step += 1
+                    if rec["finite"]:
+                        self.tokens_seen += rec["tokens"]
+                        l = rec["loss"]
+                        self.train_loss_ema = l if self.train_loss_ema is None else 0.9 * self.train_loss_ema + 0.1 * l
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    now = time.time()
+                    dt = max(now - last_t, 1e-9)
+                    rec["tokens_per_s"] = rec["tokens"] / dt
+                    rec["mfu"] = (rec["tokens_per_s"] * self.summary.flops_per_token
+                                  / (self.peak * self.dist.world_size)) if self.peak else None
+                    rec["peak_memory_gib"] = (peak_memory(self.device) or 0) / 2**30
+                    last_t = now
+                    if writer:
+                        writer.log(rec)
+                        if self.step % pol.log_interval == 0 or self.step == pol.steps:
+                            extra = "".join(f" {k} {rec[k]:.4f}" for k in ("stp", "moe_balance", "mtp", "dsa_indexer") if k in rec)
+                            writer.console(self.step, f"loss {rec['loss']:.4f}{extra} lr {rec['lr']:.2e} "
+                                           f"gnorm {rec['grad_norm']:.2f} tok/s {rec['tokens_per_s']:.0f}",
+                                           advance=self.step - last_step)
+                            last_step = self.step
+                    if not rec["finite"]:
+                        self.warnings.append(f"step {rec['step']}: non-finite loss or gradient, update skipped")
+                        if self.nonfinite_run >= pol.max_nonfinite_steps:
+                            end_reason = "nonfinite"
+                            break
+                    if self.step % pol.eval_interval == 0 and self.step < pol.steps and pol.eval_batches > 0:
+                        self._eval_and_log(writer)
+                    if self.step % pol.checkpoint_interval == 0 and self.step < pol.steps:
+                        self._save()
+                    if sig.requested:
+                        end_reason = f"signal:{sig.requested}"
+                        break
+            if end_reason in ("completed",) and pol.eval_batches > 0:
+                self._eval_and_log(writer)
+            if end_reason != "max_steps":
+                self._save()
+        except BaseException:
+            if writer:
+                writer.close()
+            raise
+        if writer:
+            writer.close()
+        if end_reason == "nonfinite":
+            # the weights were never updated by the bad steps: the saved state is the last good one
+            msg = (f"stopped after {pol.max_nonfinite_steps} consecutive non-finite steps at step "
+                   f"{self.step}; the last good state is saved in {self.out / 'checkpoints'}")
+            self.warnings.append(msg)
+        manifest = self._write_manifest("finished" if end_reason == "completed" else "stopped", end_reason)
+        vl = self.last_val
+        return RunResult(self.out, self.step, end_reason, self.train_loss_ema,
+                         vl[0] if vl else None, vl[1] if vl else None, self.first_val_bpb, manifest)
+
+    def _eval_and_log(self, writer) -> None:
+        loss, bpb = self.evaluate("val")
+        self.last_val = (loss, bpb)
+        if self.first_val_bpb is None:
+            self.first_val_bpb = bpb
+        if writer:
+            writer.log({"kind": "val", "step": self.step, "loss": loss, "bpb": bpb})
+            writer.console(self.step, f"val loss {loss:.4f} bpb {bpb:.4f}")
+
+
+def bits_per_byte(loss_nats: float, snapshot, split: str) -> float:
+    """Loss per token -> bits per UTF-8 byte, using the split's bytes/token ratio."""
+    info = snapshot.manifest["splits"][split]
+    tokens, nbytes = info["tokens"], info["bytes"]
+    if not tokens or not nbytes:
+        return float("nan")
+    return loss_nats / LN2 * tokens / nbytes
+
+
+def train(recipe: Recipe, out_dir, data_dir=None, resume=False, device=None, quiet=False,
+          max_steps=None) -> RunResult:
+    return Trainer(recipe, out_dir, data_dir, resume, device, quiet, max_steps=max_steps).run()
