@@ -131,3 +131,18 @@ def test_cli_takes_sizes_from_recipe(tmp_path, capsys):
     assert m["config"]["vocab_size"] == recipe.model.vocab_size and m["seq_len"] == 48
     assert m["provenance"]["recipe"]["hash"] == recipe.hash
     assert m["provenance"]["vocab_size_from"] == "recipe" and m["provenance"]["seq_len_from"] == "flag"
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_dir_source_in_git_checkout_is_pinned_to_commit(tmp_path):
+    tree = make_tree(tmp_path / "repo", n_files=5)
+    git = ["git", "-C", str(tree), "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "x"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    (inp,) = resolve_source(f"dir:{tree}").inputs
+    assert inp.version == f"git:{head}" and inp.details["git_dirty"] is False
+    (tree / "mod0" / "new.cpp").write_text("int x;\n")
+    (inp2,) = resolve_source(f"dir:{tree}").inputs
+    assert inp2.version == f"git:{head}+dirty" and inp2.sha256 != inp.sha256

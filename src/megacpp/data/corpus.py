@@ -139,12 +139,12 @@ def build_corpus(sources: list[Source], input_offsets: list[int], config: Corpus
     drops: dict[str, dict] = {}
     notes: dict[str, int] = {}
 
-    def drop(reason: str, f: SourceFile, nbytes: int) -> None:
+    def drop(reason: str, path: str, nbytes: int) -> None:
         d = drops.setdefault(reason, {"files": 0, "bytes": 0, "examples": []})
         d["files"] += 1
         d["bytes"] += nbytes
         if len(d["examples"]) < 3:
-            d["examples"].append(f.path)
+            d["examples"].append(path)
 
     for src in sources:
         for reason, count in src.skipped.items():
@@ -165,10 +165,10 @@ def build_corpus(sources: list[Source], input_offsets: list[int], config: Corpus
     exact = 0
     for input_id, f in ordered:
         if f.size > config.max_file_bytes:
-            drop("oversize", f, f.size)
+            drop("oversize", f.path, f.size)
             continue
         if config.max_bytes and kept_bytes >= config.max_bytes:
-            drop("over_budget", f, f.size)
+            drop("over_budget", f.path, f.size)
             continue
         with open(f.fs_path, "rb") as fh:
             raw = fh.read()
@@ -176,13 +176,13 @@ def build_corpus(sources: list[Source], input_offsets: list[int], config: Corpus
         for note in fixes:
             notes[note] = notes.get(note, 0) + 1
         if text is None:
-            drop(reason, f, len(raw))
+            drop(reason, f.path, len(raw))
             continue
         data = text.encode("utf-8")
         digest = hashlib.sha256(data).hexdigest()
         if digest in seen:
             exact += 1
-            drop("exact_duplicate", f, len(data))
+            drop("exact_duplicate", f.path, len(data))
             continue
         seen.add(digest)
         documents.append(Document(text, digest, f.path, input_id))
@@ -204,7 +204,7 @@ def build_corpus(sources: list[Source], input_offsets: list[int], config: Corpus
         members_seen[group] = n + 1
         if config.near_dup_keep and n >= config.near_dup_keep:
             near_dropped += 1
-            drop("near_duplicate", SourceFile(doc.input_id, doc.path, "", 0, ""), doc.nbytes)
+            drop("near_duplicate", doc.path, doc.nbytes)
             continue
         kept.append(doc)
     # The group's first member (in corpus order) is kept whatever near_dup_keep is: it keys the split.

@@ -39,6 +39,8 @@ from megacpp.data.schema import MANIFEST_NAME, SCHEMA_VERSION, SPLITS, check_sha
 from megacpp.data.tokenizer import load_tokenizer  # noqa: F401  (public helper re-exported here)
 from megacpp.errors import DataError
 
+__all__ = ["IGNORE_INDEX", "PackedLoader", "Snapshot", "load_tokenizer", "make_batch", "manifest_digest", "open_snapshot", "read_split"]
+
 IGNORE_INDEX = -100
 _STATE_VERSION = 1
 

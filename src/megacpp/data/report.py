@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from megacpp.data.schema import SPLITS
+
 
 def table(rows: list[list], header: list[str]) -> str:
     """Left-aligned text columns, numbers right-aligned."""
@@ -74,7 +76,7 @@ def snapshot_summary(snap) -> dict:
         "bytes_per_token_val": m["tokenizer"]["bytes_per_token_val"],
         "inputs": len(m["inputs"]),
         "splits": {
-            s: {k: v for k, v in info.items() if k not in ("per_input", "shards")} for s, info in m["splits"].items()
+            s: {k: v for k, v in m["splits"][s].items() if k not in ("per_input", "shards")} for s in SPLITS
         },
         "drops": {k: v["files"] for k, v in sorted(m["corpus"]["drops"].items())},
         "near_duplicates": m["corpus"]["dedup"]["near"],
