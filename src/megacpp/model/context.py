@@ -1,0 +1,159 @@
+"""Per-forward sequence context: packing, positions, masks, and causal convs.
+
+A packed row holds several documents side by side, named by `doc_ids`
+(batch, seqlen) segment ids that stay constant inside a document. Every
+mixer must behave as if each document stood alone:
+
+- attention: a block-diagonal causal mask (`attn_mask`);
+- positions: restart at 0 at every document start (`positions_from_doc_ids`);
+- SSM / delta-rule states: zeroed at document starts (`starts`; the mixers
+  force the log-decay there to a value whose exp is exactly 0);
+- short causal convs: taps that reach into the previous document are
+  zeroed (`same_doc`, used by `causal_conv1d`).
+
+The context computes each of these once per forward and shares them between
+layers. Without doc_ids every helper takes the plain causal path.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .rotary import rope_cos_sin
+
+# Log-decay written at document starts. exp(-1e4) is exactly 0 in float32
+# and float64, so no state crosses the boundary; a finite value (not -inf)
+# keeps every product in the chunked kernels and their gradients finite.
+RESET_LOG_DECAY = -1.0e4
+
+
+def doc_starts(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(batch, seqlen) bool: True at position 0 and wherever the doc id changes."""
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return starts
+
+
+def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Position of each token inside its document, (batch, seqlen) int64."""
+    t = doc_ids.shape[1]
+    idx = torch.arange(t, device=doc_ids.device).expand_as(doc_ids)
+    start_idx = torch.where(doc_starts(doc_ids), idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - start_idx
+
+
+class SeqContext:
+    """What every layer of one forward needs to know about the sequence."""
+
+    def __init__(self, batch: int, seqlen: int, device, doc_ids: torch.Tensor | None = None,
+                 positions: torch.Tensor | None = None, want_state: bool = False):
+        if doc_ids is not None and tuple(doc_ids.shape) != (batch, seqlen):
+            raise ValueError(f"doc_ids must be {(batch, seqlen)}, got {tuple(doc_ids.shape)}")
+        self.batch, self.seqlen, self.device = batch, seqlen, device
+        self.doc_ids = doc_ids
+        if positions is None:
+            if doc_ids is not None:
+                positions = positions_from_doc_ids(doc_ids)
+            else:
+                positions = torch.arange(seqlen, device=device).expand(batch, seqlen)
+        elif positions.dim() == 1:
+            positions = positions.expand(batch, seqlen)
+        self.positions = positions
+        # Prefill: mixers also return the state that decoding continues from.
+        self.want_state = want_state
+        self._memo: dict = {}
+
+    # -- packing ---------------------------------------------------------
+    @property
+    def starts(self) -> torch.Tensor | None:
+        """Document starts (batch, seqlen) bool, or None for unpacked rows."""
+        if self.doc_ids is None:
+            return None
+        if "starts" not in self._memo:
+            self._memo["starts"] = doc_starts(self.doc_ids)
+        return self._memo["starts"]
+
+    def same_doc(self, k: int) -> torch.Tensor:
+        """(batch, seqlen) bool: token t-k exists and is in t's document."""
+        key = ("same_doc", k)
+        if key not in self._memo:
+            d = self.doc_ids
+            m = torch.zeros_like(d, dtype=torch.bool)
+            if k == 0:
+                m[:] = True
+            elif k < self.seqlen:
+                m[:, k:] = d[:, k:] == d[:, :-k]
+            self._memo[key] = m
+        return self._memo[key]
+
+    def attn_mask(self) -> torch.Tensor | None:
+        """Block-diagonal causal mask (batch, 1, seqlen, seqlen), None when unpacked."""
+        if self.doc_ids is None:
+            return None
+        if "attn_mask" not in self._memo:
+            d = self.doc_ids
+            causal = torch.ones(self.seqlen, self.seqlen, dtype=torch.bool, device=d.device).tril()
+            self._memo["attn_mask"] = (causal & (d[:, :, None] == d[:, None, :]))[:, None]
+        return self._memo["attn_mask"]
+
+    # -- positions -------------------------------------------------------
+    def rope(self, rot_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (batch, seqlen, rot_dim/2) for this forward's positions."""
+        key = ("rope", rot_dim, float(theta))
+        if key not in self._memo:
+            self._memo[key] = rope_cos_sin(self.positions, rot_dim, theta)
+        return self._memo[key]
+
+
+def reset_log_decay(log_decay: torch.Tensor, ctx: SeqContext) -> torch.Tensor:
+    """Force the log-decay (batch, seqlen, heads) to RESET_LOG_DECAY at doc starts."""
+    starts = ctx.starts
+    if starts is None:
+        return log_decay
+    return torch.where(starts[..., None], torch.full_like(log_decay, RESET_LOG_DECAY), log_decay)
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  ctx: SeqContext) -> torch.Tensor:
+    """Depthwise causal conv over time. x (batch, seqlen, channels); weight (channels, 1, K).
+
+    y_t = bias + sum_k weight[:, 0, K-1-k] * x_{t-k}. In packed rows the taps
+    that reach into an earlier document are dropped, so each document sees
+    the zero left padding it would see alone.
+    """
+    b, t, c = x.shape
+    K = weight.shape[-1]
+    if ctx.doc_ids is None:
+        y = F.conv1d(x.transpose(1, 2), weight, bias, padding=K - 1, groups=c)[..., :t]
+        return y.transpose(1, 2)
+    w = weight[:, 0, :]  # (c, K); tap K-1 multiplies x_t
+    y = x * w[:, K - 1]
+    for k in range(1, K):
+        if k >= t:
+            break
+        shifted = F.pad(x[:, :-k], (0, 0, k, 0))
+        y = y + shifted * ctx.same_doc(k)[..., None].to(x.dtype) * w[:, K - 1 - k]
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def conv_tail(x: torch.Tensor, K: int) -> torch.Tensor:
+    """The last K-1 inputs (batch, K-1, channels), zero-padded on the left: a conv's decoding state."""
+    b, t, c = x.shape
+    if K <= 1:
+        return x.new_zeros(b, 0, c)
+    tail = x[:, max(0, t - (K - 1)):]
+    if tail.shape[1] < K - 1:
+        tail = F.pad(tail, (0, 0, K - 1 - tail.shape[1], 0))
+    return tail
+
+
+def conv_step(x_t: torch.Tensor, state: torch.Tensor, weight: torch.Tensor,
+              bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One causal-conv step. x_t (batch, channels); state (batch, K-1, channels)."""
+    window = torch.cat([state, x_t[:, None]], dim=1)          # (b, K, c)
+    y = torch.einsum("bkc,ck->bc", window, weight[:, 0, :])
+    if bias is not None:
+        y = y + bias
+    return y, window[:, 1:]

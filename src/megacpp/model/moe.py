@@ -1,0 +1,325 @@
+"""Mixture of experts (layer letter E).
+
+Routing (model.moe):
+- token choice, softmax scores: each token takes its top-k router rows;
+  gates are the selected probabilities, renormalised over the k slots when
+  k > 1 (Mixtral); k = 1 keeps the raw probability (Switch), so the router
+  still gets a gradient.
+- token choice, sigmoid scores (DeepSeek-V3): independent sigmoid scores;
+  with bias_balancing a per-row bias buffer is added for the *selection*
+  only, the gates still come from the unbiased scores (renormalised over
+  the k slots when k > 1). The bias is run state, updated from the load by
+  `update_bias` (aux-loss-free balancing) and checkpointed with the model.
+- expert choice (Zhou et al. 2022): each real expert takes its top-C
+  tokens by score, C = ceil(capacity_factor * tokens * top_k / num_experts);
+  a token may be taken by any number of experts. A token's route depends on
+  the other tokens of the batch, so expert choice is not causal.
+- null experts: router rows beyond num_experts. Choosing one spends a slot
+  (and its share of the gate) on nothing; tokens can so take less compute.
+- capacity (token choice, capacity_factor > 0): each real expert keeps at
+  most C = ceil(capacity_factor * tokens * top_k / num_experts) of its
+  assignments, the highest gates first (ties to the earlier token); the rest
+  are dropped (their slot outputs zero). 0 = dropless. Dropping, like
+  expert choice, couples the tokens of a batch.
+- shared expert: a dense MLP of width shared_ffn every token passes through.
+
+Experts run as one grouped computation: assignments are sorted by expert,
+then either `torch._grouped_mm` (when the device/dtype/alignment allow) or
+a padded batched matmul computes every expert at once. `moe_reference` is
+the per-expert python loop the tests compare both against.
+
+Per-forward RouterStats: router logits (z-loss), scores and mean
+probabilities (load-balance loss, differentiable), load per router row.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..recipe.spec import ModelSpec
+from . import init as winit
+from .mlp import MLP, activate, is_gated
+from .norm import fp
+
+
+@dataclass
+class RouterStats:
+    """What one E layer exposes per forward (T = tokens in the batch, R = router rows).
+
+    logits:     (T, R) float32 router logits, differentiable (router z-loss).
+    scores:     (T, R) softmax or sigmoid scores, differentiable.
+    mean_probs: (R,) mean over tokens of the scores normalised per token to
+                sum 1, differentiable (the P_i of the switch balance loss).
+    load:       (R,) float32 assignments per router row as routed, before
+                capacity dropping (the f_i numerator; drives the bias update).
+    kept:       (R,) float32 assignments that reached an expert (null rows: 0).
+    dropped:    assignments dropped by capacity (0-dim int64 tensor).
+    num_tokens, top_k: T and the slots per token (expert choice: 0).
+    """
+    logits: torch.Tensor
+    scores: torch.Tensor
+    mean_probs: torch.Tensor
+    load: torch.Tensor
+    kept: torch.Tensor
+    dropped: torch.Tensor
+    num_tokens: int
+    top_k: int
+
+
+@dataclass
+class Routing:
+    """Kept (token, expert, gate) assignments to real experts, any order."""
+    token: torch.Tensor    # (A,) int64
+    expert: torch.Tensor   # (A,) int64 in [0, num_experts)
+    gate: torch.Tensor     # (A,) float, differentiable
+    stats: RouterStats
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient: _grouped_mm's
+    backward rejects the expanded (stride-0) gradients a .sum() produces."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.contiguous()
+
+
+_GROUPED_MM_OK: dict = {}
+
+
+def grouped_mm_available(device: torch.device, dtype: torch.dtype, *dims: int) -> bool:
+    """Whether torch._grouped_mm runs here: the op exists, every row stride is a
+    multiple of 16 bytes (its requirement), and a tiny probe call succeeds once
+    per (device type, dtype)."""
+    if not hasattr(torch, "_grouped_mm") or device.type == "meta":
+        return False
+    esize = torch.empty((), dtype=dtype).element_size()
+    if any((n * esize) % 16 for n in dims):
+        return False
+    key = (device.type, dtype)
+    if key not in _GROUPED_MM_OK:
+        try:
+            a = torch.zeros(8, 16, device=device, dtype=dtype)
+            w = torch.zeros(2, 16, 16, device=device, dtype=dtype)
+            offs = torch.tensor([4, 8], device=device, dtype=torch.int32)
+            torch._grouped_mm(a, w, offs=offs)
+            _GROUPED_MM_OK[key] = True
+        except (RuntimeError, NotImplementedError, TypeError):
+            _GROUPED_MM_OK[key] = False
+    return _GROUPED_MM_OK[key]
+
+
+def grouped_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
+                activation: str, impl: str = "auto") -> torch.Tensor:
+    """Every expert's FFN on its own rows. x (A, d) sorted by expert; counts (E,).
+
+    impl: "grouped_mm" | "bmm" (padded batched matmul) | "auto" (grouped_mm when available).
+    """
+    A, d = x.shape
+    E = w_in.shape[0]
+    if impl == "auto":
+        ok = grouped_mm_available(x.device, x.dtype, d, w_in.shape[-1], w_out.shape[1], w_out.shape[-1])
+        impl = "grouped_mm" if ok else "bmm"
+    if impl == "grouped_mm":
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        h = _ContiguousGrad.apply(torch._grouped_mm(x, w_in, offs=offs))
+        return _ContiguousGrad.apply(torch._grouped_mm(activate(h, activation), w_out, offs=offs))
+    if impl != "bmm":
+        raise ValueError(f"unknown grouped impl {impl!r} (auto | grouped_mm | bmm)")
+    # Padded: scatter each expert's rows into an (E, max_count, d) block.
+    starts = torch.cumsum(counts, 0) - counts
+    expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=A)
+    pos = torch.arange(A, device=x.device) - starts[expert]
+    cap = int(counts.max()) if A else 0
+    buf = x.new_zeros(E, cap, d)
+    buf = buf.index_put((expert, pos), x)
+    out = torch.bmm(activate(torch.bmm(buf, w_in), activation), w_out)
+    return out[expert, pos]
+
+
+def capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> int:
+    return max(1, math.ceil(factor * num_tokens * top_k / num_experts))
+
+
+def _descending_stable(v: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Argsort, largest first, ties to the lower index (deterministic across paths)."""
+    return torch.sort(v, dim=dim, descending=True, stable=True).indices
+
+
+class Experts(nn.Module):
+    """Stacked expert weights laid out for x @ w: w_in (E, d, up*ffn), w_out (E, ffn, d)."""
+
+    def __init__(self, num_experts: int, d: int, ffn: int, activation: str):
+        super().__init__()
+        up = 2 if is_gated(activation) else 1
+        self.w_in = nn.Parameter(torch.empty(num_experts, d, up * ffn))
+        self.w_out = nn.Parameter(torch.empty(num_experts, ffn, d))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        winit.normal_(self.w_in, std)
+        winit.normal_(self.w_out, out_std)
+
+
+class MoE(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        e, d = spec.moe, spec.hidden_size
+        self.num_experts, self.null_experts, self.top_k = e.num_experts, e.null_experts, e.top_k
+        self.rows = e.num_experts + e.null_experts
+        self.score, self.routing = e.score, e.routing
+        self.capacity_factor = e.capacity_factor
+        self.activation = spec.activation
+        # Which grouped path to take ("auto" | "grouped_mm" | "bmm"); tests pin it.
+        self.impl = "auto"
+        self.router = nn.Linear(d, self.rows, bias=False)
+        self.experts = Experts(e.num_experts, d, e.expert_ffn, spec.activation)
+        self.shared = MLP(d, e.shared_ffn, spec.activation) if e.shared_ffn else None
+        if e.bias_balancing:
+            # Selection-only bias (DeepSeek-V3); a buffer: the optimizer never touches it.
+            self.register_buffer("expert_bias", torch.zeros(self.rows, dtype=torch.float32))
+        else:
+            self.expert_bias = None
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        winit.normal_(self.router.weight, std)
+        self.experts.init_weights(std, out_std)
+        if self.shared is not None:
+            self.shared.init_weights(std, out_std)
+        if self.expert_bias is not None:
+            with torch.no_grad():
+                self.expert_bias.zero_()
+
+    # -- routing -----------------------------------------------------------
+    def router_scores(self, x: torch.Tensor):
+        """x (T, d) -> logits, scores (T, rows), computed in float32 (or float64)."""
+        xf = fp(x)
+        logits = F.linear(xf, self.router.weight.to(xf.dtype))
+        scores = torch.softmax(logits, dim=-1) if self.score == "softmax" else torch.sigmoid(logits)
+        return logits, scores
+
+    def select_topk(self, scores: torch.Tensor):
+        """Token choice: (rows (T, k), gates (T, k)); the bias moves selection only."""
+        sel = scores.detach()
+        if self.expert_bias is not None:
+            sel = sel + self.expert_bias.to(sel.dtype)
+        rows = torch.topk(sel, self.top_k, dim=-1).indices
+        gates = torch.gather(scores, -1, rows)
+        if self.top_k > 1:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        return rows, gates
+
+    def route(self, x: torch.Tensor) -> Routing:
+        T = x.shape[0]
+        logits, scores = self.router_scores(x)
+        probs = scores if self.score == "softmax" else scores / scores.sum(dim=-1, keepdim=True)
+        E = self.num_experts
+        dev = x.device
+        if self.routing == "expert_choice":
+            C = min(T, capacity(T, self.top_k, E, self.capacity_factor))
+            order = _descending_stable(scores.detach()[:, :E].t())[:, :C]          # (E, C) tokens
+            token = order.reshape(-1)
+            expert = torch.arange(E, device=dev).repeat_interleave(C)
+            gate = scores[token, expert]
+            load = torch.zeros(self.rows, device=dev)
+            load[:E] = C
+            stats = RouterStats(logits, scores, probs.mean(0), load, load.clone(),
+                                torch.zeros((), dtype=torch.long, device=dev), T, 0)
+            return Routing(token, expert, gate, stats)
+
+        rows, gates = self.select_topk(scores)
+        flat_rows, flat_gate = rows.reshape(-1), gates.reshape(-1)
+        flat_token = torch.arange(T, device=dev).repeat_interleave(self.top_k)
+        load = torch.bincount(flat_rows, minlength=self.rows).float()
+        real = flat_rows < E
+        keep = real
+        if self.capacity_factor > 0:
+            C = capacity(T, self.top_k, E, self.capacity_factor)
+            # Within each expert, highest gate first; stable sorts keep ties in token order.
+            by_gate = _descending_stable(flat_gate.detach())
+            by_expert = by_gate[torch.sort(flat_rows[by_gate], stable=True).indices]
+            counts = torch.bincount(flat_rows, minlength=self.rows)
+            group_start = torch.cumsum(counts, 0) - counts
+            rank = torch.empty_like(flat_rows)
+            rank[by_expert] = torch.arange(flat_rows.numel(), device=dev) - group_start[flat_rows[by_expert]]
+            keep = real & (rank < C)
+        dropped = (real & ~keep).sum()
+        kept = torch.bincount(flat_rows[keep], minlength=self.rows).float()
+        stats = RouterStats(logits, scores, probs.mean(0), load, kept, dropped, T, self.top_k)
+        return Routing(flat_token[keep], flat_rows[keep], flat_gate[keep], stats)
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor, rate: float) -> None:
+        """Aux-loss-free balancing (DeepSeek-V3): raise the bias of under-loaded
+        experts and lower it for over-loaded ones by `rate`. Null rows keep 0."""
+        if self.expert_bias is None:
+            raise RuntimeError("this MoE has no expert bias (model.moe.bias_balancing is off)")
+        E = self.num_experts
+        real = load[:E].float()
+        self.expert_bias[:E] += rate * torch.sign(real.mean() - real)
+
+    # -- compute -------------------------------------------------------------
+    def forward(self, x: torch.Tensor, ctx=None):
+        shape = x.shape
+        xt = x.reshape(-1, shape[-1])
+        r = self.route(xt)
+        order = torch.sort(r.expert, stable=True).indices
+        token, gate = r.token[order], r.gate[order]
+        counts = torch.bincount(r.expert, minlength=self.num_experts)
+        dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        out = grouped_ffn(xt[token].to(dtype), counts, self.experts.w_in.to(dtype),
+                          self.experts.w_out.to(dtype), self.activation, self.impl)
+        out = (fp(out) * gate[:, None].to(fp(out).dtype)).to(x.dtype)
+        y = torch.zeros_like(xt).index_add(0, token, out)
+        if self.shared is not None:
+            y = y + self.shared(xt)[0]
+        return y.reshape(shape), r.stats, None
+
+    def step(self, x: torch.Tensor, state=None):
+        return self.forward(x[:, None])[0][:, 0], None
+
+
+def moe_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Per-expert python loop with its own dispatch: the oracle for MoE.forward.
+
+    Shares only the router scores and the token-choice top-k with the
+    module; capacity, expert choice, gathering and combining are redone here.
+    """
+    shape = x.shape
+    xt = x.reshape(-1, shape[-1])
+    T = xt.shape[0]
+    E = moe.num_experts
+    _, scores = moe.router_scores(xt)
+    y = torch.zeros_like(xt)
+
+    def expert_out(e, rows):
+        h = xt[rows] @ moe.experts.w_in[e].to(xt.dtype)
+        return activate(h, moe.activation) @ moe.experts.w_out[e].to(xt.dtype)
+
+    if moe.routing == "expert_choice":
+        C = min(T, capacity(T, moe.top_k, E, moe.capacity_factor))
+        for e in range(E):
+            rows = _descending_stable(scores.detach()[:, e])[:C]
+            y = y.index_add(0, rows, (expert_out(e, rows) * scores[rows, e][:, None]).to(xt.dtype))
+    else:
+        sel, gates = moe.select_topk(scores)
+        C = capacity(T, moe.top_k, E, moe.capacity_factor) if moe.capacity_factor > 0 else None
+        for e in range(E):
+            hit = (sel == e).nonzero()            # (n, 2) token, slot in row-major order
+            rows, g = hit[:, 0], gates[hit[:, 0], hit[:, 1]]
+            if C is not None:
+                keep = _descending_stable(g.detach())[:C]
+                rows, g = rows[keep], g[keep]
+            y = y.index_add(0, rows, (expert_out(e, rows) * g[:, None]).to(xt.dtype))
+    if moe.shared is not None:
+        y = y + moe.shared(xt)[0]
+    return y.reshape(shape)
