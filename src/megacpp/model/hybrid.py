@@ -32,6 +32,7 @@ from ..recipe.spec import ModelSpec
 from . import init as winit
 from .block import Block, variant_name
 from .context import SeqContext
+from .moe import RouterStats
 from .norm import build_norm
 
 
@@ -44,8 +45,9 @@ class ModelOutput:
                 fused linear cross-entropy on hidden and model.head_weight).
     collected:  layer index -> (b, t, d) residual stream after that layer
                 (collect_hidden="final" gives the last layer), for STP.
-    aux:        layer index -> RouterStats (E layers) / DSAStats (D layers);
-                MTP layers under "mtp.{k}.{j}".
+    aux:        {"moe": [RouterStats of every E layer], "dsa": [DSAStats of every
+                D layer], "layers": {layer index: stats}}; lists in module order
+                (main layers, then MTP layers, keyed "mtp.{k}.{j}" in "layers").
     mtp_hidden: per MTP depth, (b, t, d) normed hidden states (see module doc
                 for the positions to ignore).
     mtp_logits: per MTP depth, logits through the shared head, or None when
@@ -64,6 +66,13 @@ class DecodeCache:
     """Per-layer decoding states (None for MoE / MLP) and the tokens seen so far."""
     layers: list
     length: int
+
+
+def _record_aux(aux: dict, key, stats) -> None:
+    if stats is None:
+        return
+    aux["layers"][key] = stats
+    aux["moe" if isinstance(stats, RouterStats) else "dsa"].append(stats)
 
 
 class MTPDepth(nn.Module):
@@ -162,12 +171,11 @@ class HybridLM(nn.Module):
         ctx = SeqContext(b, t, input_ids.device, doc_ids, positions)
         want = self._collect_set(collect_hidden)
         x = self.embed(input_ids)
-        aux: dict = {}
+        aux: dict = {"moe": [], "dsa": [], "layers": {}}
         collected: dict = {}
         for i, layer in enumerate(self.layers):
             x, a, _ = layer(x, ctx)
-            if a is not None:
-                aux[i] = a
+            _record_aux(aux, i, a)
             if i in want:
                 collected[i] = x
         hidden = self.final_norm(x)
@@ -198,8 +206,7 @@ class HybridLM(nn.Module):
         h = depth.proj(torch.cat([depth.hnorm(h), depth.enorm(e)], dim=-1))
         for layer in depth.layers:
             h, a, _ = layer(h, ctx)
-            if a is not None:
-                aux[layer.key] = a
+            _record_aux(aux, layer.key, a)
         return h
 
     # -- decoding ----------------------------------------------------------------

@@ -48,25 +48,32 @@ from .norm import fp
 
 @dataclass
 class RouterStats:
-    """What one E layer exposes per forward (T = tokens in the batch, R = router rows).
+    """What one E layer exposes per forward (T = tokens in the batch, R = router rows,
+    R = num_experts + null_experts).
 
-    logits:     (T, R) float32 router logits, differentiable (router z-loss).
-    scores:     (T, R) softmax or sigmoid scores, differentiable.
-    mean_probs: (R,) mean over tokens of the scores normalised per token to
-                sum 1, differentiable (the P_i of the switch balance loss).
-    load:       (R,) float32 assignments per router row as routed, before
-                capacity dropping (the f_i numerator; drives the bias update).
-    kept:       (R,) float32 assignments that reached an expert (null rows: 0).
-    dropped:    assignments dropped by capacity (0-dim int64 tensor).
-    num_tokens, top_k: T and the slots per token (expert choice: 0).
+    logits:      (T, R) float32 router logits, differentiable (router z-loss).
+    scores:      (T, R) softmax or sigmoid scores, differentiable.
+    probs:       (T, R) scores normalised per token to sum 1 (softmax: the
+                 scores themselves), differentiable (P_i of the switch loss).
+    mean_probs:  (R,) probs averaged over tokens.
+    topk_idx:    (T, k) router rows each token chose, before capacity
+                 dropping (expert choice: (T, 0), it is balanced by design).
+    load:        (R,) float32 assignments per router row as routed, before
+                 capacity dropping (f_i's numerator; drives the bias update).
+    kept:        (R,) float32 assignments that reached an expert (null rows: 0).
+    dropped:     assignments dropped by capacity (0-dim int64 tensor).
+    num_tokens, num_experts (real experts), top_k (expert choice: 0).
     """
     logits: torch.Tensor
     scores: torch.Tensor
+    probs: torch.Tensor
     mean_probs: torch.Tensor
+    topk_idx: torch.Tensor
     load: torch.Tensor
     kept: torch.Tensor
     dropped: torch.Tensor
     num_tokens: int
+    num_experts: int
     top_k: int
 
 
@@ -230,8 +237,9 @@ class MoE(nn.Module):
             gate = scores[token, expert]
             load = torch.zeros(self.rows, device=dev)
             load[:E] = C
-            stats = RouterStats(logits, scores, probs.mean(0), load, load.clone(),
-                                torch.zeros((), dtype=torch.long, device=dev), T, 0)
+            stats = RouterStats(logits, scores, probs, probs.mean(0),
+                                torch.zeros(T, 0, dtype=torch.long, device=dev), load, load.clone(),
+                                torch.zeros((), dtype=torch.long, device=dev), T, E, 0)
             return Routing(token, expert, gate, stats)
 
         rows, gates = self.select_topk(scores)
@@ -252,7 +260,8 @@ class MoE(nn.Module):
             keep = real & (rank < C)
         dropped = (real & ~keep).sum()
         kept = torch.bincount(flat_rows[keep], minlength=self.rows).float()
-        stats = RouterStats(logits, scores, probs.mean(0), load, kept, dropped, T, self.top_k)
+        stats = RouterStats(logits, scores, probs, probs.mean(0), rows, load, kept, dropped,
+                            T, E, self.top_k)
         return Routing(flat_token[keep], flat_rows[keep], flat_gate[keep], stats)
 
     @torch.no_grad()
