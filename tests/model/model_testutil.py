@@ -11,6 +11,8 @@ from megacpp.recipe.validate import validate_model
 
 BASE = ModelSpec(
     name="test", vocab_size=97, hidden_size=32, depth=1, pattern="A", ffn_size=48,
+    # a large init so that every sublayer moves the logits well above rounding
+    init_std=0.15,
     attention=AttentionSpec(kind="gqa", num_heads=4, num_kv_heads=2, rotary_fraction=0.5, qk_norm=True,
                             q_lora_rank=0, kv_lora_rank=16, qk_head_dim=8, qk_rope_dim=4, v_head_dim=6,
                             index_heads=2, index_head_dim=8, index_topk=5),
