@@ -1,0 +1,138 @@
+"""MoE: the grouped expert path equals the per-expert loop, forward and gradients."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megacpp.model.moe import MoE, capacity, grouped_mm_available, moe_reference
+
+from model_testutil import make_spec
+
+CONFIGS = {
+    "softmax-top2": {},
+    "softmax-top1": {"top_k": 1},
+    "sigmoid-bias": {"score": "sigmoid", "bias_balancing": True},
+    "null-experts": {"null_experts": 2, "top_k": 3},
+    "capacity": {"capacity_factor": 0.5},
+    "capacity-sigmoid-null": {"capacity_factor": 0.75, "score": "sigmoid", "null_experts": 1,
+                              "bias_balancing": True, "top_k": 3},
+    "expert-choice": {"routing": "expert_choice", "capacity_factor": 1.0},
+    "expert-choice-sigmoid-null": {"routing": "expert_choice", "capacity_factor": 0.5, "score": "sigmoid",
+                                   "null_experts": 2},
+    "gelu-no-shared": {"shared_ffn": 0, "top_k": 2},
+}
+IMPLS = ["bmm", "grouped_mm"]
+
+
+def make_moe(cfg: dict, activation: str = "swiglu") -> MoE:
+    spec = make_spec("E", moe=cfg, activation=activation)
+    moe = MoE(spec)
+    moe.init_weights(0.2, 0.1)
+    if moe.expert_bias is not None:
+        with torch.no_grad():
+            moe.expert_bias.normal_(0.0, 0.1)
+    return moe
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_grouped_equals_reference(name, impl, seed):
+    x0 = torch.randn(3, 21, 32)
+    if impl == "grouped_mm" and not grouped_mm_available(x0.device, x0.dtype, 32, 32, 16):
+        pytest.skip("torch._grouped_mm not available here")
+    moe = make_moe(CONFIGS[name], activation="gelu" if name.startswith("gelu") else "swiglu")
+    moe.impl = impl
+    params = [p for p in moe.parameters()]
+    x1 = x0.clone().requires_grad_(True)
+    x2 = x0.clone().requires_grad_(True)
+    y, stats, _ = moe(x1)
+    y_ref = moe_reference(moe, x2)
+    torch.testing.assert_close(y, y_ref, atol=2e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x1] + params, g, allow_unused=True)
+    grads_ref = torch.autograd.grad(y_ref, [x2] + params, g, allow_unused=True)
+    for (n, _), a, b in zip([("x", None)] + list(moe.named_parameters()), grads, grads_ref):
+        assert (a is None) == (b is None), n
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+    # the router learns through the gates
+    assert grads[1 + [n for n, _ in moe.named_parameters()].index("router.weight")].abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_router_stats(name, seed):
+    cfg = CONFIGS[name]
+    moe = make_moe(cfg)
+    x = torch.randn(2, 17, 32)
+    y, st, _ = moe(x)
+    T, E, R = 34, moe.num_experts, moe.rows
+    assert st.logits.shape == (T, R) and st.scores.shape == (T, R) and st.probs.shape == (T, R)
+    torch.testing.assert_close(st.probs.sum(-1), torch.ones(T))
+    torch.testing.assert_close(st.mean_probs, st.probs.mean(0))
+    assert st.num_tokens == T and st.num_experts == E
+    assert st.logits.requires_grad and st.probs.requires_grad
+    assert torch.all(st.kept[E:] == 0)
+    if moe.routing == "expert_choice":
+        C = min(T, capacity(T, moe.top_k, E, moe.capacity_factor))
+        assert st.topk_idx.shape == (T, 0)
+        assert torch.all(st.kept[:E] == C)
+        return
+    k = moe.top_k
+    assert st.topk_idx.shape == (T, k)
+    assert st.load.sum() == T * k
+    torch.testing.assert_close(st.load, torch.bincount(st.topk_idx.reshape(-1), minlength=R).float())
+    assert st.kept[:E].sum() + st.dropped == st.load[:E].sum()
+    if moe.capacity_factor > 0:
+        C = capacity(T, k, E, moe.capacity_factor)
+        assert torch.all(st.kept[:E] <= C)
+        assert st.dropped > 0
+    else:
+        assert st.dropped == 0
+
+
+def test_bias_moves_selection_not_gates(seed):
+    moe = make_moe({"score": "sigmoid", "bias_balancing": True, "top_k": 2})
+    with torch.no_grad():
+        moe.expert_bias.zero_()
+        moe.expert_bias[1] = 100.0
+    x = torch.randn(40, 32)
+    _, scores = moe.router_scores(x)
+    rows, gates = moe.select_topk(scores)
+    assert torch.all((rows == 1).any(-1))  # every token now picks expert 1
+    picked = torch.gather(scores, -1, rows)
+    torch.testing.assert_close(gates, picked / picked.sum(-1, keepdim=True))  # gates ignore the bias
+
+
+def test_update_bias_balances(seed):
+    moe = make_moe({"score": "sigmoid", "bias_balancing": True, "null_experts": 1})
+    with torch.no_grad():
+        moe.expert_bias.zero_()
+    load = torch.tensor([10.0, 2.0, 2.0, 2.0, 7.0])  # last row: a null expert
+    moe.update_bias(load, 0.01)
+    torch.testing.assert_close(moe.expert_bias, torch.tensor([-0.01, 0.01, 0.01, 0.01, 0.0]))
+
+
+def test_all_null_routes_give_shared_only(seed):
+    moe = make_moe({"score": "sigmoid", "bias_balancing": True, "null_experts": 2, "top_k": 2})
+    with torch.no_grad():
+        moe.expert_bias.zero_()
+        moe.expert_bias[moe.num_experts:] = 100.0
+    x = torch.randn(2, 9, 32)
+    y, st, _ = moe(x)
+    torch.testing.assert_close(y, moe.shared(x)[0])
+    assert st.kept.sum() == 0 and st.load[moe.num_experts:].sum() == 18 * 2
+
+
+def test_empty_experts_and_autocast(seed):
+    """Experts that get no token, and a bf16 autocast forward, both work."""
+    moe = make_moe({"top_k": 1})
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[0] = 5.0  # everyone prefers expert 0... unless x . w < 0
+    x = torch.randn(2, 8, 32).abs()
+    y, st, _ = moe(x)
+    assert st.kept[1:].sum() == 0
+    torch.testing.assert_close(y, moe_reference(moe, x), atol=2e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yb, _, _ = moe(x)
+    assert torch.isfinite(yb).all()
