@@ -207,8 +207,11 @@ class MoE(nn.Module):
     # -- routing -----------------------------------------------------------
     def router_scores(self, x: torch.Tensor):
         """x (T, d) -> logits, scores (T, rows), computed in float32 (or float64)."""
-        xf = fp(x)
-        logits = F.linear(xf, self.router.weight.to(xf.dtype))
+        # Autocast would run this matmul in bf16 and flip near-tied top-k
+        # choices; the router is one of the float32 modules.
+        with torch.autocast(x.device.type, enabled=False):
+            xf = fp(x)
+            logits = F.linear(xf, self.router.weight.to(xf.dtype))
         scores = torch.softmax(logits, dim=-1) if self.score == "softmax" else torch.sigmoid(logits)
         return logits, scores
 
