@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.dsa_index.reference import indexer_topk
+from ..ops.dsa_index.reference import indexer_topk_naive
 from ..recipe.spec import ModelSpec
 from . import init as winit
 from .context import SeqContext
@@ -177,6 +177,9 @@ class _Attention(nn.Module):
     def _init_dsa(self, spec: ModelSpec, dsa: bool) -> None:
         # Registered after the projections: model_shapes lists indexer.* last.
         self.indexer = Indexer(spec) if dsa else None
+        # The plain path scores every (query, key) pair into a (b, t, t) tensor;
+        # the `dsa_indexer_fused` patch swaps in the chunked running top-k.
+        self.indexer_topk_fn = indexer_topk_naive if dsa else None
         # Dense warm-up stage of DSA: attention over all keys while the
         # indexer learns; run state, flipped by the trainer.
         self.sparse = True
@@ -194,8 +197,8 @@ class _Attention(nn.Module):
         if self.indexer is not None:
             iq, index_k, iw = self.indexer(x.detach(), ctx.positions)
             with torch.no_grad():
-                idx, _ = indexer_topk(iq.detach(), index_k.detach(), iw.detach(), self.indexer.topk,
-                                      causal=True, doc_ids=ctx.doc_ids)
+                idx, _ = self.indexer_topk_fn(iq.detach(), index_k.detach(), iw.detach(),
+                                              self.indexer.topk, causal=True, doc_ids=ctx.doc_ids)
             if self.sparse:
                 mask = selection_mask(idx, t)
             stats = DSAStats(

@@ -124,7 +124,7 @@ class Mamba2(_MambaBase):
         self.in_proj = nn.Linear(d, self.d_inner + self.conv_dim + self.heads, bias=False)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, m.conv_width, groups=self.conv_dim, bias=True)
         self._init_ssm_params(spec)
-        self.norm = GatedRMSNorm(self.d_inner, 1e-5, group_size=self.d_inner // self.groups,
+        self.norm = GatedRMSNorm(self.d_inner, spec.norm.eps, group_size=self.d_inner // self.groups,
                                  norm_before_gate=False)
         self.out_proj = nn.Linear(self.d_inner, d, bias=False)
 
@@ -187,7 +187,7 @@ class Mamba3(_MambaBase):
         self.B_bias = nn.Parameter(torch.empty(self.heads, self.state_dim))
         self.C_bias = nn.Parameter(torch.empty(self.heads, self.state_dim))
         self._init_ssm_params(spec)
-        self.norm = GatedRMSNorm(self.d_inner, 1e-5, group_size=self.head_dim, norm_before_gate=True)
+        self.norm = GatedRMSNorm(self.d_inner, spec.norm.eps, group_size=self.head_dim, norm_before_gate=True)
         self.out_proj = nn.Linear(self.d_inner, d, bias=False)
 
     def init_weights(self, std: float, out_std: float) -> None:

@@ -112,6 +112,10 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype, *dims: int) -
     if any((n * esize) % 16 for n in dims):
         return False
     key = (device.type, dtype)
+    if torch.compiler.is_compiling():
+        # No probing inside a trace; the op's meta kernel, which compile
+        # traces with, accepts bf16 only (eager CPU also takes float32).
+        return dtype == torch.bfloat16 and _GROUPED_MM_OK.get(key, True)
     if key not in _GROUPED_MM_OK:
         try:
             a = torch.zeros(8, 16, device=device, dtype=dtype)
