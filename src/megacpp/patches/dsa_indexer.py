@@ -19,7 +19,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float64: 1e-12}
 
 
 def _dsa_modules(model):
-    return [m for m in model.modules() if hasattr(m, "indexer_topk_fn")]
+    return [m for m in model.modules() if getattr(m, "indexer_topk_fn", None) is not None]
 
 
 class DSAIndexerPatch(Patch):

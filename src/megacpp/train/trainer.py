@@ -25,7 +25,7 @@ import torch
 
 from ..errors import MegacppError
 from ..losses.gates import GateSet
-from ..losses.moe_aux import bias_update, load_balance_loss, z_loss
+from ..losses.moe_aux import load_balance_loss, z_loss
 from ..losses.stp import stp_over_layers
 from ..recipe import Recipe
 from ..recipe.count import summarize
@@ -154,11 +154,13 @@ def default_snapshot_dir() -> Path:
 
 
 # ----------------------------------------------------------------- the losses
-def lm_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def lm_loss(model, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Head + cross-entropy through the installed linear-CE patch (else the plain path)."""
     fn = getattr(model, "lm_loss_fn", None)
     if fn is None:
         from ..patches.linear_ce import plain_linear_ce as fn
-    return fn(hidden.reshape(-1, hidden.shape[-1]), model.head_weight, labels.reshape(-1))
+    return fn(hidden.reshape(-1, hidden.shape[-1]), model.head_weight, labels.reshape(-1),
+              reduction=reduction)
 
 
 def mtp_targets(labels: torch.Tensor, doc_ids: torch.Tensor, k: int) -> torch.Tensor:
@@ -173,10 +175,9 @@ def mtp_targets(labels: torch.Tensor, doc_ids: torch.Tensor, k: int) -> torch.Te
     return tgt
 
 
-def moe_router_terms(aux: dict) -> tuple[list, torch.Tensor | None]:
-    """Router stats of every MoE layer in a forward's aux dict."""
-    routers = [v for v in aux.get("moe", {}).values()] if isinstance(aux.get("moe"), dict) else aux.get("moe", [])
-    return routers, None
+def split_aux(aux: dict) -> tuple[list, list]:
+    """(router stats of every E layer, DSA stats of every D layer), in module order."""
+    return list(aux.get("moe", [])), list(aux.get("dsa", []))
 
 
 class Trainer:
@@ -343,7 +344,7 @@ class Trainer:
                 batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
                 with self.precision.autocast():
                     out = self.model(batch["input_ids"], doc_ids=batch["doc_ids"],
-                                     positions=batch["positions"])
+                                     positions=batch["positions"], return_hidden_only=True)
                     loss = lm_loss(self.model, out.hidden, batch["labels"]).float()
                 n = (batch["labels"] != IGNORE).sum()
                 total += torch.stack([loss.double() * n, n.double()])
@@ -355,38 +356,57 @@ class Trainer:
         return mean, bits_per_byte(mean, self.snapshot, split)
 
     # -------------------------------------------------------------- one step
-    def _micro_step(self, batch: dict, step: int) -> dict:
-        """Forward + backward of one micro-batch; returns detached loss terms."""
+    def _micro_step(self, batch: dict, step: int, lm_scale: float | None = None) -> dict:
+        """Forward + backward of one micro-batch; returns detached loss terms.
+
+        The LM loss is a sum over this micro-batch's tokens times `lm_scale`
+        (= world size / valid tokens in the whole global batch), so the
+        gradient is the global per-token mean however the batch is split over
+        micro-batches and ranks. Auxiliary terms are per-micro-batch means
+        weighted 1/accum. Logged terms are per-token / per-micro means.
+        """
+        n_valid = (batch["labels"] != IGNORE).sum().clamp_min(1)
+        if lm_scale is None:  # one micro-batch on its own
+            lm_scale = 1.0 / float(n_valid) * self.accum
         pol, g = self.pol, self.gates
         stp_on = g["stp"].active(step)
         collect = None
         if stp_on:
             collect = "final" if self.stp_layers == "final" else list(self.stp_layers)
         terms: dict[str, torch.Tensor] = {}
+        dense_stage = self._dsa_dense_stage(step)
         with self.precision.autocast():
             out = self.train_model(batch["input_ids"], doc_ids=batch["doc_ids"],
-                                   positions=batch["positions"], collect_hidden=collect)
-            loss = lm_loss(self.model, out.hidden, batch["labels"])
-            terms["lm"] = loss.detach()
-            total = loss
+                                   positions=batch["positions"], collect_hidden=collect,
+                                   return_hidden_only=True)
+            lm_sum = lm_loss(self.model, out.hidden, batch["labels"], reduction="sum")
+            terms["lm_sum"] = lm_sum.detach().float()
+            terms["lm_count"] = n_valid.float()
+            terms["lm"] = (lm_sum.detach() / n_valid).float()
+            total = lm_sum * (lm_scale / self.accum)
+            aux_total = torch.zeros((), device=lm_sum.device)
             if stp_on:
                 seed = pol.seed * 1_000_003 + step
                 stp = stp_over_layers(out.collected, batch["doc_ids"], pol.aux.stp.n_spans,
                                       pol.aux.stp.form, seed)
                 terms["stp"] = stp.detach()
-                total = total + g["stp"].weight_at(step) * stp
-            routers = out.aux.get("moe", []) if out.aux else []
+                aux_total = aux_total + g["stp"].weight_at(step) * stp
+            routers, dsa = split_aux(out.aux)
+            E = self.recipe.model.moe.num_experts
             if routers and (g["moe"].active(step) or g["moe_z"].active(step)):
-                lb = torch.stack([load_balance_loss(r.probs, r.topk_idx, r.num_experts) for r in routers]).mean()
+                lb = torch.stack([load_balance_loss(r.mean_probs, r.load, E) for r in routers]).mean()
                 zl = torch.stack([z_loss(r.logits) for r in routers]).mean()
                 terms["moe_balance"], terms["moe_z"] = lb.detach(), zl.detach()
-                total = total + g["moe"].weight_at(step) * lb + g["moe_z"].weight_at(step) * zl
-            dsa = out.aux.get("dsa", []) if out.aux else []
+                aux_total = aux_total + g["moe"].weight_at(step) * lb + g["moe_z"].weight_at(step) * zl
             if dsa and g["dsa"].active(step):
                 from ..losses.dsa_indexer import indexer_kl_loss
                 kl = torch.stack([indexer_kl_loss(d) for d in dsa]).mean()
                 terms["dsa_indexer"] = kl.detach()
-                total = total + g["dsa"].weight_at(step) * kl
+                if dense_stage:
+                    # DSA dense warm-up: only the indexer learns (its input is detached)
+                    total = total * 0.0
+                    aux_total = aux_total * 0.0
+                aux_total = aux_total + g["dsa"].weight_at(step) * kl
             if out.mtp_hidden and g["mtp"].active(step):
                 mtp = []
                 for k, h in enumerate(out.mtp_hidden):
@@ -394,12 +414,13 @@ class Trainer:
                     mtp.append(lm_loss(self.model, h, tgt))
                 mt = torch.stack(mtp).mean()
                 terms["mtp"] = mt.detach()
-                total = total + g["mtp"].weight_at(step) * mt
-        self.precision.scale(total / self.accum).backward()
-        terms["total"] = total.detach()
+                aux_total = aux_total + g["mtp"].weight_at(step) * mt
+            total = total + aux_total / self.accum
+        self.precision.scale(total).backward()
+        terms["aux_total"] = aux_total.detach().float()
         if routers:
             with torch.no_grad():
-                terms["_load"] = torch.stack([r.load.float() for r in routers])  # (layers, E)
+                terms["_load"] = torch.stack([r.load.float() for r in routers])  # (layers, rows)
         return terms
 
     def _grad_norm(self) -> torch.Tensor:
@@ -417,17 +438,28 @@ class Trainer:
         self.gates.mark(step)
         sums: dict[str, torch.Tensor] = {}
         tokens = 0
-        for micro in range(self.accum):
-            batch = next(self.loader_iter)
+        batches = [next(self.loader_iter) for _ in range(self.accum)]
+        valid = torch.tensor([float(sum(int((b["labels"] != IGNORE).sum()) for b in batches))],
+                             device=self.device)
+        valid = float(self.dist.all_reduce_sum(valid))
+        lm_scale = self.dist.world_size / max(valid, 1.0) * self.accum
+        for micro, batch in enumerate(batches):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self.dist.no_sync(self.train_model, last=micro == self.accum - 1):
-                terms = self._micro_step(batch, step)
+                terms = self._micro_step(batch, step, lm_scale)
             for k, v in terms.items():
                 sums[k] = sums[k] + v if k in sums else v.clone()
             tokens += batch["input_ids"].numel()
         self.precision.unscale_(self.opt.optimizers)
         gnorm = self._grad_norm()
-        loss_val = sums["total"] / self.accum
+        # logged values: global per-token LM mean, aux terms averaged over micro-batches and ranks
+        logged = {k: v for k, v in sums.items() if not k.startswith("_") and k != "lm"}
+        keys = sorted(logged)
+        flat = self.dist.all_reduce_sum(torch.stack([logged[k].float().reshape(()) for k in keys]))
+        logged = dict(zip(keys, flat))
+        lm_mean = logged["lm_sum"] / logged["lm_count"].clamp_min(1)
+        per_micro = self.accum * self.dist.world_size
+        loss_val = lm_mean + logged["aux_total"] / per_micro
         finite = bool(torch.isfinite(loss_val)) and bool(torch.isfinite(gnorm))
         finite = self.dist.all_true(finite)
         stepped = False
@@ -436,8 +468,8 @@ class Trainer:
             self.nonfinite_run = 0
             if "_load" in sums and self.recipe.model.moe.bias_balancing and self.gates["moe"].enabled:
                 load = self.dist.all_reduce_sum(sums["_load"])
-                for layer_load, router in zip(load, self._moe_routers()):
-                    bias_update(router.expert_bias, layer_load, pol.aux.moe.bias_update_rate)
+                for layer_load, moe in zip(load, self._moe_modules()):
+                    moe.update_bias(layer_load, pol.aux.moe.bias_update_rate)
         else:
             self.nonfinite_total += 1
             self.nonfinite_run += 1
@@ -445,22 +477,31 @@ class Trainer:
                 self.precision.scaler.update(self.precision.scaler.get_scale() / 2)
         self.opt.zero_grad()
         record = {"kind": "train", "step": step, "lr": lr, "grad_norm": float(gnorm),
-                  "loss": float(sums["lm"] / self.accum), "total_loss": float(loss_val),
+                  "loss": float(lm_mean), "total_loss": float(loss_val),
                   "tokens": tokens * self.dist.world_size, "finite": finite, "stepped": stepped}
         for k in ("stp", "moe_balance", "moe_z", "dsa_indexer", "mtp"):
-            if k in sums:
-                record[k] = float(sums[k] / self.accum)
+            if k in logged:
+                record[k] = float(logged[k] / per_micro)
         for name, gate in self.gates.gates.items():
             record[f"w_{name}"] = gate.weight_at(step)
         if "_load" in sums:
-            load = sums["_load"].sum(0)
+            load = sums["_load"].sum(0)[: self.recipe.model.moe.num_experts]
             frac = load / load.sum().clamp_min(1)
             record["moe_load_max_frac"] = float(frac.max())
             record["moe_load_min_frac"] = float(frac.min())
         return record
 
-    def _moe_routers(self):
-        return [m for m in self.model.modules() if hasattr(m, "expert_bias")]
+    def _dsa_dense_stage(self, step: int) -> bool:
+        """Set every D layer's stage for this step; True while in the dense warm-up."""
+        mods = [m for m in self.model.modules() if getattr(m, "indexer", None) is not None]
+        dense = bool(mods) and self.gates["dsa"].enabled and step < self.pol.aux.dsa.dense_warmup_steps
+        for m in mods:
+            m.sparse = not dense
+        return dense
+
+    def _moe_modules(self):
+        from ..model.moe import MoE
+        return [m for m in self.model.modules() if isinstance(m, MoE)]
 
     # -------------------------------------------------------------- run
     def run(self) -> RunResult:
