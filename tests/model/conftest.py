@@ -20,3 +20,20 @@ def seed(request):
     print(f"{request.node.nodeid}: seed={value} (replay with MEGACPP_TEST_SEED={value})")
     torch.manual_seed(value)
     return value
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "all_threads: run with torch's default intra-op thread count")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(request):
+    """The tests' tensors are tiny: extra intra-op threads only add barriers,
+    and those spin for milliseconds when another process shares the cores."""
+    if request.node.get_closest_marker("all_threads"):
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -14,7 +14,7 @@ CONFIGS = {
     "sigmoid-bias": {"score": "sigmoid", "bias_balancing": True},
     "null-experts": {"null_experts": 2, "top_k": 3},
     "capacity": {"capacity_factor": 0.5},
-    "capacity-sigmoid-null": {"capacity_factor": 0.75, "score": "sigmoid", "null_experts": 1,
+    "capacity-sigmoid-null": {"capacity_factor": 0.5, "score": "sigmoid", "null_experts": 1,
                               "bias_balancing": True, "top_k": 3},
     "expert-choice": {"routing": "expert_choice", "capacity_factor": 1.0},
     "expert-choice-sigmoid-null": {"routing": "expert_choice", "capacity_factor": 0.5, "score": "sigmoid",
