@@ -17,7 +17,7 @@ if [ ! -f "$DATA/snapshot.json" ]; then
 fi
 $M describe --recipe "$RECIPE" | tail -n 4
 $M train --recipe "$RECIPE" --data "$DATA" --out "$RUN" "$@"
-$M eval "$RUN" --split test
+$M eval "$RUN" --split test --batches 40
 echo "--- sample ---"
 $M generate "$RUN" --prompt $'template <typename T>\n' --max-tokens 120 --temperature 0.7
 echo "--- end of sample ---"

@@ -105,7 +105,7 @@ def _cmd_train(args) -> int:
         raise MegacppError(f"policy.parallel.data is {recipe.policy.parallel.data} but {dist.world_size} "
                            f"process(es) were started; pass --set policy.parallel.data={dist.world_size}")
     trainer = Trainer(recipe, args.out, args.data, args.resume, args.device, args.quiet, dist=dist,
-                      max_steps=args.max_steps)
+                      max_steps=args.max_steps, time_limit=args.time_limit)
     result = trainer.run()
     if dist.is_main:
         o = result.manifest["outcome"]
@@ -220,6 +220,18 @@ def _cmd_patches(args) -> int:
                   f"{worst[0]} {worst[1]:.2e} ({r['tolerance']:.0e})")
     failed = [r for r in rows if r.get("passed") is False]
     return 1 if failed else 0
+
+def _cmd_bench(args) -> int:
+    from .train.bench import bench_text, run_bench
+
+    recipe = _load(args)
+    res = run_bench(recipe, steps=args.steps, warmup=args.warmup, device=args.device,
+                    family_times=not args.no_family_times)
+    if args.json:
+        _print_json(res.to_dict())
+    else:
+        print(bench_text(res))
+    return 0
 
 
 def _add_data_commands(sub) -> None:
@@ -339,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last good checkpoint")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--max-steps", type=int, help="stop after this many steps without a final save (testing)")
+    p.add_argument("--time-limit", type=float, metavar="SECONDS",
+                   help="save and stop once this process has run this long (resume later with --resume)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_train)
 
@@ -382,6 +396,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_patches)
+
+    p = sub.add_parser("bench", help="training-step tokens/s, MFU, peak memory and per-family time")
+    _recipe_args(p, required=True)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--device")
+    p.add_argument("--no-family-times", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_bench)
 
     _add_data_commands(sub)
     return parser

@@ -183,14 +183,15 @@ def split_aux(aux: dict) -> tuple[list, list]:
 class Trainer:
     def __init__(self, recipe: Recipe, out_dir: str | Path, data_dir: str | Path | None = None,
                  resume: bool = False, device: str | None = None, quiet: bool = False,
-                 dist=None, max_steps: int | None = None):
+                 dist=None, max_steps: int | None = None, time_limit: float | None = None):
         self.recipe = recipe
         self.pol = recipe.policy
         self.out = Path(out_dir)
         self.data_dir = Path(data_dir or recipe.policy.data or default_snapshot_dir())
         self.resume = resume
         self.quiet = quiet
-        self.max_steps = max_steps  # stop early (tests: simulate an interrupted run)
+        self.max_steps = max_steps  # stop early without a final save (tests: an interrupted run)
+        self.time_limit = time_limit  # seconds of this process; then save and stop like a signal
         if dist is None:
             from .distributed import single_process
             dist = single_process()
@@ -520,13 +521,14 @@ class Trainer:
         end_reason = "completed"
         if self.step == 0 and pol.eval_batches > 0:
             self._eval_and_log(writer)
-        last_t, last_step = time.time(), self.step
+        last_step = self.step
         try:
             with _Signals() as sig:
                 while self.step < pol.steps:
                     if self.max_steps is not None and self.step >= self.max_steps:
                         end_reason = "max_steps"
                         break
+                    t_step = time.time()
                     rec = self.train_step(self.step)
                     self.step += 1
                     if rec["finite"]:
@@ -536,12 +538,12 @@ class Trainer:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
                     now = time.time()
-                    dt = max(now - last_t, 1e-9)
+                    dt = max(now - t_step, 1e-9)  # the step alone: eval and saves excluded
+                    rec["step_seconds"] = dt
                     rec["tokens_per_s"] = rec["tokens"] / dt
                     rec["mfu"] = (rec["tokens_per_s"] * self.summary.flops_per_token
                                   / (self.peak * self.dist.world_size)) if self.peak else None
                     rec["peak_memory_gib"] = (peak_memory(self.device) or 0) / 2**30
-                    last_t = now
                     if writer:
                         writer.log(rec)
                         if self.step % pol.log_interval == 0 or self.step == pol.steps:
@@ -561,6 +563,9 @@ class Trainer:
                         self._save()
                     if sig.requested:
                         end_reason = f"signal:{sig.requested}"
+                        break
+                    if self.time_limit is not None and time.time() - self.t_start > self.time_limit:
+                        end_reason = "time_limit"
                         break
             if end_reason in ("completed",) and pol.eval_batches > 0:
                 self._eval_and_log(writer)

@@ -1,0 +1,123 @@
+"""Memory patches on one GPU: extra peak memory and time, plain path vs patch.
+
+Loss path (FACTS §3 shapes): 16384 tokens, hidden 1024, vocab 32768 and 65536,
+bf16 inputs, forward + backward of mean cross-entropy:
+  naive   = logits = hidden @ W.T, then F.cross_entropy (the unpatched path)
+  liger   = Liger's fused linear cross-entropy (linear_ce patch, CUDA backend)
+  chunked = megacpp.ops.linear_ce (linear_ce patch, portable backend)
+DSA indexer: batch 1, sequence 4096 and 8192, 8 index heads of dim 64,
+top-k 256 (NAM56R), causal:
+  naive   = full (batch, seq, seq) scores, then top-k (the unpatched path)
+  chunked = megacpp.ops.dsa_index.indexer_topk (dsa_indexer_fused patch)
+"Extra peak" = peak allocated during the call minus what was allocated
+before it (inputs). Times are medians of CUDA-event timings after warm-up.
+
+    python benchmarks/memory_patches.py [--json OUT.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+import torch
+
+
+def measure(fn, reps=10, warmup=2):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return extra / 2**30, statistics.median(times)
+
+
+def loss_path(rows):
+    from megacpp.patches.linear_ce import chunked_linear_ce, liger_linear_ce, plain_linear_ce
+
+    tokens, d = 16384, 1024
+    for vocab in (32768, 65536):
+        h0 = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
+        w0 = (torch.randn(vocab, d, device="cuda") * d ** -0.5).to(torch.bfloat16)
+        tgt = torch.randint(0, vocab, (tokens,), device="cuda")
+        h = h0.clone().requires_grad_()
+        w = w0.clone().requires_grad_()
+        for name, fn in (("naive", plain_linear_ce), ("liger", liger_linear_ce), ("chunked", chunked_linear_ce)):
+            def run():
+                h.grad = w.grad = None
+                fn(h, w, tgt).backward()
+            try:
+                gib, ms = measure(run)
+                rows.append({"bench": "loss_path", "vocab": vocab, "impl": name, "extra_gib": gib, "ms": ms})
+            except Exception as e:  # a missing backend is reported, not fatal
+                rows.append({"bench": "loss_path", "vocab": vocab, "impl": name, "error": repr(e)[:200]})
+            h.grad = w.grad = None
+        del h, w, h0, w0
+        torch.cuda.empty_cache()
+
+
+def dsa_indexer(rows):
+    from megacpp.ops.dsa_index import indexer_topk, indexer_topk_naive
+
+    heads, dim, topk = 8, 64, 256
+    for seq in (4096, 8192):
+        q = torch.randn(1, seq, heads, dim, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, seq, dim, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(1, seq, heads, device="cuda", dtype=torch.bfloat16)
+        res = {}
+        for name, fn in (("naive", indexer_topk_naive), ("chunked", indexer_topk)):
+            def run():
+                with torch.no_grad():
+                    res[name] = fn(q, k, w, topk)
+            try:
+                gib, ms = measure(run, reps=5, warmup=1)
+                rows.append({"bench": "dsa_indexer", "seq": seq, "impl": name, "extra_gib": gib, "ms": ms})
+            except torch.OutOfMemoryError as e:
+                rows.append({"bench": "dsa_indexer", "seq": seq, "impl": name, "error": "OOM"})
+        if "naive" in res and "chunked" in res:
+            same = float((res["naive"][0] == res["chunked"][0]).float().mean())
+            rows.append({"bench": "dsa_indexer", "seq": seq, "impl": "index agreement", "value": same})
+        del q, k, w
+        torch.cuda.empty_cache()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("needs CUDA", file=sys.stderr)
+        return 2
+    rows: list[dict] = []
+    loss_path(rows)
+    dsa_indexer(rows)
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(f"{'bench':12} {'size':>6} {'impl':16} {'extra peak GiB':>15} {'ms':>9}")
+    for r in rows:
+        size = r.get("vocab", r.get("seq"))
+        if "error" in r:
+            print(f"{r['bench']:12} {size:>6} {r['impl']:16} {r['error']}")
+        elif "value" in r:
+            print(f"{r['bench']:12} {size:>6} {r['impl']:16} {r['value']:>15.4f}")
+        else:
+            print(f"{r['bench']:12} {size:>6} {r['impl']:16} {r['extra_gib']:>15.3f} {r['ms']:>9.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""`megacpp bench`: training-step throughput of a recipe on this device.
+
+Measures the real training step (the recipe's precision, patches,
+activation checkpointing and compile; AdamW; LM + MoE auxiliary losses) on
+synthetic packed rows: random tokens with random document boundaries, so
+attention and the scans take the document-masked path that real data takes.
+Reports the median step time, tokens/s, MFU by the model-FLOPs counter
+(`megacpp describe`), peak memory, and the time of one isolated forward +
+backward of each block family (times its layer count), measured with CUDA
+events (or the host clock on CPU).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..losses.moe_aux import load_balance_loss, z_loss
+from ..recipe import Recipe
+from ..recipe.count import summarize
+from ..recipe.pattern import FAMILY
+from .activation import apply_activation_checkpointing
+from .compile import apply_compile, compile_stats
+from .device import device_facts, peak_flops, pick_device
+from .optim import Optimizers
+from .precision import Precision
+
+
+@dataclass
+class BenchResult:
+    recipe: str
+    recipe_hash: str
+    device: str
+    batch: int
+    seq_len: int
+    steps: int
+    step_ms_median: float
+    step_ms_all: list[float]
+    tokens_per_s: float
+    mfu: float | None
+    flops_per_token: float
+    total_params: int
+    active_params: int
+    peak_memory_gib: float
+    family_ms: dict[str, float] = field(default_factory=dict)
+    patches: list[dict] = field(default_factory=list)
+    compile: dict = field(default_factory=dict)
+    activation_checkpointing: dict = field(default_factory=dict)
+    precision: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def synthetic_batch(vocab: int, batch: int, seq: int, device, mean_doc: int = 1024, seed: int = 0) -> dict:
+    """Random tokens in packed rows: documents of geometric-ish random lengths."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, seq + 1), generator=g)
+    starts = torch.rand(batch, seq + 1, generator=g) < (1.0 / mean_doc)
+    starts[:, 0] = True
+    doc = starts.long().cumsum(1) - 1
+    pos = torch.arange(seq + 1).expand(batch, -1).clone()
+    first = torch.where(starts, pos, torch.zeros_like(pos)).cummax(1).values
+    positions = pos - first
+    labels = ids[:, 1:].clone()
+    labels[doc[:, 1:] != doc[:, :-1]] = -100
+    out = {"input_ids": ids[:, :-1], "labels": labels, "doc_ids": doc[:, :-1].int(),
+           "positions": positions[:, :-1]}
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _family_times(model, recipe: Recipe, batch: dict, precision: Precision, device, reps: int = 5) -> dict:
+    """Isolated fwd+bwd of one layer of each letter, times its count (ms per step)."""
+    from ..model.context import SeqContext
+
+    letters = recipe.layers.letters
+    out: dict[str, float] = {}
+    b, t = batch["input_ids"].shape
+    d = recipe.model.hidden_size
+    ctx = SeqContext(b, t, device, batch["doc_ids"], batch["positions"])
+    for letter in dict.fromkeys(letters):
+        idx = letters.index(letter)
+        layer = model.layers[idx]
+        x = torch.randn(b, t, d, device=device, requires_grad=True)
+        times = []
+        for i in range(reps + 2):
+            _sync(device)
+            t0 = time.perf_counter()
+            with precision.autocast():
+                y, _, _ = layer(x, ctx)
+            y.float().square().mean().backward()
+            _sync(device)
+            if i >= 2:
+                times.append((time.perf_counter() - t0) * 1e3)
+        model.zero_grad(set_to_none=True)
+        fam = FAMILY[letter] + ("" if letter not in "D" else "+dsa")
+        out[fam] = out.get(fam, 0.0) + statistics.median(times) * letters.count(letter)
+    return out
+
+
+def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | None = None,
+              family_times: bool = True, micro_batch: int | None = None) -> BenchResult:
+    import megacpp
+    from ..patches.registry import install_patches
+    from .trainer import IGNORE, lm_loss, split_aux
+
+    dev = pick_device(device)
+    pol, spec = recipe.policy, recipe.model
+    torch.manual_seed(pol.seed)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    model = megacpp.build_model(spec).to(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    precision = Precision(pol.precision, dev)
+    records = install_patches(model, pol.patches, dev, precision.dtype)
+    ac = apply_activation_checkpointing(model, recipe.layers.letters, pol.activation_checkpointing)
+    comp = apply_compile(model, pol.compile)
+    opt = Optimizers(model, pol.optimizer, dev)
+    B = micro_batch or pol.micro_batch
+    batch = synthetic_batch(spec.vocab_size, B, pol.seq_len, dev, seed=pol.seed)
+    moe_w, z_w = pol.aux.moe.weight if pol.aux.moe.enabled else 0.0, pol.aux.moe.z_loss_weight
+    E = spec.moe.num_experts
+    times = []
+    for i in range(warmup + steps):
+        _sync(dev)
+        t0 = time.perf_counter()
+        with precision.autocast():
+            out = model(batch["input_ids"], doc_ids=batch["doc_ids"], positions=batch["positions"],
+                        return_hidden_only=True)
+            loss = lm_loss(model, out.hidden, batch["labels"])
+            routers, _ = split_aux(out.aux)
+            if routers and moe_w:
+                loss = loss + moe_w * torch.stack([load_balance_loss(r.mean_probs, r.load, E) for r in routers]).mean()
+                loss = loss + z_w * torch.stack([z_loss(r.logits) for r in routers]).mean()
+        precision.scale(loss).backward()
+        precision.unscale_(opt.optimizers)
+        if pol.optimizer.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), pol.optimizer.grad_clip, foreach=True)
+        precision.step(opt.optimizers)
+        opt.zero_grad()
+        _sync(dev)
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    peak_mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0
+    s = summarize(recipe)
+    med = statistics.median(times)
+    tps = B * pol.seq_len / (med / 1e3)
+    peak = peak_flops(dev)
+    fam = _family_times(model, recipe, batch, precision, dev) if family_times else {}
+    n_valid = int((batch["labels"] != IGNORE).sum())
+    del n_valid
+    return BenchResult(
+        recipe=spec.name, recipe_hash=recipe.hash, device=device_facts(dev).get("name", str(dev)),
+        batch=B, seq_len=pol.seq_len, steps=steps, step_ms_median=med, step_ms_all=times,
+        tokens_per_s=tps, mfu=(tps * s.flops_per_token / peak) if peak else None,
+        flops_per_token=s.flops_per_token, total_params=s.total_params, active_params=s.active_params,
+        peak_memory_gib=peak_mem, family_ms=fam, patches=[r.to_dict() for r in records],
+        compile={**comp, **compile_stats()}, activation_checkpointing={"policy": dict(pol.activation_checkpointing),
+                                                                       "applied_layers": len(ac)},
+        precision=pol.precision.compute)
+
+
+def bench_text(r: BenchResult) -> str:
+    lines = [f"{r.recipe} ({r.recipe_hash[:12]}) on {r.device}: batch {r.batch} x seq {r.seq_len}, "
+             f"{r.precision}, compile {r.compile.get('mode')}",
+             f"  step {r.step_ms_median:.1f} ms (median of {r.steps}), {r.tokens_per_s:,.0f} tokens/s, "
+             f"MFU {r.mfu * 100:.1f}%" if r.mfu is not None else
+             f"  step {r.step_ms_median:.1f} ms (median of {r.steps}), {r.tokens_per_s:,.0f} tokens/s, MFU n/a",
+             f"  peak memory {r.peak_memory_gib:.2f} GiB; {r.flops_per_token / 1e9:.3f} GFLOP/token; "
+             f"params {r.total_params / 1e6:.1f}M total, {r.active_params / 1e6:.1f}M active",
+             "  patches: " + ", ".join(f"{p['name']}={p['backend'] or 'off'}" for p in r.patches)]
+    if r.family_ms:
+        tot = sum(r.family_ms.values())
+        lines.append("  isolated fwd+bwd per family (ms/step, share): " + ", ".join(
+            f"{k} {v:.1f} ({v / tot * 100:.0f}%)" for k, v in sorted(r.family_ms.items(), key=lambda kv: -kv[1])))
+    return "\n".join(lines)
