@@ -271,3 +271,26 @@ def test_bf16_autocast_forward_backward(seed):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_dsa_topk_backend_is_swappable(seed):
+    """D layers call `indexer_topk_fn`: the plain path is the naive (b, t, t) scorer,
+    and the dsa_indexer_fused patch installs the chunked op there."""
+    from megacpp.ops.dsa_index.reference import indexer_topk
+    spec = FAMILY_SPECS["dsa-gqa"]
+    model = build(spec)
+    attn = model.layers[0].attention
+    assert attn.indexer_topk_fn is indexer_topk_naive
+    assert build(FAMILY_SPECS["gqa"]).layers[0].attention.indexer_topk_fn is None
+    calls = []
+
+    def chunked(q, k, w, topk, causal=True, doc_ids=None):
+        calls.append(topk)
+        return indexer_topk(q, k, w, topk, causal=causal, chunk_size=7, doc_ids=doc_ids)
+
+    ids = torch.randint(0, spec.vocab_size, (2, 19))
+    doc = (torch.arange(19) >= 8).long().expand(2, 19)
+    a = model(ids, doc_ids=doc).logits
+    attn.indexer_topk_fn = chunked
+    torch.testing.assert_close(model(ids, doc_ids=doc).logits, a, atol=1e-10, rtol=0)
+    assert calls == [spec.attention.index_topk]

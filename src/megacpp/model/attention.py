@@ -9,7 +9,9 @@
   point of MLA; keys/values are re-expanded from the latent each step.
 - DSA (DeepSeek-V3.2, layer letter D): a lightning indexer scores every
   earlier key, I[t,s] = sum_j w[t,j] relu(q[t,j] . k[s]), and each query
-  attends only to its top-k keys (ops.dsa_index.indexer_topk). The indexer
+  attends only to its top-k keys (through `indexer_topk_fn`: the naive
+  ops.dsa_index scorer by default, the chunked one once the
+  dsa_indexer_fused patch is installed). The indexer
   reads a detached copy of the hidden state, as DeepSeek does, so only its
   KL loss trains it; the per-forward DSAStats carry what that loss needs.
 
