@@ -233,6 +233,21 @@ def _cmd_bench(args) -> int:
         print(bench_text(res))
     return 0
 
+def _cmd_doctor(args) -> int:
+    from .doctor import header, rows
+    from .train.device import pick_device
+
+    device = pick_device(args.device)
+    table = rows(device)
+    if args.json:
+        _print_json({"header": header(device), "paths": table})
+        return 0
+    print(header(device))
+    print(f"{'hot path':30} {'runs here':44} why not the faster one")
+    for r in table:
+        print(f"{r['path']:30} {r['runs']:44} {r['why_not']}")
+    return 0
+
 
 def _add_data_commands(sub) -> None:
     """`megacpp data sources|prepare|check`: owned by the data pipeline."""
@@ -405,6 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-family-times", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("doctor", help="which fast paths run on this machine, and why not")
+    p.add_argument("--device")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_doctor)
 
     _add_data_commands(sub)
     return parser

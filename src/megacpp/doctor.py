@@ -1,0 +1,115 @@
+"""`megacpp doctor`: which fast paths run on this machine, and why not.
+
+One row per hot path: the backend a run would take here and the reason for
+each one it cannot take (no CUDA, library missing, version refused, not
+built in this version). The same facts a run records in its manifest.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import shutil
+
+import torch
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _triton() -> str | None:
+    try:
+        import triton
+        return triton.__version__
+    except Exception:
+        return None
+
+
+def _vtuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split("+")[0].split("."):
+        if not part.isdigit():
+            break
+        out.append(int(part))
+    return tuple(out)
+
+
+def rows(device: torch.device) -> list[dict]:
+    from .model.moe import grouped_mm_available
+    from .patches.registry import all_patches
+
+    cuda = device.type == "cuda"
+    cap = torch.cuda.get_device_capability(device) if cuda else None
+    tri = _triton()
+    out = []
+
+    for name, patch in all_patches().items():
+        backs = patch.backends(device)
+        best = next((b for b in backs if b.available), None)
+        out.append({"path": f"patch {name}", "runs": best.name if best else "plain path",
+                    "why_not": "; ".join(f"{b.name}: {b.reason}" for b in backs if not b.available)})
+
+    out.append({"path": "SSD scan (Mamba-2/3)", "runs": "chunked pure-torch reference (ops.ssd)",
+                "why_not": "Triton SSD kernel: not built in this version"})
+    fla = _version("flash-linear-attention")
+    if fla is None:
+        why = "flash-linear-attention not installed"
+    elif cuda and cap and cap[0] >= 9 and tri and _vtuple(tri) < (3, 7, 1):
+        why = f"fla {fla} refuses Gated DeltaNet backward on Hopper with Triton {tri} < 3.7.1"
+    elif not cuda:
+        why = "fla kernels need CUDA"
+    else:
+        why = "fla adapter: not built in this version"
+    out.append({"path": "gated delta rule (R)", "runs": "chunked pure-torch reference (ops.delta_rule)",
+                "why_not": why})
+
+    dt = torch.bfloat16 if cuda else torch.float32
+    gm = grouped_mm_available(device, dt, 64, 128, 64)
+    out.append({"path": f"MoE experts ({str(dt).replace('torch.', '')})",
+                "runs": "torch._grouped_mm" if gm else "padded bmm",
+                "why_not": "" if gm else "torch._grouped_mm unavailable for this device/dtype"})
+
+    if cuda:
+        from torch.backends import cuda as bc
+        sdpa = [n for n, ok in (("flash", bc.flash_sdp_enabled()), ("mem_efficient", bc.mem_efficient_sdp_enabled()),
+                                ("cudnn", bc.cudnn_sdp_enabled())) if ok]
+        out.append({"path": "attention (no packing)", "runs": f"SDPA is_causal ({', '.join(sdpa)} enabled)",
+                    "why_not": ""})
+        out.append({"path": "attention (packed documents)", "runs": "SDPA with a block-diagonal bool mask",
+                    "why_not": "flash backend takes no mask; FlexAttention path not built in this version"})
+    else:
+        out.append({"path": "attention", "runs": "SDPA math/CPU kernels", "why_not": "no CUDA"})
+
+    if cuda:
+        comp = "inductor (Triton)" if tri else "unavailable"
+        why = "" if tri else "Triton missing"
+    else:
+        cc = shutil.which("cc") or shutil.which("gcc")
+        comp = "inductor (C++)" if cc else "unavailable"
+        why = "" if cc else "no C/C++ compiler for inductor's CPU backend"
+    out.append({"path": "torch.compile", "runs": comp, "why_not": why})
+
+    ao = _version("torchao")
+    if not cuda:
+        why = "FP8 training needs CUDA"
+    elif cap < (8, 9):
+        why = f"compute capability {cap[0]}.{cap[1]} < 8.9 has no FP8 tensor cores"
+    elif ao is None:
+        why = "torchao not installed"
+    else:
+        why = ""
+    out.append({"path": "FP8 (torchao)", "runs": f"torchao {ao}" if not why else "no", "why_not": why})
+    native_fp4 = cuda and cap is not None and cap[0] >= 10
+    out.append({"path": "NVFP4", "runs": "native" if native_fp4 else "emulated (quantize-dequantize)",
+                "why_not": "" if native_fp4 else "no FP4 tensor cores before Blackwell (sm_100)"})
+    return out
+
+
+def header(device: torch.device) -> str:
+    from .train.device import device_facts
+
+    f = device_facts(device)
+    return (f"device {f.get('name')} ({device}), torch {f['torch']}, triton {f.get('triton')}, "
+            f"cuda {f.get('cuda')}, capability {f.get('capability')}")
