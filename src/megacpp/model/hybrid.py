@@ -1,7 +1,10 @@
 """HybridLM: embedding -> one Block per pattern letter -> final norm -> head,
 plus optional multi-token-prediction (MTP) depths.
 
-Parameters are exactly recipe.shapes.model_shapes(spec), in that order.
+Parameter names and shapes are exactly recipe.shapes.model_shapes(spec), in
+its order except where nn.Module lists a module's own parameters (Mamba's
+A_log, D, dt_bias, B/C biases; the recurrent A_log, dt_bias) before those of
+its children.
 
 MTP (DeepSeek-V3): depth k (0-based) predicts token i+k+2 at position i.
     h'_i = proj(cat(hnorm(h_i), enorm(embed(token_{i+k+1}))))
