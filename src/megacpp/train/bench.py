@@ -121,6 +121,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
         torch.cuda.reset_peak_memory_stats(dev)
     precision = Precision(pol.precision, dev)
     records = install_patches(model, pol.patches, dev, precision.dtype)
+    precision.apply(model)  # parameter dtypes + low-precision GEMMs, as the trainer does
     ac = apply_activation_checkpointing(model, recipe.layers.letters, pol.activation_checkpointing)
     comp = apply_compile(model, pol.compile)
     opt = Optimizers(model, pol.optimizer, dev)

@@ -212,6 +212,7 @@ class Trainer:
         self.model = megacpp.build_model(spec).to(self.device)
         self.precision = Precision(pol.precision, self.device)
         self.patch_records = install_patches(self.model, pol.patches, self.device, self.precision.dtype)
+        self.precision.apply(self.model)  # parameter dtypes + low-precision GEMMs; listed in the manifest
         self.letters = self.recipe.layers.letters
         self.ac_applied = apply_activation_checkpointing(self.model, self.letters,
                                                          pol.activation_checkpointing)

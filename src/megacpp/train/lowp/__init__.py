@@ -1,0 +1,79 @@
+"""Low-precision GEMMs of a run: which Linears convert (plan.py), FP8 through
+torchao (fp8.py), NVFP4 emulated (nvfp4.py, with its plain oracle in
+reference.py). `convert_low_precision` applies policy.precision.low_precision
+to a built model and returns the report the manifest prints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ...errors import MegacppError
+from .fp8 import convert_fp8, fp8_unavailable, require_fp8
+from .nvfp4 import NVFP4EmulatedLinear, native_fp4, nvfp4_linear, nvfp4_qdq, nvfp4_quantize
+from .plan import GemmDecision, linear_decision, name_match, plan_conversion, summarize_names
+
+__all__ = ["LowPrecisionReport", "convert_low_precision", "plan_conversion", "linear_decision",
+           "name_match", "summarize_names", "GemmDecision", "fp8_unavailable", "require_fp8",
+           "convert_fp8", "NVFP4EmulatedLinear", "nvfp4_linear", "nvfp4_qdq", "nvfp4_quantize", "native_fp4"]
+
+NVFP4_BACKEND = ("megacpp NVFP4 emulation: e2m1 values, 16-element blocks along the reduction dim, "
+                 "e4m3 block scales, float32 global scale; forward GEMM inputs only, straight-through gradients")
+
+
+@dataclass
+class LowPrecisionReport:
+    recipe: str = "none"
+    backend: str = ""
+    emulated: bool = False
+    native: str = ""              # what the device offers natively, when it matters
+    gemms: list[GemmDecision] = field(default_factory=list)
+
+    @property
+    def converted(self) -> list[str]:
+        return [g.name for g in self.gemms if g.convert]
+
+    def to_dict(self) -> dict:
+        return {"recipe": self.recipe, "backend": self.backend, "emulated": self.emulated,
+                "native": self.native, "converted": len(self.converted),
+                "kept": len(self.gemms) - len(self.converted),
+                "gemms": [g.to_dict() for g in self.gemms]}
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def convert_low_precision(model: nn.Module, spec, device: torch.device, *, fp8_emulate: bool = False) -> LowPrecisionReport:
+    """Apply spec.low_precision (a PrecisionSpec) to `model` in place.
+
+    Call after the model is built and patches are installed, before
+    activation checkpointing, compile and distributed wrapping (they wrap
+    the converted modules). fp8_emulate is for CPU tests only.
+    """
+    lp = spec.low_precision
+    if lp == "none":
+        return LowPrecisionReport()
+    if lp in ("fp8_rowwise", "fp8_tensorwise"):
+        if not fp8_emulate:
+            require_fp8(lp, spec.compute, device)
+        plan = plan_conversion(model, spec.fp32_modules, spec.min_gemm_size, converted_as=lp)
+        want = {g.name for g in plan if g.convert}
+        swapped, backend = convert_fp8(model, lp, want, emulate=fp8_emulate)
+        if swapped - want:
+            raise MegacppError(f"policy.precision.low_precision={lp}: torchao converted modules outside the "
+                               f"plan: {sorted(swapped - want)}")
+        # where torchao declined a planned module, say so rather than claim it
+        rows = [GemmDecision(g.name, g.kind, g.shape, False, "torchao declined to convert it")
+                if g.convert and g.name not in swapped else g for g in plan]
+        return LowPrecisionReport(lp, backend, fp8_emulate, "", rows)
+    if lp == "nvfp4_emulated":
+        plan = plan_conversion(model, spec.fp32_modules, spec.min_gemm_size, converted_as=lp)
+        for g in plan:
+            if g.convert:
+                _replace_module(model, g.name, NVFP4EmulatedLinear.from_linear(model.get_submodule(g.name)))
+        return LowPrecisionReport(lp, NVFP4_BACKEND, True, native_fp4(device)[1], plan)
+    raise MegacppError(f"policy.precision.low_precision: unknown value {lp!r}")
