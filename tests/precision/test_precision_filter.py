@@ -1,0 +1,153 @@
+"""Which GEMMs a low-precision recipe converts, and the FP8 path's refusals."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+import megacpp
+from megacpp.errors import MegacppError
+from megacpp.recipe.policy import PrecisionSpec
+from megacpp.train.lowp import convert_low_precision, linear_decision, name_match, plan_conversion
+from megacpp.train.lowp.nvfp4 import NVFP4EmulatedLinear
+from megacpp.train.precision import Precision
+
+FP32 = PrecisionSpec().fp32_modules
+CPU = torch.device("cpu")
+HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
+
+
+def decide(name, i, o, **kw):
+    kw.setdefault("fp32_modules", FP32)
+    return linear_decision(name, i, o, **kw)
+
+
+# ---------------------------------------------------------------- the pure rule
+def test_name_match_is_by_dotted_part_suffix():
+    assert name_match("layers.2.mamba.A_log", FP32) == "A_log"
+    assert name_match("layers.2.mamba.D", FP32) == "D"
+    assert name_match("layers.0.attention.kv_norm.weight", FP32) == "norm"
+    assert name_match("mtp.0.hnorm.weight", FP32) == "norm"
+    assert name_match("layers.1.moe.router.weight", FP32) == "router"
+    assert name_match("layers.0.attention.o_proj.weight", FP32) is None
+    assert name_match("layers.3.Dense.weight", ("D",)) is None  # contains D, does not end in it
+    assert name_match("normalizer.weight", ("norm",)) is None
+
+
+@pytest.mark.parametrize("name, i, o, convert, why", [
+    ("head", 768, 32768, False, "output head"),
+    ("mtp_head", 768, 32768, False, "output head"),
+    ("layers.1.moe.router", 768, 16, False, "router"),
+    ("layers.5.mamba.gate_norm", 768, 768, False, "fp32_modules matches 'norm'"),
+    ("layers.0.attention.q_proj", 768, 768, True, ""),
+    ("layers.0.attention.q_proj", 768, 760, False, "multiples of 16"),
+    ("layers.0.attention.q_proj", 100, 768, False, "multiples of 16"),
+    ("layers.11.recurrent.a_proj", 768, 4, False, "multiples of 16"),
+])
+def test_linear_decision_rules(name, i, o, convert, why):
+    ok, reason = decide(name, i, o)
+    assert ok is convert
+    assert why in reason
+
+
+def test_size_threshold_and_rule_order():
+    assert decide("layers.0.mlp.w_in", 256, 256, min_gemm_size=256 * 256) == (True, "")
+    ok, why = decide("layers.0.mlp.w_in", 256, 256, min_gemm_size=256 * 256 + 1)
+    assert not ok and "65536 < policy.precision.min_gemm_size 65537" in why
+    # roles come before size: a big router is still kept as a router
+    assert "router" in decide("x.router", 4096, 4096, min_gemm_size=1)[1]
+    # an emptied fp32_modules list lets a norm-named GEMM convert, never the head
+    assert decide("a.gate_norm", 64, 64, fp32_modules=())[0]
+    assert not decide("head", 64, 64, fp32_modules=())[0]
+
+
+# ---------------------------------------------------------------- the model's table
+@pytest.fixture(scope="module")
+def tiny():
+    return megacpp.load_recipe("nam-tiny")
+
+
+def test_plan_on_the_hybrid_model(tiny):
+    model = megacpp.build_model(tiny.model)
+    rows = {g.name: g for g in plan_conversion(model, FP32, 0, converted_as="x")}
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert linears <= rows.keys()
+    assert not rows["head"].convert and not rows["embed"].convert
+    assert rows["embed"].kind == "embedding"
+    assert all(not rows[n].convert for n in linears if n.endswith("router"))
+    experts = [g for g in rows.values() if g.kind == "grouped_experts"]
+    assert len(experts) == 2 * 5 and all(not g.convert and "grouped" in g.reason for g in experts)
+    assert rows["layers.1.moe.experts.w_in"].shape == (8, 128, 256)
+    # Mamba-3 in_proj of nam-tiny is 128 -> 568: 568 is not 16-aligned
+    assert not rows["layers.2.mamba.in_proj"].convert
+    assert rows["layers.0.attention.q_proj"].convert and rows["layers.0.attention.q_proj"].reason == "x"
+    assert rows["layers.0.attention.q_proj"].shape == (128, 192)
+    d = rows["layers.11.recurrent.a_proj"].to_dict()
+    assert d == {"name": "layers.11.recurrent.a_proj", "kind": "linear", "shape": [128, 4],
+                 "decision": "keep", "reason": d["reason"]} and "16" in d["reason"]
+    big = {g.name for g in plan_conversion(model, FP32, 128 * 200) if g.convert}
+    assert big and all(rows[n].shape[0] * rows[n].shape[1] >= 128 * 200 for n in big)
+
+
+def test_nvfp4_conversion_swaps_exactly_the_planned_modules(tiny):
+    model = megacpp.build_model(tiny.model)
+    before = {n: p for n, p in model.named_parameters()}
+    spec = dataclasses.replace(tiny.policy.precision, low_precision="nvfp4_emulated")
+    rep = convert_low_precision(model, spec, CPU)
+    swapped = {n for n, m in model.named_modules() if isinstance(m, NVFP4EmulatedLinear)}
+    assert swapped == set(rep.converted) and len(swapped) > 10
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+    d = rep.to_dict()
+    assert d["emulated"] is True and d["converted"] == len(swapped) and "emulated" in d["native"]
+    assert d["converted"] + d["kept"] == len(d["gemms"])
+
+
+def test_none_converts_nothing(tiny):
+    model = megacpp.build_model(tiny.model)
+    rep = convert_low_precision(model, tiny.policy.precision, CPU)
+    assert rep.to_dict()["gemms"] == [] and not rep.converted
+    assert not any(isinstance(m, NVFP4EmulatedLinear) for m in model.modules())
+
+
+# ---------------------------------------------------------------- FP8
+@pytest.mark.parametrize("lp", ["fp8_rowwise", "fp8_tensorwise"])
+def test_fp8_refused_on_cpu_with_the_field_named(tiny, lp):
+    spec = dataclasses.replace(tiny.policy.precision, compute="bf16", low_precision=lp)
+    model = megacpp.build_model(tiny.model)
+    p = Precision(spec, CPU)
+    with pytest.raises(MegacppError, match=f"policy.precision.low_precision={lp}: .*CUDA"):
+        p.apply(model)
+    assert not any(type(m).__name__ == "Float8Linear" for m in model.modules())
+
+
+def test_fp8_needs_bf16_compute(monkeypatch):
+    from megacpp.train.lowp import fp8
+    monkeypatch.setattr(fp8, "fp8_unavailable", lambda device: None)
+    with pytest.raises(MegacppError, match="policy.precision.compute must be bf16"):
+        fp8.require_fp8("fp8_rowwise", "fp32", CPU)
+    fp8.require_fp8("fp8_rowwise", "bf16", CPU)
+
+
+@pytest.mark.skipif(not HAS_TORCHAO, reason="torchao not installed")
+@pytest.mark.parametrize("lp", ["fp8_rowwise", "fp8_tensorwise"])
+def test_fp8_swap_follows_the_filter(tiny, lp):
+    # torchao's emulated FP8 GEMM runs on CPU: check the swap, not the speed
+    model = megacpp.build_model(tiny.model)
+    spec = dataclasses.replace(tiny.policy.precision, compute="bf16", low_precision=lp,
+                               min_gemm_size=128 * 192)
+    rep = convert_low_precision(model, spec, CPU, fp8_emulate=True)
+    swapped = {n for n, m in model.named_modules() if type(m).__name__ == "Float8Linear"}
+    plan = {g.name for g in plan_conversion(megacpp.build_model(tiny.model), spec.fp32_modules,
+                                            spec.min_gemm_size) if g.convert}
+    assert swapped == set(rep.converted) == plan and swapped
+    assert "layers.0.attention.o_proj" not in swapped  # 128*128 is under the size threshold
+    assert rep.to_dict()["recipe"] == lp and lp.split("_")[1] in rep.backend
+    ids = torch.randint(0, tiny.model.vocab_size, (2, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids)
+    out.logits.float().logsumexp(-1).mean().backward()
+    assert torch.isfinite(model.layers[0].attention.q_proj.weight.grad).all()
