@@ -114,21 +114,8 @@ def test_tied_head_weight():
 
 @pytest.mark.parametrize("name", ["ADMREF-mamba2-gqa", "ADMREF-mamba3-mla", "ADMREF-layernorm-mtp"])
 def test_registration_order(name):
-    """named_parameters follows model_shapes' order, except that nn.Module lists a
-    module's own parameters (Mamba's A_log, D, dt_bias, B/C biases; the recurrent
-    A_log, dt_bias) before its children's: those come first within their sublayer."""
+    """named_parameters equals model_shapes exactly, order included (the table
+    lists each sublayer's own tensors before its submodules', as nn.Module does)."""
     spec = ALL_LETTER_SPECS[name]
-    got = [n for n, _ in megacpp.build_model(spec).named_parameters()]
-    want = list(model_shapes(spec))
-
-    def direct(n):  # a parameter held by the mamba / recurrent module itself
-        parts = n.split(".")
-        return parts[-2] in ("mamba", "recurrent")
-
-    assert [n for n in got if not direct(n)] == [n for n in want if not direct(n)]
-    assert [n for n in got if direct(n)] == [n for n in want if direct(n)]
-    for n in got:
-        if direct(n):
-            owner = n.rsplit(".", 1)[0] + "."
-            first_child = next(i for i, m in enumerate(got) if m.startswith(owner) and not direct(m))
-            assert got.index(n) < first_child
+    got = [(n, tuple(p.shape)) for n, p in megacpp.build_model(spec).named_parameters()]
+    assert got == list(model_shapes(spec).items())

@@ -66,9 +66,17 @@ def attention_shapes(spec: ModelSpec, dsa: bool) -> dict[str, Shape]:
 
 
 def mamba_shapes(spec: ModelSpec) -> dict[str, Shape]:
+    # The module's own tensors first (PyTorch lists them before submodules'),
+    # then the projections, convs and norms in registration order.
     m, d = spec.mamba, spec.hidden_size
     di, H, G, N = spec.mamba_d_inner, spec.mamba_heads, m.num_groups, m.state_dim
     s: dict[str, Shape] = {}
+    if m.version == 3:
+        s["B_bias"] = (H, N)
+        s["C_bias"] = (H, N)
+    s["dt_bias"] = (H,)
+    s["A_log"] = (H,)
+    s["D"] = (H,)
     if m.version == 2:
         # in_proj -> z (gate), x, B, C, dt
         s["in_proj.weight"] = (2 * di + 2 * G * N + H, d)
@@ -79,11 +87,6 @@ def mamba_shapes(spec: ModelSpec) -> dict[str, Shape]:
         s["in_proj.weight"] = (2 * di + 2 * G * N + 2 * H + N // 2, d)
         s["B_norm.weight"] = (N,)
         s["C_norm.weight"] = (N,)
-        s["B_bias"] = (H, N)
-        s["C_bias"] = (H, N)
-    s["dt_bias"] = (H,)
-    s["A_log"] = (H,)
-    s["D"] = (H,)
     s["norm.weight"] = (di,)
     s["out_proj.weight"] = (d, di)
     return s
@@ -93,6 +96,8 @@ def recurrent_shapes(spec: ModelSpec) -> dict[str, Shape]:
     r, d = spec.recurrent, spec.hidden_size
     H, dk, dv, K = r.num_heads, r.key_dim, r.value_dim, r.conv_width
     return {
+        "A_log": (H,),
+        "dt_bias": (H,),
         "q_proj.weight": (H * dk, d),
         "k_proj.weight": (H * dk, d),
         "v_proj.weight": (H * dv, d),
@@ -101,8 +106,6 @@ def recurrent_shapes(spec: ModelSpec) -> dict[str, Shape]:
         "v_conv.weight": (H * dv, 1, K),
         "a_proj.weight": (H, d),
         "b_proj.weight": (H, d),
-        "A_log": (H,),
-        "dt_bias": (H,),
         "g_proj.weight": (H * dv, d),
         "o_norm.weight": (dv,),
         "o_proj.weight": (d, H * dv),
