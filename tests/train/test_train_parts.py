@@ -1,0 +1,92 @@
+"""Training parts on their own: activation checkpointing, schedules, gates, optimizer groups."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import megacpp
+from megacpp import load_recipe
+from megacpp.losses.gates import Gate
+from megacpp.train.activation import apply_activation_checkpointing
+from megacpp.train.bench import synthetic_batch
+from megacpp.train.optim import param_groups
+from megacpp.train.schedule import lr_at
+from megacpp.train.trainer import lm_loss, mtp_targets
+
+from conftest import tiny_sets
+
+
+def _loss_and_grads(model, batch):
+    out = model(batch["input_ids"], doc_ids=batch["doc_ids"], positions=batch["positions"],
+                return_hidden_only=True)
+    loss = lm_loss(model, out.hidden, batch["labels"])
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_same_function(mode):
+    recipe = load_recipe("nam-tiny", tiny_sets(**{"model.pattern": "ADMREF", "model.depth": 6}))
+    torch.manual_seed(0)
+    ref = megacpp.build_model(recipe.model)
+    ac = megacpp.build_model(recipe.model)
+    ac.load_state_dict(ref.state_dict())
+    applied = apply_activation_checkpointing(ac, recipe.layers.letters, dict.fromkeys("AMREF", mode))
+    assert applied == {i: mode for i in range(6)}
+    # state-dict keys are unchanged by the wrapping
+    assert list(ac.state_dict()) == list(ref.state_dict())
+    batch = synthetic_batch(recipe.model.vocab_size, 2, 64, torch.device("cpu"), mean_doc=20, seed=1)
+    l0, g0 = _loss_and_grads(ref, batch)
+    l1, g1 = _loss_and_grads(ac, batch)
+    assert torch.allclose(l0, l1, rtol=1e-6, atol=1e-6)
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], rtol=1e-4, atol=1e-6), n
+
+
+def test_schedules():
+    kw = dict(total=100, base_lr=1.0, warmup=10, min_ratio=0.1, decay_fraction=0.2)
+    cos = [lr_at(s, kind="cosine", **kw) for s in range(100)]
+    assert cos[0] == pytest.approx(0.1) and cos[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(cos[10:], cos[11:]))
+    assert cos[-1] == pytest.approx(0.1, abs=1e-3)
+    wsd = [lr_at(s, kind="wsd", **kw) for s in range(100)]
+    assert wsd[50] == 1.0 and wsd[79] == 1.0 and wsd[99] == pytest.approx(0.1)
+    assert [lr_at(s, kind="constant", **kw) for s in (20, 99)] == [1.0, 1.0]
+
+
+def test_gate_schedule():
+    g = Gate("stp", True, 0.05, start_step=10, warmup_steps=4)
+    assert [g.weight_at(s) for s in (0, 9)] == [0.0, 0.0]
+    assert g.weight_at(10) == pytest.approx(0.0125) and g.weight_at(13) == pytest.approx(0.05)
+    assert g.weight_at(100) == 0.05
+    g.mark(9)
+    assert g.first_active_step is None
+    g.mark(11)
+    g.mark(12)
+    assert g.first_active_step == 11
+    off = Gate("mtp", False, 1.0, 0, 0)
+    assert off.weight_at(5) == 0.0
+
+
+def test_param_groups_no_decay_on_norms_scalars_embeddings():
+    model = megacpp.build_model(load_recipe("nam-tiny").model)
+    groups, muon, report = param_groups(model, 0.1)
+    decay = {id(p) for p in groups[0]["params"]}
+    names = {n: id(p) in decay for n, p in model.named_parameters()}
+    assert not names["embed.weight"]
+    assert not any(v for n, v in names.items() if n.endswith(("A_log", ".D", "dt_bias")) or "norm" in n)
+    assert names["layers.0.attention.o_proj.weight"] and names["head.weight"]
+    _, muon, rep = param_groups(model, 0.1, muon=True)
+    assert rep["muon"] > 0 and all(p.ndim == 2 for p in muon)
+
+
+def test_mtp_targets_shift_and_document_mask():
+    labels = torch.tensor([[10, 11, 12, 13, 14, -100]])
+    docs = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    t = mtp_targets(labels, docs, 0)
+    # depth 0 predicts labels[i+1] when i+1 is in i's document
+    assert t.tolist() == [[11, 12, -100, 14, -100, -100]]
+    assert not math.isnan(float(t.float().sum()))
