@@ -2,14 +2,22 @@
 
 `DistContext` is what the trainer sees: rank, world size, the device, how to
 wrap the model (none, DDP or FSDP2 `fully_shard` per layer and at the root),
-how to skip gradient sync on non-final micro-batches, and two collectives.
-`single_process()` is the one-device case; `from_env()` reads torchrun's
-environment (RANK, WORLD_SIZE, LOCAL_RANK) and initialises the process group
-(NCCL on CUDA, gloo on CPU).
+how to skip gradient sync on non-final micro-batches, and the few
+collectives the loop and the checkpoints need. `single_process()` is the
+one-device case; `from_env()` reads torchrun's environment (RANK,
+WORLD_SIZE, LOCAL_RANK) and initialises the process group (NCCL on CUDA,
+gloo on CPU).
+
+Only data parallelism is implemented: tensor, context, expert (all-to-all)
+and pipeline degrees > 1 are refused by recipe validation.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
+import dataclasses
+import gc
+import math
 import os
 from dataclasses import dataclass
 
@@ -25,6 +33,17 @@ class DistContext:
     sharding: str = "none"
     device: torch.device | None = None
     backend: str | None = None
+    local_world_size: int = 1
+    # "file" (model.safetensors + state.pt, one process) or "dcp" (sharded,
+    # torch.distributed.checkpoint). Chosen at the first start and kept on
+    # resume, so one run has one format; the trainer sets it from the
+    # checkpoint it resumes.
+    checkpoint_format: str = "file"
+    mixed_precision: dict | None = None
+
+    def __post_init__(self):
+        if self.world_size > 1:
+            self.checkpoint_format = "dcp"
 
     @property
     def is_main(self) -> bool:
@@ -34,7 +53,9 @@ class DistContext:
     def active(self) -> bool:
         return self.world_size > 1
 
+    # ------------------------------------------------------------ wrapping
     def wrap(self, model: torch.nn.Module, recipe) -> torch.nn.Module:
+        """The module the training forward goes through; `model` keeps its names."""
         if not self.active or self.sharding == "none":
             if self.active:
                 from ..errors import MegacppError
@@ -43,10 +64,14 @@ class DistContext:
         if self.sharding == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
             ids = [self.device.index] if self.device.type == "cuda" else None
-            return DDP(model, device_ids=ids, broadcast_buffers=False)
-        return fsdp2(model, recipe, self.device)
+            # Buffers (the MoE expert bias) are updated from all-reduced loads, so
+            # they are already equal on every rank: no per-forward broadcast.
+            return DDP(model, device_ids=ids, forward_sync_buffers=False)
+        self.mixed_precision = fsdp2(model, recipe)
+        return model
 
     def no_sync(self, model, last: bool):
+        """Gradient accumulation: reduce only on the last micro-batch of a step."""
         if not self.active or last:
             return contextlib.nullcontext()
         if hasattr(model, "no_sync"):  # DDP
@@ -55,6 +80,7 @@ class DistContext:
             return _fsdp_no_sync(model)
         return contextlib.nullcontext()
 
+    # ------------------------------------------------------------ collectives
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.active:
             t = t.clone()
@@ -68,10 +94,58 @@ class DistContext:
         tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
         return float(t) == 0.0
 
+    def any_true(self, *flags: bool) -> list[bool]:
+        """Per flag: set on some rank. One all-reduce for all of them."""
+        if not self.active:
+            return [bool(f) for f in flags]
+        t = torch.tensor([1.0 if f else 0.0 for f in flags], device=self.device)
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+        return [bool(v > 0) for v in t.tolist()]
+
+    def barrier(self) -> None:
+        if self.active:
+            tdist.barrier()
+
+    def broadcast_object(self, obj):
+        """Rank 0's `obj` on every rank (picklable)."""
+        if not self.active:
+            return obj
+        box = [obj if self.is_main else None]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_gather_object(self, obj) -> list:
+        if not self.active:
+            return [obj]
+        out = [None] * self.world_size
+        tdist.all_gather_object(out, obj)
+        return out
+
+    # ------------------------------------------------------------ record
     def describe(self) -> dict:
-        d = {"world_size": self.world_size, "sharding": self.sharding, "backend": self.backend,
-             "data_parallel": self.world_size}
+        """The layout for the run manifest."""
+        d = {"world_size": self.world_size, "data_parallel": self.world_size,
+             "sharding": self.sharding if self.active else "none",
+             "tensor_parallel": 1, "context_parallel": 1, "expert_parallel": 1,
+             "pipeline_parallel": 1,
+             "nodes": max(1, self.world_size // max(1, self.local_world_size)),
+             "processes_per_node": self.local_world_size,
+             "backend": self.backend, "nccl": nccl_version() if self.backend == "nccl" else None,
+             "launcher": "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else
+                         ("env" if self.active else None),
+             "checkpoint_format": self.checkpoint_format,
+             "grad_sync": ("once per step (no_sync / set_requires_gradient_sync(False) on "
+                           "non-final micro-batches)") if self.active else None}
+        if self.mixed_precision is not None:
+            d["fsdp2_mixed_precision"] = dict(self.mixed_precision)
         return d
+
+
+def nccl_version() -> str | None:
+    try:
+        return ".".join(map(str, torch.cuda.nccl.version()))
+    except Exception:
+        return None
 
 
 @contextlib.contextmanager
@@ -83,18 +157,103 @@ def _fsdp_no_sync(model):
         model.set_requires_gradient_sync(True)
 
 
-def fsdp2(model: torch.nn.Module, recipe, device: torch.device) -> torch.nn.Module:
-    """`fully_shard` each layer, then the root; mixed precision from the recipe."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def fsdp2(model: torch.nn.Module, recipe) -> dict:
+    """`fully_shard` each layer (and each MTP depth), then the root.
 
+    Parameters are all-gathered in their stored dtype (policy.precision.params)
+    and the compute dtype comes from autocast, exactly as on one device: a
+    bf16 all-gather would round the fp32_modules (SSM A_log/D/dt_bias, norms,
+    routers) that the precision policy keeps in float32. Gradients are
+    reduced in float32. Returns the policy for the manifest.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from ..errors import MegacppError
     from .precision import DTYPES
 
-    compute = DTYPES[recipe.policy.precision.compute]
-    mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
-    for layer in model.layers:
-        fully_shard(layer, mp_policy=mp)
+    stored = DTYPES[recipe.policy.precision.params]
+    mp = MixedPrecisionPolicy(param_dtype=stored, reduce_dtype=torch.float32)
+    groups = list(model.layers) + list(getattr(model, "mtp", []))
+    for name, module in [(f"layer {i}", m) for i, m in enumerate(groups)] + [("root", model)]:
+        # DTensors are already sharded, in a finer group
+        dtypes = {p.dtype for p in module.parameters() if p.requires_grad and not isinstance(p, DTensor)}
+        if len(dtypes) > 1:
+            raise MegacppError(
+                f"policy.parallel.sharding: fsdp2 shards each layer as one flat group of one dtype, "
+                f"but {name} holds {sorted(str(d).replace('torch.', '') for d in dtypes)} parameters "
+                f"(policy.precision.params={recipe.policy.precision.params} keeps fp32_modules in "
+                f"float32); use ddp, or policy.precision.params=fp32")
+        if module is not model:
+            fully_shard(module, mp_policy=mp)
+    # The root keeps embed, final norm and head; the head weight is read after
+    # the forward by the LM loss, which FSDP2 allows since the root is not
+    # resharded between its forward and backward.
     fully_shard(model, mp_policy=mp)
-    return model
+    return {"param_dtype": str(stored).replace("torch.", ""), "reduce_dtype": "float32",
+            "compute": recipe.policy.precision.compute + " (autocast)", "groups": len(groups) + 1}
+
+
+def grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Global L2 norm of the gradients (a plain tensor), clipping to max_norm when > 0.
+
+    FSDP2 gradients are DTensor shards: their norm is a partial value that
+    `full_tensor()` reduces over the ranks, so every rank sees (and clips
+    with) the same global norm.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    total = torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False, foreach=True)
+    if hasattr(total, "full_tensor"):
+        total = total.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+    return total
+
+
+def layout_free_hash(recipe) -> str:
+    """The recipe hash with the parallel layout and the micro-batch size reset.
+
+    The gradient of a step does not depend on how the global batch is split
+    over ranks and micro-batches, so a checkpoint may resume under another
+    split when everything else is equal.
+    """
+    from ..recipe import io
+
+    pol = recipe.policy
+    blank = dataclasses.replace(pol, parallel=type(pol.parallel)(), micro_batch=0)
+    return io.canonical_hash({"model": recipe.model, "policy": blank})
+
+
+def reshard_loader_state(state: dict, loader) -> dict:
+    """A loader state saved under another (world size, batch size), for `loader`.
+
+    Rank r of w reads every w-th row of the epoch's permutation starting at r,
+    so after `batch` batches of `batch_size` on every rank the ranks together
+    have consumed the first batch * batch_size * world_size rows of the
+    epoch: the global position, which does not depend on the layout.
+    """
+    keys = ("rank", "world_size", "batch_size")
+    if all(state.get(k) == getattr(loader, k) for k in keys):
+        return state
+    from ..errors import MegacppError
+
+    rows = int(state["batch"]) * int(state["batch_size"]) * int(state["world_size"])
+    per = loader.batch_size * loader.world_size
+    if rows % per:
+        raise MegacppError(f"loader state: {rows} rows of epoch {state['epoch']} were consumed, not a "
+                           f"multiple of micro_batch x world size = {per}; resume with a layout "
+                           f"that divides it")
+    # an epoch of the new layout may be a few rows shorter (drop_last): then it is over
+    batch = min(rows // per, len(loader))
+    return {**state, "rank": loader.rank, "world_size": loader.world_size,
+            "batch_size": loader.batch_size, "batch": batch}
+
+
+def eval_batches_per_rank(batches: int, world_size: int) -> int:
+    """Eval batches counts micro-batches of the whole job: each rank takes its share."""
+    return math.ceil(batches / world_size) if batches else 0
 
 
 def single_process() -> DistContext:
@@ -110,7 +269,8 @@ def from_env(sharding: str, device: str | None = None) -> DistContext:
         return ctx
     rank = int(os.environ["RANK"])
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device != "cpu"
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
     backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
         torch.cuda.set_device(local)
@@ -118,5 +278,14 @@ def from_env(sharding: str, device: str | None = None) -> DistContext:
     else:
         dev = torch.device("cpu")
     if not tdist.is_initialized():
-        tdist.init_process_group(backend=backend)
-    return DistContext(rank, world, local, sharding, dev, backend)
+        tdist.init_process_group(backend=backend, device_id=dev if use_cuda else None)
+        atexit.register(_destroy)
+    return DistContext(rank, world, local, sharding, dev, backend, local_world)
+
+
+def _destroy() -> None:
+    # Free a DDP wrapper (its reducer owns gloo/NCCL work) before the process
+    # group goes: one torn down during interpreter shutdown can abort the exit.
+    gc.collect()
+    if tdist.is_initialized():
+        tdist.destroy_process_group()

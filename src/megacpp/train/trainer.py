@@ -32,7 +32,7 @@ from ..recipe.count import summarize
 from ..recipe.validate import stp_layers
 from ..run.manifest import MANIFEST, git_commit, new_manifest, write_json_atomic
 from .activation import apply_activation_checkpointing
-from .checkpoint import latest_good, load_checkpoint, save_checkpoint
+from .checkpoint import DCP, latest_good, load_sharded, load_weights, read_state, save_checkpoint, save_sharded
 from .compile import apply_compile, compile_stats
 from .device import device_facts, memory_available, peak_flops, peak_memory, pick_device
 from .metrics import MetricsWriter
@@ -206,6 +206,8 @@ class Trainer:
         from ..patches.registry import install_patches
 
         pol, spec = self.pol, self.recipe.model
+        # every rank has passed preflight before rank 0 writes anything into --out
+        self.dist.barrier()
         seed_everything(pol.seed)
         if self.device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -250,19 +252,35 @@ class Trainer:
                 "recipe_hash": self.recipe.hash}
 
     def _restore(self) -> None:
-        v, warnings = latest_good(self.out / "checkpoints")
+        from .distributed import layout_free_hash, reshard_loader_state
+
+        v, warnings = latest_good(self.out / "checkpoints", self.dist)
         self.warnings += warnings
         if v is None:
             if warnings:
                 self.warnings.append("no valid checkpoint: starting from step 0")
             return
-        st = load_checkpoint(v, self.model)
+        st = read_state(v)
         if st.get("recipe_hash") != self.recipe.hash:
-            raise MegacppError(f"{v.path}: checkpoint was written by recipe {st.get('recipe_hash', '?')[:12]}, "
-                               f"this run's recipe is {self.recipe.short_hash}; resume with the same recipe")
-        self.opt.load_state_dict(st["optimizer"])
+            # another world size / micro-batch split of the same global batch may resume
+            if st.get("recipe_layout_hash") != layout_free_hash(self.recipe):
+                raise MegacppError(f"{v.path}: checkpoint was written by recipe {st.get('recipe_hash', '?')[:12]}, "
+                                   f"this run's recipe is {self.recipe.short_hash}; resume with the same recipe")
+            old = st.get("layout", {})
+            self.warnings.append(f"resumed under another layout: world size {old.get('world_size')} "
+                                 f"({old.get('sharding')}, micro_batch {old.get('micro_batch')}) -> "
+                                 f"{self.dist.world_size} ({self.dist.sharding}, micro_batch {self.pol.micro_batch})")
+        if v.kind == DCP:
+            load_sharded(v, self.model, self.opt.optimizers)
+        elif self.dist.active:
+            raise MegacppError(f"{v.path}: written by one process (model.safetensors); resume this run "
+                               f"with one process, or start the multi-process run afresh")
+        else:
+            load_weights(v, self.model)
+            self.opt.load_state_dict(st["optimizer"])
+        self.dist.checkpoint_format = v.kind  # one format per run
         self.precision.load_state_dict(st["precision"])
-        self.loader.load_state_dict(st["loader"])
+        self.loader.load_state_dict(reshard_loader_state(st["loader"], self.loader))
         self.gates.load_state_dict(st["gates"])
         set_rng_state(st["rng"])
         c = st["counters"]
@@ -323,9 +341,19 @@ class Trainer:
         return m
 
     def _save(self) -> None:
-        if self.dist.is_main:
-            save_checkpoint(self.out / "checkpoints", self.step, self.model, self._state(),
-                            self.pol.keep_checkpoints)
+        from .distributed import layout_free_hash
+
+        st = self._state()
+        st["recipe_layout_hash"] = layout_free_hash(self.recipe)
+        st["layout"] = {"world_size": self.dist.world_size, "sharding": self.dist.sharding,
+                        "micro_batch": self.pol.micro_batch}
+        root = self.out / "checkpoints"
+        if self.dist.checkpoint_format == DCP:  # collective: every rank writes its shard
+            del st["optimizer"]  # saved by name, sharded, in the DCP files
+            save_sharded(root, self.step, self.model, self.opt.optimizers, st,
+                         self.pol.keep_checkpoints, self.dist)
+        elif self.dist.is_main:
+            save_checkpoint(root, self.step, self.model, st, self.pol.keep_checkpoints)
         self._write_manifest("running")
 
     # -------------------------------------------------------------- eval
@@ -333,10 +361,15 @@ class Trainer:
     def evaluate(self, split: str = "val", batches: int | None = None) -> tuple[float, float]:
         """Mean loss (nats/token) and bits per byte over the first batches of a split."""
         from ..data.loader import PackedLoader
+        from .distributed import eval_batches_per_rank
 
         batches = self.pol.eval_batches if batches is None else batches
+        # the same rows at any world size (`batches` counts micro-batches of the
+        # whole job); drop_last: every rank runs as many forwards (FSDP2 gathers)
+        batches = eval_batches_per_rank(batches, self.dist.world_size)
         loader = PackedLoader(self.snapshot, split, self.pol.micro_batch, seed=0, epochs=1,
-                              rank=self.dist.rank, world_size=self.dist.world_size, prefetch=1)
+                              rank=self.dist.rank, world_size=self.dist.world_size, prefetch=1,
+                              drop_last=self.dist.active)
         self.model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         try:
@@ -426,11 +459,10 @@ class Trainer:
         return terms
 
     def _grad_norm(self) -> torch.Tensor:
+        from .distributed import grad_norm_
+
         params = [p for p in self.model.parameters() if p.grad is not None]
-        clip = self.pol.optimizer.grad_clip
-        if clip > 0:
-            return torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        return grad_norm_(params, self.pol.optimizer.grad_clip)  # global norm, also of FSDP2 shards
 
     def train_step(self, step: int) -> dict:
         pol = self.pol
@@ -452,6 +484,8 @@ class Trainer:
             for k, v in terms.items():
                 sums[k] = sums[k] + v if k in sums else v.clone()
             tokens += batch["input_ids"].numel()
+        if "_load" in sums:  # the global expert load: for the bias update and the log alike
+            sums["_load"] = self.dist.all_reduce_sum(sums["_load"])
         self.precision.unscale_(self.opt.optimizers)
         gnorm = self._grad_norm()
         # logged values: global per-token LM mean, aux terms averaged over micro-batches and ranks
@@ -469,8 +503,7 @@ class Trainer:
             stepped = self.precision.step(self.opt.optimizers)
             self.nonfinite_run = 0
             if "_load" in sums and self.recipe.model.moe.bias_balancing and self.gates["moe"].enabled:
-                load = self.dist.all_reduce_sum(sums["_load"])
-                for layer_load, moe in zip(load, self._moe_modules()):
+                for layer_load, moe in zip(sums["_load"], self._moe_modules()):
                     moe.update_bias(layer_load, pol.aux.moe.bias_update_rate)
         else:
             self.nonfinite_total += 1
@@ -562,10 +595,14 @@ class Trainer:
                         self._eval_and_log(writer)
                     if self.step % pol.checkpoint_interval == 0 and self.step < pol.steps:
                         self._save()
-                    if sig.requested:
-                        end_reason = f"signal:{sig.requested}"
+                    # every rank stops at the same step (the final save is collective)
+                    signalled, timed_out = self.dist.any_true(
+                        sig.requested is not None,
+                        self.time_limit is not None and time.time() - self.t_start > self.time_limit)
+                    if signalled:
+                        end_reason = f"signal:{sig.requested or 'another rank'}"
                         break
-                    if self.time_limit is not None and time.time() - self.t_start > self.time_limit:
+                    if timed_out:
                         end_reason = "time_limit"
                         break
             if end_reason in ("completed",) and pol.eval_batches > 0:
