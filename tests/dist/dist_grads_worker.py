@@ -1,0 +1,97 @@
+"""Run under torchrun (2 processes): gradient accumulation and grad norm through DistContext.
+
+    python -m torch.distributed.run --nproc_per_node 2 dist_grads_worker.py ddp|fsdp2
+
+A toy stack of layers, wrapped like the trainer wraps HybridLM, takes two
+micro-batches per rank. Checks: no gradient communication on the first one
+(DDP: ranks' gradients still differ; FSDP2: nothing reduce-scattered yet),
+after the last one the gradients equal a one-process model's over the whole
+global batch, and grad_norm_ returns (and clips with) the global norm.
+Exits non-zero with a message on any mismatch.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from types import SimpleNamespace
+
+import torch
+
+from megacpp.train.distributed import from_env, grad_norm_
+
+D, MICRO, ROWS = 16, 2, 3  # width, micro-batches per rank, rows per micro-batch
+
+
+class Toy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(D, D)
+        self.layers = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(D, D), torch.nn.Tanh())
+                                          for _ in range(3))
+
+    def forward(self, x):
+        x = self.embed(x)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def check(ok: bool, what: str) -> None:
+    if not ok:
+        print(f"FAIL: {what}", file=sys.stderr)
+        sys.exit(1)
+
+
+def main(sharding: str) -> None:
+    dist = from_env(sharding, "cpu")
+    W = dist.world_size
+    torch.manual_seed(0)
+    ref = Toy().double()
+    model = copy.deepcopy(ref)
+    recipe = SimpleNamespace(policy=SimpleNamespace(precision=SimpleNamespace(params="fp32", compute="fp32")))
+    if sharding == "fsdp2":
+        model = model.float()
+        ref = ref.float()
+    wrapped = dist.wrap(model, recipe)
+    data = torch.randn(W * MICRO, ROWS, D, dtype=next(ref.parameters()).dtype)
+    n_global = data.shape[0] * ROWS
+    # the trainer's normalisation: sum over this rank's rows x world size / global count
+    # (DDP and FSDP2 average over ranks, so the result is the global mean)
+    for j in range(MICRO):
+        x = data[dist.rank * MICRO + j]
+        with dist.no_sync(wrapped, last=j == MICRO - 1):
+            (wrapped(x).pow(2).sum() * W / n_global).backward()
+        if j == 0 and sharding == "ddp":
+            mine = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+            both = dist.all_gather_object(mine)
+            check(not torch.allclose(both[0], both[1]), "DDP all-reduced a non-final micro-batch")
+        if j == 0 and sharding == "fsdp2":
+            check(all(p.grad is None for p in model.parameters()),
+                  "FSDP2 reduce-scattered a non-final micro-batch")
+    ref(data.reshape(-1, D)).pow(2).sum().div(n_global).backward()
+    tol = dict(rtol=1e-5, atol=1e-7)
+    for (name, p), r in zip(model.named_parameters(), ref.parameters()):
+        check(torch.allclose(full(p.grad), r.grad, **tol), f"{sharding} gradient of {name}")
+    ref_norm = torch.linalg.vector_norm(torch.stack([r.grad.norm() for r in ref.parameters()]))
+    params = list(model.parameters())
+    norm = grad_norm_(params, 0.0)
+    check(not hasattr(norm, "full_tensor"), "grad_norm_ returned a DTensor")
+    check(torch.allclose(norm, ref_norm, **tol), f"unclipped norm {float(norm)} != {float(ref_norm)}")
+    clip = float(ref_norm) / 4
+    norm = grad_norm_(params, clip)
+    check(torch.allclose(norm, ref_norm, **tol), "norm returned while clipping")
+    coef = clip / (float(ref_norm) + 1e-6)
+    for (name, p), r in zip(model.named_parameters(), ref.parameters()):
+        check(torch.allclose(full(p.grad), r.grad * coef, **tol), f"clipped gradient of {name}")
+    after = grad_norm_(params, 0.0)
+    check(abs(float(after) - clip) < 1e-4 * clip, f"norm after clipping {float(after)} != {clip}")
+    if dist.is_main:
+        print(f"ok {sharding} world {W}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

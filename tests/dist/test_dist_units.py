@@ -1,0 +1,93 @@
+"""The parts of data parallelism that can be checked without a training run."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megacpp import load_recipe
+from megacpp.data.loader import PackedLoader
+from megacpp.errors import MegacppError
+from megacpp.train.distributed import fsdp2, layout_free_hash, reshard_loader_state
+
+from dist_testutil import env, free_port, snapshot, tiny_sets
+
+HERE = Path(__file__).parent
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp2"])
+def test_accumulation_syncs_once_and_grad_norm_is_global(sharding):
+    """Two ranks, two micro-batches each: see dist_grads_worker.py for the checks."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(free_port()), str(HERE / "dist_grads_worker.py"), sharding]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=180)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    assert f"ok {sharding} world 2" in p.stdout
+
+
+def _rows(batches) -> list[tuple]:
+    return sorted(tuple(r.tolist()) for b in batches for r in b["input_ids"])
+
+
+def test_loader_position_moves_to_another_world_size(tmp_path_factory):
+    snap = snapshot(tmp_path_factory)
+    if snap is None:
+        pytest.skip("no libstdc++ headers on this machine")
+    # two ranks with batches of 2 have each handed out 3 batches: 12 rows of the epoch
+    old = [PackedLoader(snap, "train", 2, seed=5, rank=r, world_size=2, drop_last=True, prefetch=1)
+           for r in range(2)]
+    its = [iter(l) for l in old]
+    for it in its:
+        for _ in range(3):
+            next(it)
+    state = old[0].state_dict()
+    old_next = _rows([next(it) for it in its for _ in range(2)])  # the next 8 rows, both ranks
+    # one process with batches of 4 continues with exactly those rows
+    new = PackedLoader(snap, "train", 4, seed=5, drop_last=True, prefetch=1)
+    moved = reshard_loader_state(state, new)
+    assert moved["batch"] == 3 and moved["world_size"] == 1 and moved["rank"] == 0
+    new.load_state_dict(moved)
+    it = iter(new)
+    assert _rows([next(it), next(it)]) == old_next
+    # four ranks with batches of 1 (rank 3 of 4 here): 12 rows = 3 batches each
+    four = PackedLoader(snap, "train", 1, seed=5, rank=3, world_size=4, drop_last=True, prefetch=1)
+    assert reshard_loader_state(state, four)["batch"] == 3
+    # a layout whose global batch does not divide the position is refused
+    five = PackedLoader(snap, "train", 5, seed=5, drop_last=True, prefetch=1)
+    with pytest.raises(MegacppError, match="12 rows of epoch 0"):
+        reshard_loader_state(state, five)
+    # the same layout is left alone
+    assert reshard_loader_state(state, old[0]) is state
+    for l in old + [new, four, five]:
+        l.close()
+
+
+def test_layout_free_hash_ignores_only_the_split():
+    base = load_recipe("nam-tiny", tiny_sets())
+    split = load_recipe("nam-tiny", tiny_sets(**{"policy.parallel.data": 2, "policy.parallel.sharding": "fsdp2",
+                                                 "policy.micro_batch": 4}))
+    other = load_recipe("nam-tiny", tiny_sets(**{"policy.optimizer.lr": 1e-3}))
+    assert base.hash != split.hash
+    assert layout_free_hash(base) == layout_free_hash(split)
+    assert layout_free_hash(base) != layout_free_hash(other)
+
+
+def test_fsdp2_refuses_mixed_dtype_layer():
+    """FSDP2 flattens a group into one dtype; mixed storage needs a clear error, not an assert."""
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4).to(torch.bfloat16)
+            self.A_log = torch.nn.Parameter(torch.zeros(4))
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([Layer()])
+
+    recipe = load_recipe("nam-tiny", tiny_sets(**{"policy.precision.compute": "bf16"}))
+    with pytest.raises(MegacppError, match=r"layer 0 holds \['bfloat16', 'float32'\]"):
+        fsdp2(Model(), recipe)
