@@ -18,13 +18,25 @@ last tenth, its difference to bf16, and the steps fp16 skipped on overflow.
 
 Results merge into --json (default precision_bench.json) keyed by part,
 recipe and mode, and the tables print everything that file holds, so the
-parts can run as separate commands under a per-command time limit:
+parts can run as separate commands under a per-command time limit. On the
+lent GPU machine (carry .whl, .gpudata and a torchao wheel: the machine has
+none; torchao 0.18.0 ran with its torch 2.11), one command each:
 
-    python benchmarks/precision_bench.py --part throughput
-    python benchmarks/precision_bench.py --part curves --modes bf16,fp16
-    python benchmarks/precision_bench.py --part curves --modes fp8,nvfp4_emulated
-CPU proof that it runs (tiny model, a 1 MiB snapshot from /usr/include):
-    python benchmarks/precision_bench.py --recipe nam-tiny --steps 5
+    source benchmarks/gpu_session.sh   # then pip install --no-deps --target /tmp/site <torchao wheel>
+    python3 benchmarks/precision_bench.py --part throughput --recipes nam-125m
+    python3 benchmarks/precision_bench.py --part throughput --recipes nam-1b
+    python3 benchmarks/precision_bench.py --part curves --data .gpudata/cpp-125m --modes bf16
+    ... and likewise --modes fp16, --modes fp8, --modes nvfp4_emulated
+
+Use a real snapshot (--data): /usr/include there holds ~2 MiB of C++, which
+500 steps of nam-125m would repeat dozens of times. Without compile, nam-125m
+ran ~52k tokens/s in bf16 and ~37k in nvfp4_emulated on an H200, so 500
+steps of 64k tokens take 10-15 min: with the recipe's compile it is less,
+else pass --time-limit (a run stops there; the table compares the common
+prefix of the curves) or fewer --steps.
+CPU proof that it runs (tiny model, a 1 MiB snapshot from /usr/include;
+linear_ce off because its chunked CPU backend fails under CPU bf16 autocast):
+    python benchmarks/precision_bench.py --recipe nam-tiny --steps 5 --set policy.patches.linear_ce=off
 """
 from __future__ import annotations
 
@@ -175,12 +187,14 @@ def curves(args, device, results: dict, work: Path) -> None:
         t0 = time.time()
         try:
             # max_steps: stop after the last step without writing a final checkpoint
-            t = Trainer(recipe, out, data, device=str(device), quiet=True, max_steps=args.steps)
+            t = Trainer(recipe, out, data, device=str(device), quiet=True, max_steps=args.steps,
+                        time_limit=args.time_limit)
             t.run()
             train = [r for r in read_metrics(out) if r["kind"] == "train"]
             m = json.loads((out / "run.json").read_text())
             g = m["backend"]["precision"].get("gemms", {})
             row.update(loss=[r["loss"] for r in train], stepped=[r["stepped"] for r in train],
+                       end_reason=m["outcome"]["end_reason"],
                        tokens_per_s=sorted(r["tokens_per_s"] for r in train)[len(train) // 2],
                        converted=g.get("converted", 0), emulated=g.get("emulated", False),
                        snapshot_id=m["backend"]["data"]["snapshot_id"],
@@ -232,8 +246,10 @@ def curves_table(results: dict) -> str:
             extra = f", final loss scale {r['final_loss_scale']:g}" if "final_loss_scale" in r else ""
             conv = f", {r['converted']} GEMMs converted" + (" (emulated)" if r["emulated"] else "") \
                 if r["converted"] else ""
+            stop = "" if r.get("end_reason") in (None, "max_steps", "completed") else \
+                f", stopped by {r['end_reason']} after {len(r['loss'])} steps"
             out.append(f"  {r['mode']}: {skipped} steps skipped{extra}{conv}; median {r['tokens_per_s']:,.0f} "
-                       f"tokens/s; {r['wall_s']:.0f} s on {r['device']}")
+                       f"tokens/s; {r['wall_s']:.0f} s on {r['device']}{stop}")
         for r in rows:
             if "error" in r:
                 out.append(f"  {r['mode']}: n/a: {r['error']}")
@@ -250,6 +266,8 @@ def main(argv=None) -> int:
     ap.add_argument("--part", choices=("throughput", "curves", "all"), default="all")
     ap.add_argument("--modes", default=",".join(CURVE_MODES), help="curve modes, comma-separated")
     ap.add_argument("--steps", type=int, default=500, help="loss-curve steps")
+    ap.add_argument("--time-limit", type=float, default=None,
+                    help="curves: seconds per run, after which it stops early (shorter curve)")
     ap.add_argument("--bench-steps", type=int, default=20, help="timed throughput steps")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--micro-batch", type=int, default=None)
