@@ -184,3 +184,22 @@ def test_bad_inputs():
         linear_cross_entropy(h, torch.randn(5, 4), torch.tensor([0, 1, 2, 2]))
     with pytest.raises(ValueError, match="int64"):
         linear_cross_entropy(h, w, torch.tensor([0, 1, 2, 2], dtype=torch.int32))
+
+
+def test_chunked_under_bf16_autocast_matches_naive():
+    """Inside a bf16 autocast region (how the trainer calls it) the op keeps its own dtypes."""
+    torch.manual_seed(0)
+    h0 = torch.randn(300, 32, dtype=torch.bfloat16)
+    w0 = (torch.randn(200, 32) * 0.2).to(torch.bfloat16)
+    tgt = torch.randint(0, 200, (300,))
+    outs = []
+    for fn in (linear_cross_entropy, linear_cross_entropy_naive):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fn(h, w, tgt, reduction="sum", chunk_size=64)
+        loss.backward()
+        outs.append((loss.float(), h.grad.float(), w.grad.float()))
+    (l0, gh0, gw0), (l1, gh1, gw1) = outs
+    assert torch.allclose(l0, l1, rtol=1e-3)
+    assert (gh0 - gh1).norm() / gh1.norm() < 2e-2
+    assert (gw0 - gw1).norm() / gw1.norm() < 2e-2

@@ -129,7 +129,7 @@ def test_compare_names_patch_aux_start_and_pattern(tmp_path, tiny_snapshot, caps
 
 def test_eval_generate_report_cli(tmp_path, tiny_snapshot, capsys):
     run = _run(tmp_path, tiny_snapshot, "cli", **{"policy.steps": 2}).run_dir
-    assert main(["eval", str(run), "--split", "test", "--json"]) == 0
+    assert main(["eval", str(run), "--split", "test", "--batches", "5", "--json"]) == 0
     ev = json.loads(capsys.readouterr().out)
     assert ev["bpb"] > 0 and ev["tokens"] > 0
     assert main(["generate", str(run), "--prompt", "int main(", "--max-tokens", "8", "--json"]) == 0

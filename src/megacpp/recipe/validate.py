@@ -220,6 +220,11 @@ def validate_policy(p: RunPolicy) -> None:
     _choice(pr.compute, IMPLEMENTED["precision.compute"], f + "precision.compute")
     _choice(pr.params, IMPLEMENTED["precision.params"], f + "precision.params")
     _choice(pr.low_precision, IMPLEMENTED["precision.low_precision"], f + "precision.low_precision")
+    if pr.params == "bf16" and pr.compute != "bf16":
+        _err(f + "precision.params", f"bf16 parameters need compute = \"bf16\" (compute is {pr.compute!r})")
+    if pr.low_precision.startswith("fp8") and pr.compute != "bf16":
+        _err(f + "precision.low_precision", f"{pr.low_precision} runs its GEMMs from bf16 autocast: "
+             f"set policy.precision.compute = \"bf16\" (it is {pr.compute!r})")
     _nonneg(pr.min_gemm_size, f + "precision.min_gemm_size")
     _pos(pr.loss_scale_init, f + "precision.loss_scale_init")
     _pos(pr.loss_scale_growth_interval, f + "precision.loss_scale_growth_interval")

@@ -166,7 +166,8 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
         peak_memory_gib=peak_mem, family_ms=fam, patches=[r.to_dict() for r in records],
         compile={**comp, **compile_stats()}, activation_checkpointing={"policy": dict(pol.activation_checkpointing),
                                                                        "applied_layers": len(ac)},
-        precision=pol.precision.compute)
+        precision=pol.precision.compute + ("" if pol.precision.low_precision == "none"
+                                           else f"+{pol.precision.low_precision}"))
 
 
 def bench_text(r: BenchResult) -> str:

@@ -508,8 +508,7 @@ class Trainer:
         else:
             self.nonfinite_total += 1
             self.nonfinite_run += 1
-            if self.precision.scaler:  # fp16: let the scaler back off
-                self.precision.scaler.update(self.precision.scaler.get_scale() / 2)
+            self.precision.skip_step()  # fp16: back the loss scale off, restart its growth count
         self.opt.zero_grad()
         record = {"kind": "train", "step": step, "lr": lr, "grad_norm": float(gnorm),
                   "loss": float(lm_mean), "total_loss": float(loss_val),

@@ -157,7 +157,10 @@ def linear_cross_entropy(hidden, weight, target, ignore_index=-100, reduction="m
     (0 at ignored tokens). Differentiable in hidden and weight (once).
     """
     _check(hidden, weight, target, reduction, chunk_size, ignore_index)
-    return _LinearCrossEntropy.apply(hidden, weight, target, ignore_index, reduction, chunk_size)
+    # The Function picks its own compute dtype; an enclosing autocast would
+    # re-cast its in-place matmuls and mix dtypes.
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(hidden, weight, target, ignore_index, reduction, chunk_size)
 
 
 def linear_cross_entropy_naive(hidden, weight, target, ignore_index=-100, reduction="mean", chunk_size=4096):
