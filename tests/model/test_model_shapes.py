@@ -42,7 +42,8 @@ def test_nam56r_on_meta_matches_shapes():
     report = model.layer_report()
     assert len(report) == 52
     assert [r["letter"] for r in report[:12]] == list("AEMEAEMEAEMR")
-    assert {r["variant"] for r in report} == {"mla", "moe-sigmoid-top4", "mamba3", "gated_deltanet"}
+    assert {r["variant"] for r in report} == {"mla", "moe-sigmoid-top4x16+shared", "mamba3",
+                                                  "gated_deltanet"}
     # layer_report's counts are the table's counts per layer
     for r in report:
         want = sum(torch.Size(s).numel() for n, s in model_shapes(spec).items()
@@ -83,8 +84,8 @@ def test_layer_report_and_num_params():
     assert [(r["index"], r["letter"], r["family"]) for r in rep] == [
         (0, "A", "attention"), (1, "D", "attention"), (2, "M", "mamba"),
         (3, "R", "recurrent"), (4, "E", "moe"), (5, "F", "mlp")]
-    assert [r["variant"] for r in rep] == ["gqa", "dsa", "mamba3", "gated_deltanet",
-                                           "moe-sigmoid-top2", "swiglu"]
+    assert [r["variant"] for r in rep] == ["gqa", "gqa+dsa", "mamba3", "gated_deltanet",
+                                           "moe-sigmoid-top2x4+shared", "swiglu"]
     for r in rep:
         assert r["params"] == sum(torch.Size(s).numel() for s in sublayer_shapes(spec, r["letter"]).values()) \
             + spec.hidden_size  # the pre-norm seam

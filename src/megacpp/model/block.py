@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..recipe.count import variant as recipe_variant
 from ..recipe.pattern import FAMILY, FAMILY_KEY
 from ..recipe.spec import ModelSpec
 from .attention import build_attention
@@ -40,20 +41,9 @@ def build_sublayer(spec: ModelSpec, letter: str) -> nn.Module:
 
 
 def variant_name(spec: ModelSpec, letter: str) -> str:
-    """Short name of what a letter builds under this spec, for reports."""
-    if letter == "A":
-        return spec.attention.kind
-    if letter == "D":
-        return "dsa"
-    if letter == "M":
-        return f"mamba{spec.mamba.version}"
-    if letter == "R":
-        return spec.recurrent.kind
-    if letter == "E":
-        e = spec.moe
-        route = "expert-choice" if e.routing == "expert_choice" else f"top{e.top_k}"
-        return f"moe-{e.score}-{route}"
-    return spec.activation
+    """Short name of what a letter builds under this spec: the same string
+    `megacpp describe` and the run manifest print (one definition, in recipe)."""
+    return recipe_variant(spec, letter)
 
 
 class Block(nn.Module):
