@@ -93,7 +93,7 @@ def test_layer_report_and_num_params():
     assert total == sum(p.numel() for p in model.parameters())
     assert model.num_params(exclude_embedding=True) == total - spec.vocab_size * spec.hidden_size
     ec = make_spec("E", moe={"routing": "expert_choice", "capacity_factor": 1.0})
-    assert megacpp.build_model(ec).layer_report()[0]["variant"] == "moe-softmax-expert-choice"
+    assert megacpp.build_model(ec).layer_report()[0]["variant"] == "moe-softmax-expert-choicex4+shared"
 
 
 def test_buffers_are_not_parameters():

@@ -48,9 +48,10 @@ def variant(spec: ModelSpec, letter: str) -> str:
         return spec.recurrent.kind
     if letter == "E":
         m = spec.moe
-        v = f"moe-{m.score}-top{m.top_k}x{m.num_experts}"
-        if m.routing == "expert_choice":
-            v += "-ec"
+        route = "expert-choice" if m.routing == "expert_choice" else f"top{m.top_k}"
+        v = f"moe-{m.score}-{route}x{m.num_experts}"
+        if m.null_experts:
+            v += f"+null{m.null_experts}"
         if m.shared_ffn:
             v += "+shared"
         return v
