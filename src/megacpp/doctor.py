@@ -7,6 +7,7 @@ built in this version). The same facts a run records in its manifest.
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import shutil
 
 import torch
@@ -71,16 +72,34 @@ def rows(device: torch.device) -> list[dict]:
                 "runs": "torch._grouped_mm" if gm else "padded bmm",
                 "why_not": "" if gm else "torch._grouped_mm unavailable for this device/dtype"})
 
+    from .model import attention as attn
+    try:
+        backend, bad = attn.attention_backend(device), ""
+    except (ValueError, RuntimeError) as e:
+        backend, bad = "sdpa", str(e)
+    if bad:
+        flex_why = f"FlexAttention: {bad}"
+    elif attn._flex_attention is None:
+        flex_why = f"FlexAttention: torch {torch.__version__} has no flex_attention"
+    elif attn.ATTENTION_BACKEND or os.environ.get("MEGACPP_ATTENTION"):
+        flex_why = "FlexAttention: MEGACPP_ATTENTION=sdpa forces SDPA"
+    else:
+        flex_why = "FlexAttention: CUDA only unless MEGACPP_ATTENTION=flex (no backward on CPU)"
+    if backend == "flex":
+        packed = ("FlexAttention, document BlockMask (compiled)", "" if cuda else
+                  "CPU: forward only, torch has no FlexAttention backward on CPU")
+    else:
+        packed = ("SDPA with a block-diagonal bool mask",
+                  ("flash backend takes no mask; " if cuda else "") + flex_why)
     if cuda:
         from torch.backends import cuda as bc
         sdpa = [n for n, ok in (("flash", bc.flash_sdp_enabled()), ("mem_efficient", bc.mem_efficient_sdp_enabled()),
                                 ("cudnn", bc.cudnn_sdp_enabled())) if ok]
         out.append({"path": "attention (no packing)", "runs": f"SDPA is_causal ({', '.join(sdpa)} enabled)",
                     "why_not": ""})
-        out.append({"path": "attention (packed documents)", "runs": "SDPA with a block-diagonal bool mask",
-                    "why_not": "flash backend takes no mask; FlexAttention path not built in this version"})
     else:
-        out.append({"path": "attention", "runs": "SDPA math/CPU kernels", "why_not": "no CUDA"})
+        out.append({"path": "attention (no packing)", "runs": "SDPA math/CPU kernels", "why_not": "no CUDA"})
+    out.append({"path": "attention (packed documents)", "runs": packed[0], "why_not": packed[1]})
 
     if cuda:
         comp = "inductor (Triton)" if tri else "unavailable"

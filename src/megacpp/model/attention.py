@@ -17,9 +17,17 @@
 
 Packed rows: attention never crosses a document (block-diagonal causal
 mask from SeqContext); without doc_ids SDPA runs with is_causal=True.
+The dense attention of A layers on packed rows has two backends
+(`attention_backend`): "sdpa" with the explicit (b, 1, t, t) bool mask (the
+reference, and the CPU default), and "flex": FlexAttention with a document
+BlockMask (the CUDA default), which keeps flash-style tiling and skips the
+blocks that cross documents. D layers always take the mask path: their
+top-k selection is a per-query key set, not a block pattern. Decoding
+(step) always takes SDPA.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +40,30 @@ from . import init as winit
 from .context import SeqContext
 from .norm import RMSNorm, fp
 from .rotary import apply_rotary, rope_cos_sin
+
+try:
+    from torch.nn.attention.flex_attention import flex_attention as _flex_attention
+except ImportError:  # torch without FlexAttention
+    _flex_attention = None
+
+# Backend for the dense attention of A layers on packed rows. None picks at
+# call time ("flex" on CUDA when flex_attention imports, else "sdpa"); "sdpa"
+# or "flex" forces one, as does the environment variable MEGACPP_ATTENTION.
+ATTENTION_BACKEND: str | None = None
+BACKENDS = ("sdpa", "flex")
+
+
+def attention_backend(device) -> str:
+    """The backend packed-row A-layer attention takes on `device`."""
+    forced = ATTENTION_BACKEND or os.environ.get("MEGACPP_ATTENTION") or None
+    if forced is not None:
+        if forced not in BACKENDS:
+            raise ValueError(f"attention backend {forced!r}: expected one of {BACKENDS}")
+        if forced == "flex" and _flex_attention is None:
+            raise RuntimeError(f"attention backend 'flex' forced, but torch {torch.__version__} "
+                               "has no torch.nn.attention.flex_attention")
+        return forced
+    return "flex" if torch.device(device).type == "cuda" and _flex_attention is not None else "sdpa"
 
 
 @dataclass
@@ -77,6 +109,40 @@ def _sdpa(q, k, v, mask):
     o = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
         attn_mask=mask, is_causal=mask is None and q.shape[1] > 1, enable_gqa=H != Hk)
+    return o.transpose(1, 2)
+
+
+# flex_attention compiled once, lazily: uncompiled it materialises the full
+# score matrix. dynamic=False: training shapes are fixed, and static shapes
+# give the best kernels.
+_FLEX_COMPILED = None
+
+
+def _flex_fn():
+    global _FLEX_COMPILED
+    if torch.compiler.is_compiling():
+        # Inside the trainer's compiled block: dynamo lowers the call itself;
+        # a nested torch.compile would only add a graph break.
+        return _flex_attention
+    if _FLEX_COMPILED is None:
+        _FLEX_COMPILED = torch.compile(_flex_attention, dynamic=False)
+    return _FLEX_COMPILED
+
+
+def _flex(q, k, v, block_mask):
+    """_sdpa's contract with a FlexAttention BlockMask in place of the bool mask.
+
+    Scale: flex's default, 1/sqrt(q head dim), the same as SDPA's; v's head
+    dim may differ from q/k's (MLA).
+    """
+    H, Hk = q.shape[2], k.shape[2]
+    # Views with padded rows (MLA's v is a split of kv_up's output) come out
+    # wrong from inductor's flex kernel when flex is traced inside a compiled
+    # block (torch 2.13, CPU; seen in tests). contiguous() is free for the
+    # rest and copies only such views.
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    o = _flex_fn()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                   block_mask=block_mask, enable_gqa=H != Hk)
     return o.transpose(1, 2)
 
 
@@ -193,9 +259,12 @@ class _Attention(nn.Module):
         cos, sin = ctx.rope(self.rot_dim, self.theta)
         q, pieces = self._project(x, cos[:, :, None], sin[:, :, None])
         k, v = self._expand(pieces)
-        mask = ctx.attn_mask()
         stats = None
         index_k = None
+        # Packed A layers on the flex backend never build the O(t^2) mask.
+        flex = (self.indexer is None and ctx.doc_ids is not None
+                and attention_backend(x.device) == "flex")
+        mask = None if flex else ctx.attn_mask()
         if self.indexer is not None:
             iq, index_k, iw = self.indexer(x.detach(), ctx.positions)
             with torch.no_grad():
@@ -208,7 +277,7 @@ class _Attention(nn.Module):
                 index_scores=Indexer.scores_at(iq, index_k, iw, idx),
                 attn_target=attention_target(q.detach(), k.detach(), idx, q.shape[-1] ** -0.5),
                 sparse=self.sparse)
-        o = _sdpa(q, k, v, mask)
+        o = _flex(q, k, v, ctx.block_mask()) if flex else _sdpa(q, k, v, mask)
         y = self.o_proj(o.reshape(b, t, -1))
         state = None
         if ctx.want_state:

@@ -4,7 +4,8 @@ A packed row holds several documents side by side, named by `doc_ids`
 (batch, seqlen) segment ids that stay constant inside a document. Every
 mixer must behave as if each document stood alone:
 
-- attention: a block-diagonal causal mask (`attn_mask`);
+- attention: a block-diagonal causal mask (`attn_mask`), or the same
+  pattern as a FlexAttention BlockMask (`block_mask`);
 - positions: restart at 0 at every document start (`positions_from_doc_ids`);
 - SSM / delta-rule states: zeroed at document starts (`starts`; the mixers
   force the log-decay there to a value whose exp is exactly 0);
@@ -40,6 +41,34 @@ def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     idx = torch.arange(t, device=doc_ids.device).expand_as(doc_ids)
     start_idx = torch.where(doc_starts(doc_ids), idx, torch.zeros_like(idx)).cummax(dim=1).values
     return idx - start_idx
+
+
+def _document_mask_mod(doc_ids: torch.Tensor):
+    """FlexAttention mask_mod of attn_mask()'s pattern: causal and same document."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+    return mask_mod
+
+
+_CREATE_BLOCK_MASK_COMPILED = None
+
+
+def document_block_mask(doc_ids: torch.Tensor):
+    """BlockMask (batch, 1, seqlen, seqlen) for packed rows; 128-token blocks, any seqlen."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    global _CREATE_BLOCK_MASK_COMPILED
+    b, t = doc_ids.shape
+    build = create_block_mask
+    if doc_ids.is_cuda and not torch.compiler.is_compiling():
+        # Eager create_block_mask materialises the whole (b, t, t) mask (and
+        # int64 gathers of that size) before reducing it to blocks; compiled,
+        # it fuses the reduction. A fresh closure per forward does not
+        # recompile: dynamo guards the code and the captured tensor's shape.
+        if _CREATE_BLOCK_MASK_COMPILED is None:
+            _CREATE_BLOCK_MASK_COMPILED = torch.compile(create_block_mask, dynamic=False)
+        build = _CREATE_BLOCK_MASK_COMPILED
+    return build(_document_mask_mod(doc_ids), b, None, t, t, device=doc_ids.device)
 
 
 class SeqContext:
@@ -95,6 +124,18 @@ class SeqContext:
             causal = torch.ones(self.seqlen, self.seqlen, dtype=torch.bool, device=d.device).tril()
             self._memo["attn_mask"] = (causal & (d[:, :, None] == d[:, None, :]))[:, None]
         return self._memo["attn_mask"]
+
+    def block_mask(self):
+        """attn_mask()'s pattern as a FlexAttention BlockMask, None when unpacked.
+
+        Built once per forward and shared by every layer; it never holds the
+        (seqlen, seqlen) mask, only per-128-block indices.
+        """
+        if self.doc_ids is None:
+            return None
+        if "block_mask" not in self._memo:
+            self._memo["block_mask"] = document_block_mask(self.doc_ids)
+        return self._memo["block_mask"]
 
     # -- positions -------------------------------------------------------
     def rope(self, rot_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

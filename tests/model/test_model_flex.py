@@ -1,0 +1,184 @@
+"""FlexAttention backend for packed rows vs the SDPA-with-mask reference.
+
+torch 2.13 runs FlexAttention forward on CPU (eager and compiled) but has
+no CPU backward, so the CPU tests compare outputs under no_grad and the
+gradient test needs CUDA. Most tests use eager flex (it materialises the
+scores, fine at these sizes) so that the suite does not pay a compile per
+shape; two tests take the compiled paths: the module-level compiled
+function, and flex traced inside a compiled block as the trainer runs it.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from megacpp.model import attention
+from megacpp.model.context import SeqContext
+
+from model_testutil import ALL_LETTER_SPECS, FAMILY_SPECS, build
+
+pytestmark = pytest.mark.skipif(attention._flex_attention is None,
+                                reason="this torch has no torch.nn.attention.flex_attention")
+
+ATTN = ["gqa", "gqa-full-rotary-no-qknorm", "mla", "mla-qlora"]
+
+
+@pytest.fixture
+def eager_flex(monkeypatch):
+    """Flex without compiling: stands in for the module's compiled function."""
+    monkeypatch.setattr(attention, "_FLEX_COMPILED", attention._flex_attention)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        yield
+
+
+def _doc_ids(b: int, t: int) -> torch.Tensor:
+    """Rows whose boundaries avoid flex's 128-token blocks: a document that
+    straddles a block edge, a one-token document, a single-document row."""
+    rows = []
+    for r in range(b):
+        if r == b - 1:
+            rows.append(torch.zeros(t, dtype=torch.long))
+            continue
+        cuts = sorted({int(c) for c in torch.randint(1, t, (3,))} | {min(127 + r, t - 1), min(130, t - 1)})
+        d = torch.zeros(t, dtype=torch.long)
+        for c in cuts:
+            d[c:] += 1
+        rows.append(d)
+    return torch.stack(rows)
+
+
+def _mixer_out(mixer, x, doc, backend, monkeypatch):
+    monkeypatch.setattr(attention, "ATTENTION_BACKEND", backend)
+    ctx = SeqContext(x.shape[0], x.shape[1], x.device, doc)
+    y, _, _ = mixer(x, ctx)
+    return y, ctx
+
+
+def _block_any(mask: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """(b, 1, t, t) element mask -> (b, 1, nq, nk): does each block hold a True."""
+    t = mask.shape[-1]
+    n = -(-t // block)
+    pad = n * block - t
+    m = torch.nn.functional.pad(mask, (0, pad, 0, pad))
+    return m.view(*m.shape[:2], n, block, n, block).any(dim=5).any(dim=3)
+
+
+@pytest.mark.parametrize("t", [200, 256, 300])
+def test_block_mask_equals_attn_mask(t, seed):
+    from torch.nn.attention.flex_attention import create_mask
+
+    doc = _doc_ids(3, t)
+    doc[1] = doc[1] % 2  # non-adjacent runs with one id count as one document, as in attn_mask
+    ctx = SeqContext(3, t, "cpu", doc)
+    bm, ref = ctx.block_mask(), ctx.attn_mask()
+    assert bm is ctx.block_mask()  # memoised: one per forward, shared by the layers
+    assert torch.equal(create_mask(bm.mask_mod, 3, 1, t, t, device="cpu"), ref)
+    # The blocks flex visits are exactly those that hold an allowed pair.
+    assert torch.equal(bm.to_dense().bool(), _block_any(ref))
+
+
+def test_backend_choice(monkeypatch):
+    monkeypatch.delenv("MEGACPP_ATTENTION", raising=False)
+    assert attention.attention_backend("cpu") == "sdpa"
+    if torch.cuda.is_available():
+        assert attention.attention_backend("cuda") == "flex"
+    monkeypatch.setenv("MEGACPP_ATTENTION", "flex")
+    assert attention.attention_backend("cpu") == "flex"
+    monkeypatch.setattr(attention, "ATTENTION_BACKEND", "sdpa")  # the module switch wins
+    assert attention.attention_backend("cpu") == "sdpa"
+    monkeypatch.setattr(attention, "ATTENTION_BACKEND", "flash")
+    with pytest.raises(ValueError):
+        attention.attention_backend("cpu")
+
+
+@pytest.mark.parametrize("t", [200, 256])
+@pytest.mark.parametrize("name", ATTN)
+def test_layer_flex_equals_sdpa(name, t, seed, eager_flex, monkeypatch):
+    mixer = build(FAMILY_SPECS[name], torch.float32).layers[0].mixer
+    x = torch.randn(3, t, FAMILY_SPECS[name].hidden_size)
+    doc = _doc_ids(3, t)
+    with torch.no_grad():
+        ref, _ = _mixer_out(mixer, x, doc, "sdpa", monkeypatch)
+        out, ctx = _mixer_out(mixer, x, doc, "flex", monkeypatch)
+    assert "attn_mask" not in ctx._memo  # the flex path never builds the O(t^2) mask
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["ADMREF-mamba2-gqa", "ADMREF-mamba3-mla"])
+def test_model_flex_equals_sdpa(name, seed, eager_flex, monkeypatch):
+    spec = ALL_LETTER_SPECS[name]
+    model = build(spec, torch.float32)
+    t = 200
+    ids = torch.randint(0, spec.vocab_size, (3, t))
+    doc = _doc_ids(3, t)
+    with torch.no_grad():
+        monkeypatch.setattr(attention, "ATTENTION_BACKEND", "sdpa")
+        ref = model(ids, doc_ids=doc).logits
+        monkeypatch.setattr(attention, "ATTENTION_BACKEND", "flex")
+        out = model(ids, doc_ids=doc).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_flex_function(seed, monkeypatch):
+    """The module-level compiled flex: one compile, reused for new documents."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(attention, "_FLEX_COMPILED", None)
+    mixer = build(FAMILY_SPECS["gqa"], torch.float32).layers[0].mixer
+    x = torch.randn(2, 200, FAMILY_SPECS["gqa"].hidden_size)
+    with torch.no_grad():
+        for _ in range(2):
+            doc = _doc_ids(2, 200)
+            ref, _ = _mixer_out(mixer, x, doc, "sdpa", monkeypatch)
+            before = sum(counters["recompiles"].values())
+            out, _ = _mixer_out(mixer, x, doc, "flex", monkeypatch)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert attention._FLEX_COMPILED is not None
+    assert sum(counters["recompiles"].values()) == before
+
+
+def test_flex_inside_compiled_block(seed, monkeypatch):
+    """As the trainer runs it: the block compiled, flex traced inside (no nested compile)."""
+    monkeypatch.setattr(attention, "_FLEX_COMPILED", None)
+    spec = FAMILY_SPECS["mla"]
+    block = build(spec, torch.float32).layers[0]
+    x = torch.randn(2, 200, spec.hidden_size)
+    doc = _doc_ids(2, 200)
+    compiled = torch.compile(block, dynamic=False)
+    with torch.no_grad():
+        monkeypatch.setattr(attention, "ATTENTION_BACKEND", "sdpa")
+        ref = block(x, SeqContext(2, 200, "cpu", doc))[0]
+        monkeypatch.setattr(attention, "ATTENTION_BACKEND", "flex")
+        out = compiled(x, SeqContext(2, 200, "cpu", doc))[0]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert attention._FLEX_COMPILED is None  # flex was lowered by the block's compile
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="torch has no FlexAttention backward on CPU: gradients need CUDA")
+@pytest.mark.parametrize("name", ["ADMREF-mamba2-gqa", "ADMREF-mamba3-mla"])
+def test_model_flex_gradients_cuda(name, seed, monkeypatch):
+    # TF32 would blur the float32 comparison by ~1e-3 (flex's kernel follows this flag too)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    spec = ALL_LETTER_SPECS[name]
+    model = build(spec, torch.float32).cuda()
+    t = 300
+    ids = torch.randint(0, spec.vocab_size, (3, t), device="cuda")
+    doc = _doc_ids(3, t).cuda()
+    grads = {}
+    for backend in ("sdpa", "flex"):
+        monkeypatch.setattr(attention, "ATTENTION_BACKEND", backend)
+        model.zero_grad(set_to_none=True)
+        out = model(ids, doc_ids=doc).logits
+        out.float().square().mean().backward()
+        grads[backend] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                         if p.grad is not None})
+    (ref, g_ref), (out, g_out) = grads["sdpa"], grads["flex"]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert g_ref.keys() == g_out.keys()
+    for n in g_ref:
+        torch.testing.assert_close(g_out[n], g_ref[n], rtol=1e-5, atol=1e-5, msg=n)
