@@ -109,7 +109,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
               family_times: bool = True, micro_batch: int | None = None) -> BenchResult:
     import megacpp
     from ..patches.registry import install_patches
-    from .trainer import IGNORE, lm_loss, split_aux
+    from .trainer import lm_loss, split_aux
 
     dev = pick_device(device)
     pol, spec = recipe.policy, recipe.model
@@ -156,8 +156,6 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
     tps = B * pol.seq_len / (med / 1e3)
     peak = peak_flops(dev)
     fam = _family_times(model, recipe, batch, precision, dev) if family_times else {}
-    n_valid = int((batch["labels"] != IGNORE).sum())
-    del n_valid
     return BenchResult(
         recipe=spec.name, recipe_hash=recipe.hash, device=device_facts(dev).get("name", str(dev)),
         batch=B, seq_len=pol.seq_len, steps=steps, step_ms_median=med, step_ms_all=times,

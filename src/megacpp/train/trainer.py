@@ -310,6 +310,7 @@ class Trainer:
         m["backend"] = {
             **device_facts(self.device),
             "precision": self.precision.describe(),
+            "attention_backend": _attention_backend(self.device),
             "compile": {**self.compile_info, **compile_stats()},
             "activation_checkpointing": {"policy": dict(pol.activation_checkpointing),
                                          "applied_layers": len(self.ac_applied)},
@@ -632,6 +633,12 @@ class Trainer:
         if writer:
             writer.log({"kind": "val", "step": self.step, "loss": loss, "bpb": bpb})
             writer.console(self.step, f"val loss {loss:.4f} bpb {bpb:.4f}")
+
+
+def _attention_backend(device) -> str:
+    """Which attention kernel packed rows take (sdpa with a mask, or flex)."""
+    from ..model.attention import attention_backend
+    return attention_backend(device)
 
 
 def bits_per_byte(loss_nats: float, snapshot, split: str) -> float:

@@ -1,0 +1,86 @@
+"""Data-parallel scaling: tokens/s per device, MFU and peak memory at 1, 2, 4 ... processes.
+
+For each recipe and world size, launches `torchrun --nproc_per_node N -m
+megacpp train` on one snapshot with the global batch scaled by N (the
+per-device batch stays the recipe's), runs --steps steps, and reads the
+run's metrics.jsonl: median step tokens/s over the steps after --skip
+(compile and warm-up), per device, MFU, peak memory. Scaling efficiency =
+tokens/s per device at N / at 1. NVLink multicast stays off (NCCL_NVLS_ENABLE=0).
+
+    python benchmarks/scaling.py --data SNAPSHOT --recipes nam-125m nam-1b --worlds 1 2 4 \
+        [--sharding fsdp2] [--steps 30] [--skip 10] [--json OUT] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def run_one(recipe: str, world: int, args, out_root: Path) -> dict:
+    import megacpp
+
+    r = megacpp.load_recipe(recipe)
+    out = out_root / f"{recipe}-w{world}"
+    shutil.rmtree(out, ignore_errors=True)
+    sets = {"policy.parallel.data": world, "policy.parallel.sharding": args.sharding if world > 1 else "none",
+            "policy.global_batch": r.policy.micro_batch * world, "policy.steps": args.steps,
+            "policy.eval_batches": 0, "policy.checkpoint_interval": 10**9, "policy.log_interval": 10**9}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
+           "--master_port", str(29500 + world), "-m", "megacpp", "train", "--recipe", recipe,
+           "--data", args.data, "--out", str(out), "--quiet", "--max-steps", str(args.steps)]
+    if args.device:
+        cmd += ["--device", args.device]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={v}"]
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1")
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    if p.returncode != 0:
+        return {"recipe": recipe, "world": world, "error": p.stderr[-800:]}
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    train = [x for x in recs if x.get("kind") == "train"][args.skip:]
+    tps = statistics.median(x["tokens_per_s"] for x in train)
+    mfu = [x["mfu"] for x in train if x.get("mfu") is not None]
+    return {"recipe": recipe, "world": world, "tokens_per_s": tps, "tokens_per_s_per_device": tps / world,
+            "mfu": statistics.median(mfu) if mfu else None,
+            "peak_memory_gib_rank0": max(x.get("peak_memory_gib", 0) for x in train), "steps_measured": len(train)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--recipes", nargs="+", default=["nam-125m", "nam-1b"])
+    ap.add_argument("--worlds", nargs="+", type=int, default=[1, 2, 4])
+    ap.add_argument("--sharding", default="fsdp2", choices=["ddp", "fsdp2"])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--skip", type=int, default=10)
+    ap.add_argument("--device")
+    ap.add_argument("--timeout", type=int, default=540)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    out_root = Path(tempfile.mkdtemp(prefix="megacpp-scaling-"))
+    rows = [run_one(r, w, args, out_root) for r in args.recipes for w in args.worlds]
+    base = {r["recipe"]: r["tokens_per_s_per_device"] for r in rows if r.get("world") == 1 and "error" not in r}
+    print(f"{'recipe':10} {'N':>2} {'tokens/s':>11} {'per device':>11} {'efficiency':>10} {'MFU':>6} {'peak GiB':>9}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['recipe']:10} {r['world']:>2} failed: {r['error'].splitlines()[-1] if r['error'] else ''}")
+            continue
+        eff = r["tokens_per_s_per_device"] / base[r["recipe"]] if r["recipe"] in base else float("nan")
+        mfu = f"{r['mfu'] * 100:.1f}%" if r["mfu"] is not None else "n/a"
+        print(f"{r['recipe']:10} {r['world']:>2} {r['tokens_per_s']:>11,.0f} {r['tokens_per_s_per_device']:>11,.0f} "
+              f"{eff:>10.2f} {mfu:>6} {r['peak_memory_gib_rank0']:>9.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    shutil.rmtree(out_root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
