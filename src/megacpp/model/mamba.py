@@ -95,6 +95,12 @@ def segmented_cumsum(v: torch.Tensor, starts: torch.Tensor | None) -> torch.Tens
 
 
 class _MambaBase(nn.Module):
+    def _init_sizes(self, spec: ModelSpec) -> None:
+        m = spec.mamba
+        self.d_inner, self.heads, self.head_dim = spec.mamba_d_inner, spec.mamba_heads, m.head_dim
+        self.groups, self.state_dim, self.chunk_size = m.num_groups, m.state_dim, m.chunk_size
+        self.dt_min, self.dt_max = m.dt_min, m.dt_max
+
     def _init_ssm_params(self, spec: ModelSpec) -> None:
         H = self.heads
         self.dt_bias = nn.Parameter(torch.empty(H, dtype=torch.float32))
@@ -117,9 +123,7 @@ class Mamba2(_MambaBase):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         m, d = spec.mamba, spec.hidden_size
-        self.d_inner, self.heads, self.head_dim = spec.mamba_d_inner, spec.mamba_heads, m.head_dim
-        self.groups, self.state_dim, self.chunk_size = m.num_groups, m.state_dim, m.chunk_size
-        self.dt_min, self.dt_max = m.dt_min, m.dt_max
+        self._init_sizes(spec)
         self.conv_dim = self.d_inner + 2 * self.groups * self.state_dim
         self.in_proj = nn.Linear(d, self.d_inner + self.conv_dim + self.heads, bias=False)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, m.conv_width, groups=self.conv_dim, bias=True)
@@ -175,9 +179,7 @@ class Mamba3(_MambaBase):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         m, d = spec.mamba, spec.hidden_size
-        self.d_inner, self.heads, self.head_dim = spec.mamba_d_inner, spec.mamba_heads, m.head_dim
-        self.groups, self.state_dim, self.chunk_size = m.num_groups, m.state_dim, m.chunk_size
-        self.dt_min, self.dt_max = m.dt_min, m.dt_max
+        self._init_sizes(spec)
         self.angles = self.state_dim // 2
         GN = self.groups * self.state_dim
         self.split_sizes = [self.d_inner, self.d_inner, GN, GN, self.heads, self.heads, self.angles]
