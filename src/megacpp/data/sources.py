@@ -175,6 +175,24 @@ def _regular_file(path: str) -> os.stat_result | None:
 # ---------------------------------------------------------------- system
 
 
+def _cpp_files(base: Path, skipped: dict[str, int], skip_hidden: bool):
+    """(relative path, full path, stat) of each regular C/C++ file under base, in
+    sorted order; symlinks and special files are counted in `skipped`."""
+    for dirpath, dirnames, filenames in os.walk(base):
+        # VCS metadata and hidden trees of a local checkout are not source text
+        dirnames[:] = sorted(d for d in dirnames if not (skip_hidden and d.startswith(".")))
+        for fname in sorted(filenames):
+            full = os.path.join(dirpath, fname)
+            rel = Path(full).relative_to(base).as_posix()
+            if not is_cpp_path(rel):
+                continue
+            st = _regular_file(full)
+            if st is None:
+                skipped["symlink_or_special"] = skipped.get("symlink_or_special", 0) + 1
+                continue
+            yield rel, full, st
+
+
 def _dpkg_owners(prefix: str) -> dict[str, str]:
     """path -> package (list-file stem, e.g. 'libstdc++-12-dev:amd64') for paths under prefix."""
     owners: dict[str, str] = {}
@@ -344,20 +362,10 @@ def _debian_source(spec: str, cache: Path) -> Source:
     for base, in_tarball in ((root, False), (tars, True)):
         if not base.is_dir():
             continue
-        for dirpath, dirnames, filenames in os.walk(base):
-            dirnames.sort()
-            for fname in sorted(filenames):
-                full = os.path.join(dirpath, fname)
-                rel = Path(full).relative_to(base).as_posix()
-                if not is_cpp_path(rel):
-                    continue
-                st = _regular_file(full)
-                if st is None:
-                    skipped["symlink_or_special"] = skipped.get("symlink_or_special", 0) + 1
-                    continue
-                # tarballs/<path of tarball>/<member> is named <tarball>!/<member> for provenance
-                prov = f"{name}/{_tar_member_name(rel) if in_tarball else rel}"
-                entries.append((prov, full, st.st_size, sha256_file(full)))
+        for rel, full, st in _cpp_files(base, skipped, skip_hidden=False):
+            # tarballs/<path of tarball>/<member> is named <tarball>!/<member> for provenance
+            prov = f"{name}/{_tar_member_name(rel) if in_tarball else rel}"
+            entries.append((prov, full, st.st_size, sha256_file(full)))
     license_path = root / "usr" / "share" / "doc" / name / "copyright"
     inp = Input(
         source=spec,
@@ -407,19 +415,8 @@ def _dir_source(spec: str) -> Source:
     root = root.resolve()
     entries: list[tuple[str, str, int, str]] = []
     skipped: dict[str, int] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        # VCS metadata and hidden trees are not source text.
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for fname in sorted(filenames):
-            full = os.path.join(dirpath, fname)
-            rel = Path(full).relative_to(root).as_posix()
-            if not is_cpp_path(rel):
-                continue
-            st = _regular_file(full)
-            if st is None:
-                skipped["symlink_or_special"] = skipped.get("symlink_or_special", 0) + 1
-                continue
-            entries.append((rel, full, st.st_size, sha256_file(full)))
+    for rel, full, st in _cpp_files(root, skipped, skip_hidden=True):
+        entries.append((rel, full, st.st_size, sha256_file(full)))
     digest = tree_digest([(p, d) for p, _, _, d in entries])
     git = _git_pin(root)
     if git:
