@@ -156,6 +156,15 @@ def grouped_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out
     return out[expert, pos]
 
 
+def count_per_row(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """How often each of 0..n-1 occurs in idx, as int64 (n,).
+
+    Unlike torch.bincount, the output size does not depend on idx's values,
+    so CUDA needs no host sync to size it and compile sees a static shape.
+    """
+    return torch.zeros(n, dtype=torch.long, device=idx.device).index_add_(0, idx, torch.ones_like(idx))
+
+
 def capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> int:
     return max(1, math.ceil(factor * num_tokens * top_k / num_experts))
 
@@ -252,7 +261,13 @@ class MoE(nn.Module):
         rows, gates = self.select_topk(scores)
         flat_rows, flat_gate = rows.reshape(-1), gates.reshape(-1)
         flat_token = torch.arange(T, device=dev).repeat_interleave(self.top_k)
-        load = torch.bincount(flat_rows, minlength=self.rows).float()
+        load = count_per_row(flat_rows, self.rows).float()
+        if self.capacity_factor <= 0 and self.null_experts == 0:
+            # Dropless with only real experts: every choice is kept, so shapes
+            # are static (T * k) and no boolean mask forces a host sync.
+            stats = RouterStats(logits, scores, probs, probs.mean(0), rows, load, load.clone(),
+                                torch.zeros((), dtype=torch.long, device=dev), T, E, self.top_k)
+            return Routing(flat_token, flat_rows, flat_gate, stats)
         real = flat_rows < E
         keep = real
         if self.capacity_factor > 0:
@@ -260,13 +275,13 @@ class MoE(nn.Module):
             # Within each expert, highest gate first; stable sorts keep ties in token order.
             by_gate = _descending_stable(flat_gate.detach())
             by_expert = by_gate[torch.sort(flat_rows[by_gate], stable=True).indices]
-            counts = torch.bincount(flat_rows, minlength=self.rows)
+            counts = count_per_row(flat_rows, self.rows)
             group_start = torch.cumsum(counts, 0) - counts
             rank = torch.empty_like(flat_rows)
             rank[by_expert] = torch.arange(flat_rows.numel(), device=dev) - group_start[flat_rows[by_expert]]
             keep = real & (rank < C)
         dropped = (real & ~keep).sum()
-        kept = torch.bincount(flat_rows[keep], minlength=self.rows).float()
+        kept = count_per_row(flat_rows[keep], self.rows).float()
         stats = RouterStats(logits, scores, probs, probs.mean(0), rows, load, kept, dropped,
                             T, E, self.top_k)
         return Routing(flat_token[keep], flat_rows[keep], flat_gate[keep], stats)
@@ -288,7 +303,7 @@ class MoE(nn.Module):
         r = self.route(xt)
         order = torch.sort(r.expert, stable=True).indices
         token, gate = r.token[order], r.gate[order]
-        counts = torch.bincount(r.expert, minlength=self.num_experts)
+        counts = count_per_row(r.expert, self.num_experts)
         dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
