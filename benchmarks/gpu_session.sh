@@ -4,8 +4,9 @@
 # Usage: source benchmarks/gpu_session.sh
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests/model:$PWD/tests/ops
-if [ -d .whl ] && [ ! -f /tmp/site/.done ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+WHL=${WHL:-.whl}
+if [ -d "$WHL" ] && [ ! -f /tmp/site/.done ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl \
     && touch /tmp/site/.done
 fi
 OUT=${OUT:-/tmp/out}
