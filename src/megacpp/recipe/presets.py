@@ -139,6 +139,24 @@ NAM_1B = {
                                              "optimizer": {"lr": 5e-4}}),
 }
 
+# mamba_ssm's Mamba-2 LM shape (state-spaces/mamba2-130m: every layer Mamba-2,
+# no MLP, tied embeddings) at this project's vocabulary; the peer benchmark
+# (benchmarks/mamba_ssm_peer.py) builds mamba_ssm's model at the same shape,
+# batch 8 x 2048 as in shared/FACTS.md §3.
+MAMBA2_130M = {
+    "model": {
+        "name": "mamba2-130m",
+        "vocab_size": 32768,
+        "hidden_size": 768,
+        "depth": 24,
+        "pattern": "M",
+        "tie_embeddings": True,
+        "mamba": {"version": 2, "state_dim": 128, "head_dim": 64, "expand": 2, "num_groups": 1,
+                  "chunk_size": 128},
+    },
+    "policy": deep_merge(_SMALL_GPU_POLICY, {"micro_batch": 8, "global_batch": 8}),
+}
+
 PRESETS = {
     "nam56r": (NAM56R, "NAM56R, the seed system's public 4.7B hybrid (MLA, Mamba-3, MoE 16x top-4); "
                        "describe/args only here"),
@@ -147,6 +165,8 @@ PRESETS = {
     "nam-1b": (NAM_1B, "NAM pattern, ~1B parameters; one GPU"),
     "dense-125m": (DENSE_125M, "AF attention + dense SwiGLU baseline matched to nam-125m's active "
                                "parameters"),
+    "mamba2-130m": (MAMBA2_130M, "all-Mamba-2 LM at mamba_ssm's mamba2-130m shape (24 x d768, state 128, "
+                                 "tied embeddings); peer of benchmarks/mamba_ssm_peer.py"),
 }
 
 
