@@ -1,0 +1,801 @@
+"""Triton Mamba-2 SSD chunked scan, forward and backward.
+
+Same signature and semantics as `reference.ssd`:
+
+    ssd_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None)
+        -> (y like x, final_state (batch, nheads, headdim, dstate) in x's dtype)
+
+Importing this module imports triton; `megacpp.ops.ssd` only does so on
+first access of `ssd_triton` (CI has neither triton nor a GPU).
+
+What runs where (per chunk c of Q = chunk_size steps, per head):
+
+  torch (O(batch * seqlen * nheads) glue, no O(Q) factor):
+    - dt padded to whole chunks, a = dt * A, and the within-chunk cumulative
+      sum `cum` of a, kept in float64. Every decay in the kernels is
+      exp(float32(cum_i - cum_j)) with the difference taken in float64: the
+      model's document resets put dt * A = -1e4 into a chunk, and a float32
+      cumsum would then lose ~1e-3 absolute in every later difference (the
+      reference's segsum sums the segments directly for the same reason).
+    - backward: summing the per-position d(cum) parts, the reverse cumsum
+      d(cum) -> d(a) (float64), and d(dt) += d(a) A, d(A) = sum d(a) dt,
+      d(D) = sum of per-program partials.
+
+  Triton (everything O(seqlen * Q) or O(seqlen * headdim * dstate)):
+    _cb_kernel          CB[c, i, j] = C_i . B_j per chunk and group (float32),
+                        lower triangle only.
+    _state_fwd_kernel   chunk states sum_j exp(cum_last - cum_j) dt_j x_j B_j^T
+                        fused with the sequential scan across chunks: writes
+                        the state entering every chunk and the final state.
+    _scan_fwd_kernel    y_i = sum_{j<=i} CB[i,j] exp(cum_i - cum_j) dt_j x_j
+                              + exp(cum_i) S_c C_i + D x_i.
+    _state_bwd_kernel   the reverse scan: d(state entering chunk c+1)
+                        (= d(chunk state c)), d(initial_state), and the
+                        chunk-decay part of d(cum).
+    _dx_kernel          dx, the direct d(dt), the chunk-state part of d(cum),
+                        partial d(D); one program per (chunk, row block, head).
+    _dcb_kernel         d(CB) summed over the heads of a group, and the
+                        intra-chunk row part of d(cum) per head.
+    _dbc_kernel         dB and dC: the state terms summed over the heads of a
+                        group plus d(CB) C and d(CB)^T B; the state part of
+                        d(cum) per head.
+
+  Nothing but the inputs is saved for backward: CB and the entering states
+  are recomputed there (for nam-125m they would be ~200 MB per layer).
+
+Precision: all accumulation is float32. Matmul operands are cast to
+x's dtype when x is bf16/fp16 (tensor cores; the intermediate float32
+scores and states are rounded to it first, as mamba_ssm does), and stay
+float32 with input_precision="ieee" when x is float32 (so fp32 inputs get
+fp32 results, not TF32). float64 inputs are refused: the reference is the
+float64 oracle. Under TRITON_INTERPRET=1 (CPU tests) bf16 matmul operands
+are kept in float32 because the interpreter cannot multiply bf16
+(triton-lang/triton#11584); fp16 is exercised for real there.
+
+torch.compile: the forward and backward are torch.library.custom_ops with
+register_fake and register_autograd, so dynamo/AOTAutograd treat each as
+one opaque node with known output shapes, and the backward (a second
+custom op) is traced into the compiled backward graph. allow_in_graph
+would make dynamo trace into an autograd.Function that launches kernels on
+fake tensors, and compiler.disable graph-breaks around the whole call;
+custom_op is the supported way for torch >= 2.4 (the GPU machine has 2.11).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import _check
+from .reference import ssd as _ssd_reference
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _fix_interpreter_index() -> None:
+    """TRITON_INTERPRET=1 with numpy >= 2.4: the interpreter turns a scalar
+    into an int with int(array of shape (1,)), which numpy 2.4 refuses, so
+    every `range(...)` over a runtime value fails (triton-lang/triton#9171,
+    present in triton 3.6). Re-register __index__ to take the one element."""
+    try:
+        from triton.runtime import interpreter as _ti
+    except Exception:
+        return
+    orig = getattr(_ti, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_megacpp_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._megacpp_fixed = True
+    _ti._patch_lang_tensor = patched
+
+
+if INTERPRET:
+    _fix_interpreter_index()
+
+
+# --------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------
+
+@triton.jit
+def _mm(a, b, DOT: tl.constexpr, IEEE: tl.constexpr):
+    """a @ b with operands cast to DOT, accumulated in float32."""
+    if IEEE:
+        return tl.dot(a.to(DOT), b.to(DOT), input_precision="ieee")
+    else:
+        return tl.dot(a.to(DOT), b.to(DOT))
+
+
+@triton.jit
+def _cb_kernel(
+    C_ptr, B_ptr, CB_ptr,
+    L, Q, NC, G, N,
+    s_cb, s_cl, s_cg, s_cn,
+    s_bb, s_bl, s_bg, s_bn,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    DOT: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_ij = tl.program_id(0)
+    pid_bcg = tl.program_id(1)
+    nbj = tl.cdiv(Q, BN)
+    ib = pid_ij // nbj
+    jb = pid_ij % nbj
+    g = pid_bcg % G
+    c = (pid_bcg // G) % NC
+    b = (pid_bcg // G) // NC
+    i = ib * BM + tl.arange(0, BM)
+    j = jb * BN + tl.arange(0, BN)
+    ti = c * Q + i
+    tj = c * Q + j
+    vi = (i < Q) & (ti < L)
+    vj = (j < Q) & (tj < L)
+    C_base = C_ptr + b.to(tl.int64) * s_cb + g * s_cg
+    B_base = B_ptr + b.to(tl.int64) * s_bb + g * s_bg
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, N, BK):
+        k = k0 + tl.arange(0, BK)
+        vk = k < N
+        ci = tl.load(C_base + ti[:, None] * s_cl + k[None, :] * s_cn, mask=vi[:, None] & vk[None, :], other=0.0)
+        bjT = tl.load(B_base + tj[None, :] * s_bl + k[:, None] * s_bn, mask=vj[None, :] & vk[:, None], other=0.0)
+        acc += _mm(ci, bjT, DOT, IEEE)
+    out = CB_ptr + pid_bcg.to(tl.int64) * Q * Q + i[:, None] * Q + j[None, :]
+    tl.store(out, acc, mask=(i < Q)[:, None] & (j < Q)[None, :])
+
+
+@triton.jit
+def _state_fwd_kernel(
+    x_ptr, B_ptr, dt_ptr, cum_ptr, init_ptr, states_ptr, final_ptr,
+    L, Q, NC, H, HPG, P, N,
+    s_xb, s_xl, s_xh, s_xp,
+    s_bb, s_bl, s_bg, s_bn,
+    s_ib, s_ih, s_ip, s_in,
+    HAS_INIT: tl.constexpr,
+    BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    DOT: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_pn = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    nbn = tl.cdiv(N, BN)
+    p = (pid_pn // nbn) * BP + tl.arange(0, BP)
+    n = (pid_pn % nbn) * BN + tl.arange(0, BN)
+    vp = p < P
+    vn = n < N
+    h = pid_bh % H
+    b = pid_bh // H
+    g = h // HPG
+    LP = NC * Q
+    if HAS_INIT:
+        S = tl.load(init_ptr + b.to(tl.int64) * s_ib + h * s_ih + p[:, None] * s_ip + n[None, :] * s_in,
+                    mask=vp[:, None] & vn[None, :], other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros((BP, BN), dtype=tl.float32)
+    x_base = x_ptr + b.to(tl.int64) * s_xb + h * s_xh
+    B_base = B_ptr + b.to(tl.int64) * s_bb + g * s_bg
+    row = pid_bh.to(tl.int64) * LP
+    st_base = states_ptr + (b.to(tl.int64) * NC * H + h) * P * N
+    for c in range(0, NC):
+        tl.store(st_base + c * H * P * N + p[:, None] * N + n[None, :], S, mask=vp[:, None] & vn[None, :])
+        cl = tl.load(cum_ptr + row + c * Q + Q - 1)
+        acc = tl.zeros((BP, BN), dtype=tl.float32)
+        for k0 in range(0, Q, BK):
+            k = k0 + tl.arange(0, BK)
+            tk = c * Q + k
+            vk = (k < Q) & (tk < L)
+            ck = tl.load(cum_ptr + row + tk, mask=k < Q, other=0.0)
+            dtk = tl.load(dt_ptr + row + tk, mask=k < Q, other=0.0)
+            w = tl.where(vk, tl.exp((cl - ck).to(tl.float32)) * dtk, 0.0)
+            xT = tl.load(x_base + tk[None, :] * s_xl + p[:, None] * s_xp, mask=vk[None, :] & vp[:, None], other=0.0)
+            bk = tl.load(B_base + tk[:, None] * s_bl + n[None, :] * s_bn, mask=vk[:, None] & vn[None, :], other=0.0)
+            acc += _mm(xT, bk.to(tl.float32) * w[:, None], DOT, IEEE)
+        S = S * tl.exp(cl.to(tl.float32)) + acc
+    tl.store(final_ptr + pid_bh.to(tl.int64) * P * N + p[:, None] * N + n[None, :], S,
+             mask=vp[:, None] & vn[None, :])
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    x_ptr, C_ptr, dt_ptr, cum_ptr, CB_ptr, states_ptr, D_ptr, y_ptr,
+    L, Q, NC, H, HPG, P, N,
+    s_xb, s_xl, s_xh, s_xp,
+    s_cb, s_cl, s_cg, s_cn,
+    s_yb, s_yl, s_yh, s_yp,
+    HAS_D: tl.constexpr,
+    BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    DOT: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_cm = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_p = tl.program_id(2)
+    nbm = tl.cdiv(Q, BM)
+    c = pid_cm // nbm
+    mb = pid_cm % nbm
+    h = pid_bh % H
+    b = pid_bh // H
+    g = h // HPG
+    G = H // HPG
+    LP = NC * Q
+    row = pid_bh.to(tl.int64) * LP
+    i = mb * BM + tl.arange(0, BM)
+    ti = c * Q + i
+    vi = (i < Q) & (ti < L)
+    p = pid_p * BP + tl.arange(0, BP)
+    vp = p < P
+    cum_i = tl.load(cum_ptr + row + ti, mask=i < Q, other=0.0)
+    x_base = x_ptr + b.to(tl.int64) * s_xb + h * s_xh
+    C_base = C_ptr + b.to(tl.int64) * s_cb + g * s_cg
+    st_base = states_ptr + ((b.to(tl.int64) * NC + c) * H + h) * P * N
+
+    # contribution of the state entering the chunk
+    acc = tl.zeros((BM, BP), dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        n = n0 + tl.arange(0, BN)
+        vn = n < N
+        ci = tl.load(C_base + ti[:, None] * s_cl + n[None, :] * s_cn, mask=vi[:, None] & vn[None, :], other=0.0)
+        sT = tl.load(st_base + p[None, :] * N + n[:, None], mask=vp[None, :] & vn[:, None], other=0.0)
+        acc += _mm(ci, sT, DOT, IEEE)
+    acc = acc * tl.exp(cum_i.to(tl.float32))[:, None]
+
+    # intra-chunk: causal blocks only
+    cb_base = CB_ptr + ((b.to(tl.int64) * NC + c) * G + g) * Q * Q
+    hi = tl.minimum((mb + 1) * BM, Q)
+    for k0 in range(0, hi, BK):
+        k = k0 + tl.arange(0, BK)
+        tk = c * Q + k
+        vk = (k < Q) & (tk < L)
+        cum_k = tl.load(cum_ptr + row + tk, mask=k < Q, other=0.0)
+        dt_k = tl.load(dt_ptr + row + tk, mask=k < Q, other=0.0)
+        causal = (i[:, None] >= k[None, :]) & (i < Q)[:, None] & (k < Q)[None, :]
+        cb = tl.load(cb_base + i[:, None] * Q + k[None, :], mask=causal, other=0.0)
+        dec = tl.exp(tl.where(causal, (cum_i[:, None] - cum_k[None, :]).to(tl.float32), float("-inf")))
+        s = cb * dec * dt_k[None, :]
+        xk = tl.load(x_base + tk[:, None] * s_xl + p[None, :] * s_xp, mask=vk[:, None] & vp[None, :], other=0.0)
+        acc += _mm(s, xk, DOT, IEEE)
+
+    if HAS_D:
+        xi = tl.load(x_base + ti[:, None] * s_xl + p[None, :] * s_xp, mask=vi[:, None] & vp[None, :], other=0.0)
+        acc += tl.load(D_ptr + h) * xi.to(tl.float32)
+    y_base = y_ptr + b.to(tl.int64) * s_yb + h * s_yh
+    tl.store(y_base + ti[:, None] * s_yl + p[None, :] * s_yp, acc.to(y_ptr.dtype.element_ty),
+             mask=vi[:, None] & vp[None, :])
+
+
+@triton.jit
+def _state_bwd_kernel(
+    dy_ptr, C_ptr, cum_ptr, states_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, dcl_ptr,
+    L, Q, NC, H, HPG, P, N,
+    s_db, s_dl, s_dh, s_dp,
+    s_cb, s_cl, s_cg, s_cn,
+    s_fb, s_fh, s_fp, s_fn,
+    HAS_DFINAL: tl.constexpr,
+    BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    DOT: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_pn = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    npn = tl.num_programs(0)
+    nbn = tl.cdiv(N, BN)
+    p = (pid_pn // nbn) * BP + tl.arange(0, BP)
+    n = (pid_pn % nbn) * BN + tl.arange(0, BN)
+    vp = p < P
+    vn = n < N
+    m2 = vp[:, None] & vn[None, :]
+    h = pid_bh % H
+    b = pid_bh // H
+    g = h // HPG
+    LP = NC * Q
+    row = pid_bh.to(tl.int64) * LP
+    if HAS_DFINAL:
+        dS = tl.load(dfinal_ptr + b.to(tl.int64) * s_fb + h * s_fh + p[:, None] * s_fp + n[None, :] * s_fn,
+                     mask=m2, other=0.0).to(tl.float32)
+    else:
+        dS = tl.zeros((BP, BN), dtype=tl.float32)
+    dy_base = dy_ptr + b.to(tl.int64) * s_db + h * s_dh
+    C_base = C_ptr + b.to(tl.int64) * s_cb + g * s_cg
+    for cc in range(0, NC):
+        c = NC - 1 - cc
+        st_off = ((b.to(tl.int64) * NC + c) * H + h) * P * N + p[:, None] * N + n[None, :]
+        tl.store(dstates_ptr + st_off, dS, mask=m2)
+        s_in = tl.load(states_ptr + st_off, mask=m2, other=0.0)
+        cl = tl.load(cum_ptr + row + c * Q + Q - 1)
+        ecl = tl.exp(cl.to(tl.float32))
+        part = tl.sum(tl.sum(dS * s_in, axis=1), axis=0) * ecl
+        tl.store(dcl_ptr + (pid_bh.to(tl.int64) * NC + c) * npn + pid_pn, part)
+        acc = tl.zeros((BP, BN), dtype=tl.float32)
+        for k0 in range(0, Q, BK):
+            k = k0 + tl.arange(0, BK)
+            tk = c * Q + k
+            vk = (k < Q) & (tk < L)
+            ck = tl.load(cum_ptr + row + tk, mask=k < Q, other=0.0)
+            e = tl.where(vk, tl.exp(ck.to(tl.float32)), 0.0)
+            dyT = tl.load(dy_base + tk[None, :] * s_dl + p[:, None] * s_dp, mask=vk[None, :] & vp[:, None], other=0.0)
+            ck_ = tl.load(C_base + tk[:, None] * s_cl + n[None, :] * s_cn, mask=vk[:, None] & vn[None, :], other=0.0)
+            acc += _mm(dyT, ck_.to(tl.float32) * e[:, None], DOT, IEEE)
+        dS = dS * ecl + acc
+    tl.store(dinit_ptr + pid_bh.to(tl.int64) * P * N + p[:, None] * N + n[None, :], dS, mask=m2)
+
+
+@triton.jit
+def _dx_kernel(
+    x_ptr, B_ptr, dy_ptr, dt_ptr, cum_ptr, CB_ptr, dstates_ptr, D_ptr,
+    dx_ptr, ddt_ptr, sl_ptr, dD_ptr,
+    L, Q, NC, H, HPG, P, N,
+    s_xb, s_xl, s_xh, s_xp,
+    s_bb, s_bl, s_bg, s_bn,
+    s_db, s_dl, s_dh, s_dp,
+    s_ob, s_ol, s_oh, s_op,
+    HAS_D: tl.constexpr,
+    BJ: tl.constexpr, BI: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    DOT: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_cj = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    nbj = tl.cdiv(Q, BJ)
+    c = pid_cj // nbj
+    jb = pid_cj % nbj
+    h = pid_bh % H
+    b = pid_bh // H
+    g = h // HPG
+    G = H // HPG
+    LP = NC * Q
+    row = pid_bh.to(tl.int64) * LP
+    j = jb * BJ + tl.arange(0, BJ)
+    tj = c * Q + j
+    vj = (j < Q) & (tj < L)
+    p = tl.arange(0, BP)
+    vp = p < P
+    m2 = vj[:, None] & vp[None, :]
+    cum_j = tl.load(cum_ptr + row + tj, mask=j < Q, other=0.0)
+    dt_j = tl.load(dt_ptr + row + tj, mask=j < Q, other=0.0)
+    cl = tl.load(cum_ptr + row + c * Q + Q - 1)
+    e_j = tl.where(j < Q, tl.exp((cl - cum_j).to(tl.float32)), 0.0)
+
+    # T = B_j dstates^T (dstates: gradient of the state this chunk adds)
+    B_base = B_ptr + b.to(tl.int64) * s_bb + g * s_bg
+    ds_base = dstates_ptr + ((b.to(tl.int64) * NC + c) * H + h) * P * N
+    T = tl.zeros((BJ, BP), dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        n = n0 + tl.arange(0, BN)
+        vn = n < N
+        bj = tl.load(B_base + tj[:, None] * s_bl + n[None, :] * s_bn, mask=vj[:, None] & vn[None, :], other=0.0)
+        dsT = tl.load(ds_base + p[None, :] * N + n[:, None], mask=vp[None, :] & vn[:, None], other=0.0)
+        T += _mm(bj, dsT, DOT, IEEE)
+
+    # acc[j] = sum_{i >= j} CB[i, j] exp(cum_i - cum_j) dy_i
+    dy_base = dy_ptr + b.to(tl.int64) * s_db + h * s_dh
+    cb_base = CB_ptr + ((b.to(tl.int64) * NC + c) * G + g) * Q * Q
+    acc = tl.zeros((BJ, BP), dtype=tl.float32)
+    for i0 in range(jb * BJ, Q, BI):
+        i = i0 + tl.arange(0, BI)
+        ti = c * Q + i
+        vi = (i < Q) & (ti < L)
+        cum_i = tl.load(cum_ptr + row + ti, mask=i < Q, other=0.0)
+        causal = (i[None, :] >= j[:, None]) & (i < Q)[None, :] & (j < Q)[:, None]
+        cbT = tl.load(cb_base + i[None, :] * Q + j[:, None], mask=causal, other=0.0)
+        dec = tl.exp(tl.where(causal, (cum_i[None, :] - cum_j[:, None]).to(tl.float32), float("-inf")))
+        dyi = tl.load(dy_base + ti[:, None] * s_dl + p[None, :] * s_dp, mask=vi[:, None] & vp[None, :], other=0.0)
+        acc += _mm(cbT * dec, dyi, DOT, IEEE)
+
+    x_base = x_ptr + b.to(tl.int64) * s_xb + h * s_xh
+    xj = tl.load(x_base + tj[:, None] * s_xl + p[None, :] * s_xp, mask=m2, other=0.0).to(tl.float32)
+    U = e_j[:, None] * T + acc
+    dx = dt_j[:, None] * U
+    if HAS_D:
+        dyj = tl.load(dy_base + tj[:, None] * s_dl + p[None, :] * s_dp, mask=m2, other=0.0).to(tl.float32)
+        dx += tl.load(D_ptr + h) * dyj
+        tl.store(dD_ptr + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_cj, tl.sum(tl.sum(dyj * xj, axis=1), axis=0))
+    dx_base = dx_ptr + b.to(tl.int64) * s_ob + h * s_oh
+    tl.store(dx_base + tj[:, None] * s_ol + p[None, :] * s_op, dx.to(dx_ptr.dtype.element_ty), mask=m2)
+    tl.store(ddt_ptr + row + tj, tl.sum(xj * U, axis=1), mask=j < Q)
+    tl.store(sl_ptr + row + tj, dt_j * e_j * tl.sum(xj * T, axis=1), mask=j < Q)
+
+
+@triton.jit
+def _dcb_kernel(
+    x_ptr, dy_ptr, dt_ptr, cum_ptr, CB_ptr, dCB_ptr, da_ptr,
+    L, Q, NC, H, HPG, P,
+    s_xb, s_xl, s_xh, s_xp,
+    s_db, s_dl, s_dh, s_dp,
+    BI: tl.constexpr, BQ: tl.constexpr, BP: tl.constexpr,
+    DOT: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_ci = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    nbi = tl.cdiv(Q, BI)
+    c = pid_ci // nbi
+    ib = pid_ci % nbi
+    G = H // HPG
+    g = pid_bg % G
+    b = pid_bg // G
+    LP = NC * Q
+    i = ib * BI + tl.arange(0, BI)
+    ti = c * Q + i
+    vi = (i < Q) & (ti < L)
+    jq = tl.arange(0, BQ)
+    tj = c * Q + jq
+    vj = (jq < Q) & (tj < L)
+    p = tl.arange(0, BP)
+    vp = p < P
+    causal = (i[:, None] >= jq[None, :]) & (i < Q)[:, None] & (jq < Q)[None, :]
+    cb_off = ((b.to(tl.int64) * NC + c) * G + g) * Q * Q + i[:, None] * Q + jq[None, :]
+    cb = tl.load(CB_ptr + cb_off, mask=causal, other=0.0)
+    dcbg = tl.zeros((BI, BQ), dtype=tl.float32)
+    for hh in range(0, HPG):
+        h = g * HPG + hh
+        row = (b.to(tl.int64) * H + h) * LP
+        cum_i = tl.load(cum_ptr + row + ti, mask=i < Q, other=0.0)
+        cum_j = tl.load(cum_ptr + row + tj, mask=jq < Q, other=0.0)
+        dt_j = tl.load(dt_ptr + row + tj, mask=jq < Q, other=0.0)
+        dyi = tl.load(dy_ptr + b.to(tl.int64) * s_db + h * s_dh + ti[:, None] * s_dl + p[None, :] * s_dp,
+                      mask=vi[:, None] & vp[None, :], other=0.0)
+        xT = tl.load(x_ptr + b.to(tl.int64) * s_xb + h * s_xh + tj[None, :] * s_xl + p[:, None] * s_xp,
+                     mask=vj[None, :] & vp[:, None], other=0.0)
+        dyx = _mm(dyi, xT, DOT, IEEE)
+        dec = tl.exp(tl.where(causal, (cum_i[:, None] - cum_j[None, :]).to(tl.float32), float("-inf")))
+        dcb_h = dyx * dec * dt_j[None, :]
+        dcbg += dcb_h
+        # d(a_k) from the pairs (i, j) whose decay spans step k (j < k <= i):
+        # sum over this block's rows i >= k of sum_{j < k} G[i, j], G = d(decay) * decay.
+        # Summing only straddling pairs (instead of a reverse cumsum of
+        # per-position d(cum), whose terms cancel) keeps d(a_k) exactly 0
+        # across a reset (decay 0) and float32-accurate elsewhere.
+        gm = dcb_h * cb
+        pre = tl.cumsum(gm, axis=1) - gm
+        part = tl.sum(tl.where(i[:, None] >= jq[None, :], pre, 0.0), axis=0)
+        tl.store(da_ptr + (((b.to(tl.int64) * H + h) * NC + c) * nbi + ib) * Q + jq, part, mask=jq < Q)
+    tl.store(dCB_ptr + cb_off, dcbg, mask=(i < Q)[:, None] & (jq < Q)[None, :])
+
+
+@triton.jit
+def _dbc_kernel(
+    x_ptr, B_ptr, C_ptr, dy_ptr, dt_ptr, cum_ptr, states_ptr, dstates_ptr, dCB_ptr,
+    dB_ptr, dC_ptr, dcum_ptr,
+    L, Q, NC, H, HPG, P, N,
+    s_xb, s_xl, s_xh, s_xp,
+    s_bb, s_bl, s_bg, s_bn,
+    s_cb, s_cl, s_cg, s_cn,
+    s_db, s_dl, s_dh, s_dp,
+    s_ob, s_ol, s_og, s_on,
+    s_qb, s_ql, s_qg, s_qn,
+    BR: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    DOT: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_cr = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    nbr = tl.cdiv(Q, BR)
+    c = pid_cr // nbr
+    rb = pid_cr % nbr
+    G = H // HPG
+    g = pid_bg % G
+    b = pid_bg // G
+    LP = NC * Q
+    r = rb * BR + tl.arange(0, BR)
+    tr = c * Q + r
+    vr = (r < Q) & (tr < L)
+    p = tl.arange(0, BP)
+    vp = p < P
+    n = tl.arange(0, BN)
+    vn = n < N
+    mrn = vr[:, None] & vn[None, :]
+    mpn = vp[:, None] & vn[None, :]
+    B_base = B_ptr + b.to(tl.int64) * s_bb + g * s_bg
+    C_base = C_ptr + b.to(tl.int64) * s_cb + g * s_cg
+    cr = tl.load(C_base + tr[:, None] * s_cl + n[None, :] * s_cn, mask=mrn, other=0.0).to(tl.float32)
+    dC = tl.zeros((BR, BN), dtype=tl.float32)
+    dB = tl.zeros((BR, BN), dtype=tl.float32)
+    for hh in range(0, HPG):
+        h = g * HPG + hh
+        row = (b.to(tl.int64) * H + h) * LP
+        cum_r = tl.load(cum_ptr + row + tr, mask=r < Q, other=0.0)
+        dt_r = tl.load(dt_ptr + row + tr, mask=r < Q, other=0.0)
+        cl = tl.load(cum_ptr + row + c * Q + Q - 1)
+        e_in = tl.where(r < Q, tl.exp(cum_r.to(tl.float32)), 0.0)
+        w = tl.where(r < Q, tl.exp((cl - cum_r).to(tl.float32)), 0.0) * dt_r
+        dyr = tl.load(dy_ptr + b.to(tl.int64) * s_db + h * s_dh + tr[:, None] * s_dl + p[None, :] * s_dp,
+                      mask=vr[:, None] & vp[None, :], other=0.0)
+        xr = tl.load(x_ptr + b.to(tl.int64) * s_xb + h * s_xh + tr[:, None] * s_xl + p[None, :] * s_xp,
+                     mask=vr[:, None] & vp[None, :], other=0.0)
+        st_off = ((b.to(tl.int64) * NC + c) * H + h) * P * N + p[:, None] * N + n[None, :]
+        s_in = tl.load(states_ptr + st_off, mask=mpn, other=0.0)
+        ds = tl.load(dstates_ptr + st_off, mask=mpn, other=0.0)
+        t1 = _mm(dyr, s_in, DOT, IEEE)
+        tl.store(dcum_ptr + row + tr, e_in * tl.sum(cr * t1, axis=1), mask=r < Q)
+        dC += e_in[:, None] * t1
+        dB += w[:, None] * _mm(xr, ds, DOT, IEEE)
+
+    # intra-chunk: dC_r += sum_{k<=r} dCB[r, k] B_k ; dB_r += sum_{k>=r} dCB[k, r] C_k
+    dcb_base = dCB_ptr + ((b.to(tl.int64) * NC + c) * G + g) * Q * Q
+    hi = tl.minimum((rb + 1) * BR, Q)
+    for k0 in range(0, hi, BK):
+        k = k0 + tl.arange(0, BK)
+        tk = c * Q + k
+        vk = (k < Q) & (tk < L)
+        m = (r[:, None] >= k[None, :]) & (r < Q)[:, None] & (k < Q)[None, :]
+        dcb = tl.load(dcb_base + r[:, None] * Q + k[None, :], mask=m, other=0.0)
+        bk = tl.load(B_base + tk[:, None] * s_bl + n[None, :] * s_bn, mask=vk[:, None] & vn[None, :], other=0.0)
+        dC += _mm(dcb, bk, DOT, IEEE)
+    for k0 in range(rb * BR, Q, BK):
+        k = k0 + tl.arange(0, BK)
+        tk = c * Q + k
+        vk = (k < Q) & (tk < L)
+        m = (k[None, :] >= r[:, None]) & (r < Q)[:, None] & (k < Q)[None, :]
+        dcbT = tl.load(dcb_base + k[None, :] * Q + r[:, None], mask=m, other=0.0)
+        ck = tl.load(C_base + tk[:, None] * s_cl + n[None, :] * s_cn, mask=vk[:, None] & vn[None, :], other=0.0)
+        dB += _mm(dcbT, ck, DOT, IEEE)
+
+    tl.store(dB_ptr + b.to(tl.int64) * s_ob + g * s_og + tr[:, None] * s_ol + n[None, :] * s_on,
+             dB.to(dB_ptr.dtype.element_ty), mask=mrn)
+    tl.store(dC_ptr + b.to(tl.int64) * s_qb + g * s_qg + tr[:, None] * s_ql + n[None, :] * s_qn,
+             dC.to(dC_ptr.dtype.element_ty), mask=mrn)
+
+
+# --------------------------------------------------------------------------
+# launch helpers
+# --------------------------------------------------------------------------
+
+def _p2(v: int) -> int:
+    return triton.next_power_of_2(max(int(v), 1))
+
+
+def _blk(v: int, cap: int) -> int:
+    """Block covering v (at least 16, tl.dot's minimum), capped."""
+    return max(16, min(cap, _p2(v)))
+
+
+def _dot_dtype(x: torch.Tensor):
+    """(operand dtype of tl.dot, whether fp32 operands need input_precision='ieee')."""
+    if x.dtype == torch.float16:
+        return tl.float16, False
+    if x.dtype == torch.bfloat16 and not INTERPRET:
+        return tl.bfloat16, False
+    return tl.float32, True
+
+
+class _Prep:
+    """Shapes, the padded float32 dt and the float64 chunk cumsum, (b, h, nc*Q)."""
+
+    def __init__(self, x, dt, A, B, chunk_size):
+        b, l, h, p = x.shape
+        self.b, self.l, self.h, self.p = b, l, h, p
+        self.g, self.n = B.shape[2], B.shape[3]
+        self.hpg = h // self.g
+        self.q = int(chunk_size)
+        self.nc = -(-l // self.q)
+        lp = self.nc * self.q
+        dtp = torch.zeros(b, h, lp, device=x.device, dtype=torch.float32)
+        dtp[:, :, :l] = dt.permute(0, 2, 1)
+        self.dt = dtp
+        self.A = A.to(torch.float32)
+        a = dtp * self.A[:, None]
+        self.cum = a.double().view(b, h, self.nc, self.q).cumsum(-1).view(b, h, lp)
+        self.dot, self.ieee = _dot_dtype(x)
+
+
+def _warps(*tiles: int) -> int:
+    """8 warps where a program keeps several float32 tiles of >= 4096 elements live."""
+    return 8 if max(tiles) >= 4096 else 4
+
+
+def _cb(prep: _Prep, B, C):
+    q, g = prep.q, prep.g
+    cb = torch.empty(prep.b, prep.nc, g, q, q, device=B.device, dtype=torch.float32)
+    bm = _blk(q, 64)
+    bk = _blk(prep.n, 64)
+    grid = (triton.cdiv(q, bm) ** 2, prep.b * prep.nc * g)
+    # (blocks strictly above the diagonal are computed too and never read)
+    _cb_kernel[grid](
+        C, B, cb, prep.l, q, prep.nc, g, prep.n,
+        *C.stride(), *B.stride(),
+        BM=bm, BN=bm, BK=bk, DOT=prep.dot, IEEE=prep.ieee, num_warps=4,
+    )
+    return cb
+
+
+def _states_fwd(prep: _Prep, x, B, initial_state):
+    b, h, p, n, nc = prep.b, prep.h, prep.p, prep.n, prep.nc
+    states = torch.empty(b, nc, h, p, n, device=x.device, dtype=torch.float32)
+    final = torch.empty(b, h, p, n, device=x.device, dtype=torch.float32)
+    bp, bn, bk = _blk(p, 64), _blk(n, 64), _blk(prep.q, 64)
+    init = initial_state if initial_state is not None else final
+    grid = (triton.cdiv(p, bp) * triton.cdiv(n, bn), b * h)
+    _state_fwd_kernel[grid](
+        x, B, prep.dt, prep.cum, init, states, final,
+        prep.l, prep.q, nc, h, prep.hpg, p, n,
+        *x.stride(), *B.stride(), *init.stride(),
+        HAS_INIT=initial_state is not None,
+        BP=bp, BN=bn, BK=bk, DOT=prep.dot, IEEE=prep.ieee, num_warps=4,
+    )
+    return states, final
+
+
+def _forward(x, dt, A, B, C, D, initial_state, chunk_size):
+    prep = _Prep(x, dt, A, B, chunk_size)
+    cb = _cb(prep, B, C)
+    states, final = _states_fwd(prep, x, B, initial_state)
+    b, h, p, n, q = prep.b, prep.h, prep.p, prep.n, prep.q
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    bm, bk = _blk(q, 64), _blk(q, 64)
+    bp, bn = _blk(p, 64), _blk(n, 64)
+    Dc = D.to(torch.float32).contiguous() if D is not None else prep.A
+    grid = (prep.nc * triton.cdiv(q, bm), b * h, triton.cdiv(p, bp))
+    _scan_fwd_kernel[grid](
+        x, C, prep.dt, prep.cum, cb, states, Dc, y,
+        prep.l, q, prep.nc, h, prep.hpg, p, n,
+        *x.stride(), *C.stride(), *y.stride(),
+        HAS_D=D is not None,
+        BM=bm, BP=bp, BN=bn, BK=bk, DOT=prep.dot, IEEE=prep.ieee, num_warps=4,
+    )
+    return y, final.to(x.dtype)
+
+
+def _backward(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size):
+    prep = _Prep(x, dt, A, B, chunk_size)
+    b, l, h, p, n, q, nc, g = prep.b, prep.l, prep.h, prep.p, prep.n, prep.q, prep.nc, prep.g
+    lp = nc * q
+    dev = x.device
+    cb = _cb(prep, B, C)
+    states, _ = _states_fwd(prep, x, B, initial_state)
+    kw = dict(DOT=prep.dot, IEEE=prep.ieee)
+
+    # reverse scan across chunks
+    dstates = torch.empty_like(states)
+    dinit = torch.empty(b, h, p, n, device=dev, dtype=torch.float32)
+    bp, bn, bk = _blk(p, 64), _blk(n, 64), _blk(q, 64)
+    npn = triton.cdiv(p, bp) * triton.cdiv(n, bn)
+    dcl = torch.empty(b * h, nc, npn, device=dev, dtype=torch.float32)
+    df = dfinal if dfinal is not None else dinit
+    _state_bwd_kernel[(npn, b * h)](
+        dy, C, prep.cum, states, df, dstates, dinit, dcl,
+        l, q, nc, h, prep.hpg, p, n,
+        *dy.stride(), *C.stride(), *df.stride(),
+        HAS_DFINAL=dfinal is not None,
+        BP=bp, BN=bn, BK=bk, num_warps=4, **kw,
+    )
+
+    # dx, direct d(dt), chunk-state part of d(cum), partial dD
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    ddt_dir = torch.empty(b, h, lp, device=dev, dtype=torch.float32)
+    s_last = torch.empty(b, h, lp, device=dev, dtype=torch.float32)
+    bj = _blk(q, 64)
+    bpf = _blk(p, 256)
+    if bpf < p:
+        raise ValueError(f"headdim {p} > 256 is not supported by the Triton SSD")
+    grid = (nc * triton.cdiv(q, bj), b * h)
+    dD_part = torch.zeros(b * h, grid[0], device=dev, dtype=torch.float32)
+    Dc = D.to(torch.float32).contiguous() if D is not None else prep.A
+    _dx_kernel[grid](
+        x, B, dy, prep.dt, prep.cum, cb, dstates, Dc,
+        dx, ddt_dir, s_last, dD_part,
+        l, q, nc, h, prep.hpg, p, n,
+        *x.stride(), *B.stride(), *dy.stride(), *dx.stride(),
+        HAS_D=D is not None,
+        BJ=bj, BI=bj, BP=bpf, BN=bn, num_warps=_warps(bj * bpf), **kw,
+    )
+
+    # d(CB) summed over the heads of a group; intra-chunk part of d(a)
+    dcb = torch.empty_like(cb)
+    bq = _blk(q, 1 << 16)
+    bi = max(16, min(_p2(q), 4096 // bq if bq <= 256 else 16, 64))
+    nbi = triton.cdiv(q, bi)
+    da_intra = torch.empty(b, h, nc, nbi, q, device=dev, dtype=torch.float32)
+    _dcb_kernel[(nc * nbi, b * g)](
+        x, dy, prep.dt, prep.cum, cb, dcb, da_intra,
+        l, q, nc, h, prep.hpg, p,
+        *x.stride(), *dy.stride(),
+        BI=bi, BQ=bq, BP=bpf, num_warps=_warps(bi * bq), **kw,
+    )
+
+    # dB, dC and the state part of d(cum)
+    dB = torch.empty_like(B, memory_format=torch.contiguous_format)
+    dC = torch.empty_like(C, memory_format=torch.contiguous_format)
+    dcum_state = torch.empty(b, h, lp, device=dev, dtype=torch.float32)
+    bnf = _blk(n, 1 << 16)
+    br = 32 if bnf >= 128 else _blk(q, 64)
+    _dbc_kernel[(nc * triton.cdiv(q, br), b * g)](
+        x, B, C, dy, prep.dt, prep.cum, states, dstates, dcb,
+        dB, dC, dcum_state,
+        l, q, nc, h, prep.hpg, p, n,
+        *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *dB.stride(), *dC.stride(),
+        BR=br, BK=_blk(q, 32), BP=bpf, BN=bnf, num_warps=_warps(br * bnf), **kw,
+    )
+
+    # glue: d(a_k) = sum of the d(cum) terms of the pairs whose decay spans k
+    f64 = torch.float64
+    s_last = s_last.view(b, h, nc, q).double()
+    da = (da_intra.sum(3, dtype=f64)                                   # intra pairs (j < k <= i)
+          + s_last.cumsum(-1) - s_last                                  # chunk state: j < k <= end
+          + dcum_state.view(b, h, nc, q).double().flip(-1).cumsum(-1).flip(-1)  # entering state: start < k <= i
+          + dcl.view(b, h, nc, npn).sum(-1, dtype=f64)[..., None])     # whole-chunk decay
+    da = da.view(b, h, lp)
+    ddt = ddt_dir.double() + da * prep.A.double()[:, None]
+    dA = (da * prep.dt.double()).sum((0, 2))
+    ddt = ddt[:, :, :l].permute(0, 2, 1).to(dt.dtype).contiguous()
+    dD = dD_part.sum(dim=1, dtype=torch.float64).view(b, h).sum(0) if D is not None else None
+    return (dx, ddt, dA.to(A.dtype), dB, dC,
+            dD.to(D.dtype) if D is not None else None,
+            dinit.to(initial_state.dtype) if initial_state is not None else None)
+
+
+# --------------------------------------------------------------------------
+# custom ops + autograd
+# --------------------------------------------------------------------------
+
+def _device_ctx(t: torch.Tensor):
+    if t.is_cuda:
+        return torch.cuda.device(t.device)
+    import contextlib
+    return contextlib.nullcontext()
+
+
+@torch.library.custom_op("megacpp::ssd_triton_fwd", mutates_args=())
+def _ssd_fwd_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                D: Optional[torch.Tensor], initial_state: Optional[torch.Tensor],
+                chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    with _device_ctx(x):
+        return _forward(x, dt, A, B, C, D, initial_state, chunk_size)
+
+
+@_ssd_fwd_op.register_fake
+def _(x, dt, A, B, C, D, initial_state, chunk_size):
+    b, l, h, p = x.shape
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(b, h, p, B.shape[-1])
+
+
+@torch.library.custom_op("megacpp::ssd_triton_bwd", mutates_args=())
+def _ssd_bwd_op(dy: torch.Tensor, dfinal: Optional[torch.Tensor], x: torch.Tensor, dt: torch.Tensor,
+                A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: Optional[torch.Tensor],
+                initial_state: Optional[torch.Tensor], chunk_size: int) -> list[torch.Tensor]:
+    with _device_ctx(x):
+        dx, ddt, dA, dB, dC, dD, dinit = _backward(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size)
+    # absent D / initial_state: empty placeholders (distinct tensors: custom-op outputs may not alias)
+    return [dx, ddt, dA, dB, dC, dD if dD is not None else x.new_empty(0),
+            dinit if dinit is not None else x.new_empty(0)]
+
+
+@_ssd_bwd_op.register_fake
+def _(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size):
+    cf = torch.contiguous_format
+    return [torch.empty_like(x, memory_format=cf), torch.empty_like(dt, memory_format=cf), torch.empty_like(A),
+            torch.empty_like(B, memory_format=cf), torch.empty_like(C, memory_format=cf),
+            torch.empty_like(D) if D is not None else x.new_empty(0),
+            torch.empty_like(initial_state, memory_format=cf) if initial_state is not None else x.new_empty(0)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, dt, A, B, C, D, initial_state, chunk_size = inputs
+    ctx.save_for_backward(x, dt, A, B, C, D, initial_state)
+    ctx.chunk_size = chunk_size
+    ctx.has_d = D is not None
+    ctx.has_init = initial_state is not None
+
+
+def _backward_fn(ctx, dy, dfinal):
+    x, dt, A, B, C, D, initial_state = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(x)
+    grads = _ssd_bwd_op(dy, dfinal, x, dt, A, B, C, D if ctx.has_d else None,
+                        initial_state if ctx.has_init else None, ctx.chunk_size)
+    dx, ddt, dA, dB, dC, dD, dinit = grads
+    return (dx, ddt, dA, dB, dC, dD if ctx.has_d else None, dinit if ctx.has_init else None, None)
+
+
+_ssd_fwd_op.register_autograd(_backward_fn, setup_context=_setup_context)
+
+
+def ssd_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
+    """Chunked Mamba-2 SSD in Triton; same arguments and returns as `reference.ssd`."""
+    b, l, h, p, g, n = _check(x, dt, A, B, C, D, initial_state)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    for name, t in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("initial_state", initial_state)):
+        if t is not None and t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"ssd_triton: {name} is {t.dtype}; float64 (and other dtypes) go to reference.ssd")
+    if l == 0:
+        return _ssd_reference(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)
+    return _ssd_fwd_op(x, dt, A, B, C, D, initial_state, int(chunk_size))
