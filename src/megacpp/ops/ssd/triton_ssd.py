@@ -193,7 +193,9 @@ def _state_fwd_kernel(
             w = tl.where(vk, tl.exp((cl - ck).to(tl.float32)) * dtk, 0.0)
             xT = tl.load(x_base + tk[None, :] * s_xl + p[:, None] * s_xp, mask=vk[None, :] & vp[:, None], other=0.0)
             bk = tl.load(B_base + tk[:, None] * s_bl + n[None, :] * s_bn, mask=vk[:, None] & vn[None, :], other=0.0)
-            acc += _mm(xT, bk.to(tl.float32) * w[:, None], DOT, IEEE)
+            # scale x (not B) by the weight: dt * x stays normal-sized where dt is
+            # huge (document resets), so half operands cannot overflow
+            acc += _mm(xT.to(tl.float32) * w[None, :], bk, DOT, IEEE)
         S = S * tl.exp(cl.to(tl.float32)) + acc
     tl.store(final_ptr + pid_bh.to(tl.int64) * P * N + p[:, None] * N + n[None, :], S,
              mask=vp[:, None] & vn[None, :])
@@ -254,9 +256,8 @@ def _scan_fwd_kernel(
         causal = (i[:, None] >= k[None, :]) & (i < Q)[:, None] & (k < Q)[None, :]
         cb = tl.load(cb_base + i[:, None] * Q + k[None, :], mask=causal, other=0.0)
         dec = tl.exp(tl.where(causal, (cum_i[:, None] - cum_k[None, :]).to(tl.float32), float("-inf")))
-        s = cb * dec * dt_k[None, :]
         xk = tl.load(x_base + tk[:, None] * s_xl + p[None, :] * s_xp, mask=vk[:, None] & vp[None, :], other=0.0)
-        acc += _mm(s, xk, DOT, IEEE)
+        acc += _mm(cb * dec, xk.to(tl.float32) * dt_k[:, None], DOT, IEEE)
 
     if HAS_D:
         xi = tl.load(x_base + ti[:, None] * s_xl + p[None, :] * s_xp, mask=vi[:, None] & vp[None, :], other=0.0)
