@@ -52,8 +52,15 @@ def rows(device: torch.device) -> list[dict]:
         out.append({"path": f"patch {name}", "runs": best.name if best else "plain path",
                     "why_not": "; ".join(f"{b.name}: {b.reason}" for b in backs if not b.available)})
 
-    out.append({"path": "SSD scan (Mamba-2/3)", "runs": "chunked pure-torch reference (ops.ssd)",
-                "why_not": "Triton SSD kernel: not built in this version"})
+    from .ops.ssd import ssd_backend_reason
+    try:
+        ssd_why = ssd_backend_reason(device, torch.bfloat16 if cuda else None)
+    except ValueError as e:  # a bad MEGACPP_SSD value
+        ssd_why = str(e)
+    out.append({"path": "SSD scan (Mamba-2/3)",
+                "runs": "Triton chunked scan (ops.ssd.triton_ssd)" if not ssd_why
+                else "chunked pure-torch reference (ops.ssd)",
+                "why_not": f"Triton SSD: {ssd_why}" if ssd_why else ""})
     fla = _version("flash-linear-attention")
     if fla is None:
         why = "flash-linear-attention not installed"
