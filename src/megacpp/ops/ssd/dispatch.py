@@ -26,6 +26,15 @@ CHOICES = ("auto", "triton", "reference")
 _TRITON_ERROR: str | None = None  # why `triton_ssd` cannot be imported ("" = it can)
 
 
+def _assume_constant(fn):
+    # Under torch.compile, dynamo calls fn eagerly and bakes in its result:
+    # the first import of triton_ssd (which registers the custom ops) then
+    # never happens inside a traced frame.
+    deco = getattr(torch.compiler, "assume_constant_result", None)
+    return deco(fn) if deco is not None else fn
+
+
+@_assume_constant
 def triton_import_error() -> str:
     """'' when megacpp.ops.ssd.triton_ssd imports, else the reason (cached)."""
     global _TRITON_ERROR
@@ -33,7 +42,9 @@ def triton_import_error() -> str:
         try:
             from . import triton_ssd  # noqa: F401
             _TRITON_ERROR = ""
-        except Exception as e:  # ImportError, or a triton too old for the kernels
+        except ModuleNotFoundError as e:
+            _TRITON_ERROR = "triton missing" if e.name == "triton" else f"{type(e).__name__}: {e}"
+        except Exception as e:  # a triton too old for the kernels, ...
             _TRITON_ERROR = f"{type(e).__name__}: {e}"
     return _TRITON_ERROR
 
@@ -56,7 +67,7 @@ def ssd_backend_reason(device, dtype: torch.dtype | None = None) -> str:
         return f"{dtype} inputs stay on the reference (kernels compute in float32)"
     err = triton_import_error()
     if err:
-        return "triton missing" if "No module named 'triton'" in err else f"triton kernels unavailable ({err})"
+        return err if err == "triton missing" else f"triton kernels unavailable ({err})"
     return ""
 
 
