@@ -17,9 +17,10 @@ What runs where (per chunk c of Q = chunk_size steps, per head):
       model's document resets put dt * A = -1e4 into a chunk, and a float32
       cumsum would then lose ~1e-3 absolute in every later difference (the
       reference's segsum sums the segments directly for the same reason).
-    - backward: summing the per-position d(cum) parts, the reverse cumsum
-      d(cum) -> d(a) (float64), and d(dt) += d(a) A, d(A) = sum d(a) dt,
-      d(D) = sum of per-program partials.
+    - backward: assembling d(a_k) (float64) from the kernels' parts, each a
+      sum over the (i, j) pairs whose decay spans step k, so no large terms
+      cancel (d(a_k) is exactly 0 across a reset); then d(dt) += d(a) A,
+      d(A) = sum d(a) dt, d(D) = sum of per-program partials.
 
   Triton (everything O(seqlen * Q) or O(seqlen * headdim * dstate)):
     _cb_kernel          CB[c, i, j] = C_i . B_j per chunk and group (float32),
@@ -35,7 +36,7 @@ What runs where (per chunk c of Q = chunk_size steps, per head):
     _dx_kernel          dx, the direct d(dt), the chunk-state part of d(cum),
                         partial d(D); one program per (chunk, row block, head).
     _dcb_kernel         d(CB) summed over the heads of a group, and the
-                        intra-chunk row part of d(cum) per head.
+                        intra-chunk part of d(a) per head.
     _dbc_kernel         dB and dC: the state terms summed over the heads of a
                         group plus d(CB) C and d(CB)^T B; the state part of
                         d(cum) per head.
