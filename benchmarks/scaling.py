@@ -33,23 +33,31 @@ def run_one(recipe: str, world: int, args, out_root: Path) -> dict:
             "policy.global_batch": r.policy.micro_batch * world, "policy.steps": args.steps,
             "policy.eval_batches": 0, "policy.checkpoint_interval": 10**9, "policy.log_interval": 10**9}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-           "--master_port", str(29500 + world), "-m", "megacpp", "train", "--recipe", recipe,
+           "--master_port", str(args.master_port + world), "-m", "megacpp", "train", "--recipe", recipe,
            "--data", args.data, "--out", str(out), "--quiet", "--max-steps", str(args.steps)]
     if args.device:
         cmd += ["--device", args.device]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1")
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    try:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired as e:
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        return {"recipe": recipe, "world": world, "error": f"timed out after {args.timeout} s\n{err[-600:]}"}
     if p.returncode != 0:
         return {"recipe": recipe, "world": world, "error": p.stderr[-800:]}
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
     train = [x for x in recs if x.get("kind") == "train"][args.skip:]
+    backend = json.loads((out / "run.json").read_text()).get("backend", {})
     tps = statistics.median(x["tokens_per_s"] for x in train)
     mfu = [x["mfu"] for x in train if x.get("mfu") is not None]
     return {"recipe": recipe, "world": world, "tokens_per_s": tps, "tokens_per_s_per_device": tps / world,
             "mfu": statistics.median(mfu) if mfu else None,
-            "peak_memory_gib_rank0": max(x.get("peak_memory_gib", 0) for x in train), "steps_measured": len(train)}
+            "peak_memory_gib_rank0": max(x.get("peak_memory_gib", 0) for x in train), "steps_measured": len(train),
+            "device": backend.get("name") or backend.get("device"), "layout": backend.get("layout"),
+            "ssd_backend": backend.get("ssd_backend"), "attention_backend": backend.get("attention_backend"),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
 def main() -> int:
@@ -63,9 +71,28 @@ def main() -> int:
     ap.add_argument("--device")
     ap.add_argument("--timeout", type=int, default=540)
     ap.add_argument("--json")
+    ap.add_argument("--master-port", type=int, default=29500,
+                    help="torchrun port = this + world size (distinct bases let runs share a machine)")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="print one table from the --json files of earlier runs (no training)")
     args = ap.parse_args()
+    if args.merge:
+        rows = [r for f in args.merge if Path(f).exists() for r in json.loads(Path(f).read_text())]
+        print_table(rows)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return 0
     out_root = Path(tempfile.mkdtemp(prefix="megacpp-scaling-"))
     rows = [run_one(r, w, args, out_root) for r in args.recipes for w in args.worlds]
+    print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    shutil.rmtree(out_root, ignore_errors=True)
+    return 0
+
+
+def print_table(rows: list[dict]) -> None:
+    rows = sorted(rows, key=lambda r: (r["recipe"], r["world"]))
     base = {r["recipe"]: r["tokens_per_s_per_device"] for r in rows if r.get("world") == 1 and "error" not in r}
     print(f"{'recipe':10} {'N':>2} {'tokens/s':>11} {'per device':>11} {'efficiency':>10} {'MFU':>6} {'peak GiB':>9}")
     for r in rows:
@@ -76,10 +103,6 @@ def main() -> int:
         mfu = f"{r['mfu'] * 100:.1f}%" if r["mfu"] is not None else "n/a"
         print(f"{r['recipe']:10} {r['world']:>2} {r['tokens_per_s']:>11,.0f} {r['tokens_per_s_per_device']:>11,.0f} "
               f"{eff:>10.2f} {mfu:>6} {r['peak_memory_gib_rank0']:>9.1f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
-    shutil.rmtree(out_root, ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -36,7 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.ssd.reference import ssd, ssd_step
+# ssd_fast: the Triton scan on CUDA (parity-checked against the reference by
+# benchmarks/ssd_kernel_check.py), the pure-torch reference elsewhere.
+from ..ops.ssd import ssd_fast as ssd
+from ..ops.ssd import ssd_step
 from ..recipe.spec import ModelSpec
 from . import init as winit
 from .context import RESET_LOG_DECAY, SeqContext, causal_conv1d, conv_step, conv_tail

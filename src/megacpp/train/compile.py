@@ -13,6 +13,13 @@ def apply_compile(model: torch.nn.Module, spec) -> dict:
     if spec.scope == "model":
         model.compile(**kwargs)
         return {"mode": spec.mode, "scope": "model", "targets": 1}
+    # Layers share Block.forward's code object, so each family (and variant)
+    # is a recompile of one frame; dynamo's default limit of 8 would leave
+    # the later layers of a 24-layer hybrid running eagerly.
+    import torch._dynamo.config as dcfg
+    dcfg.recompile_limit = max(dcfg.recompile_limit, 2 * len(model.layers) + 8)
+    if hasattr(dcfg, "accumulated_recompile_limit"):
+        dcfg.accumulated_recompile_limit = max(dcfg.accumulated_recompile_limit, 64 * len(model.layers))
     for layer in model.layers:
         layer.compile(**kwargs)
     return {"mode": spec.mode, "scope": "block", "targets": len(model.layers)}

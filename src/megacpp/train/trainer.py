@@ -311,6 +311,7 @@ class Trainer:
             **device_facts(self.device),
             "precision": self.precision.describe(),
             "attention_backend": _attention_backend(self.device),
+            "ssd_backend": _ssd_backend(self.device, self.precision.dtype),
             "compile": {**self.compile_info, **compile_stats()},
             "activation_checkpointing": {"policy": dict(pol.activation_checkpointing),
                                          "applied_layers": len(self.ac_applied)},
@@ -633,6 +634,12 @@ class Trainer:
         if writer:
             writer.log({"kind": "val", "step": self.step, "loss": loss, "bpb": bpb})
             writer.console(self.step, f"val loss {loss:.4f} bpb {bpb:.4f}")
+
+
+def _ssd_backend(device, dtype) -> dict:
+    """Which Mamba SSD scan the M layers take (triton or the torch reference), and why."""
+    from ..ops.ssd import ssd_backend, ssd_backend_reason
+    return {"backend": ssd_backend(device, dtype), "reason": ssd_backend_reason(device, dtype)}
 
 
 def _attention_backend(device) -> str:
