@@ -474,7 +474,9 @@ class Trainer:
         self.gates.mark(step)
         sums: dict[str, torch.Tensor] = {}
         tokens = 0
+        t_data = time.perf_counter()
         batches = [next(self.loader_iter) for _ in range(self.accum)]
+        data_seconds = time.perf_counter() - t_data
         valid = torch.tensor([float(sum(int((b["labels"] != IGNORE).sum()) for b in batches))],
                              device=self.device)
         valid = float(self.dist.all_reduce_sum(valid))
@@ -514,7 +516,11 @@ class Trainer:
         self.opt.zero_grad()
         record = {"kind": "train", "step": step, "lr": lr, "grad_norm": float(gnorm),
                   "loss": float(lm_mean), "total_loss": float(loss_val),
-                  "tokens": tokens * self.dist.world_size, "finite": finite, "stepped": stepped}
+                  "tokens": tokens * self.dist.world_size, "finite": finite, "stepped": stepped,
+                  # where a slow step's time goes: waiting for batches, or recompiling
+                  "data_seconds": data_seconds}
+        if self.compile_info.get("mode", "none") != "none":
+            record["recompiles"] = compile_stats().get("recompiles", 0)
         for k in ("stp", "moe_balance", "moe_z", "dsa_indexer", "mtp"):
             if k in logged:
                 record[k] = float(logged[k] / per_micro)
