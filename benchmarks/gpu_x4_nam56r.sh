@@ -42,7 +42,7 @@ if not m:
 tps = statistics.median(r["tokens_per_s"] for r in m)
 mfus = [r["mfu"] for r in m if r.get("mfu") is not None]
 mfu = f"{statistics.median(mfus) * 100:.1f}%" if mfus else "n/a (no device peak)"
-print(f"nam56r x{n}: {len(tr)} steps, {len(m)} measured; tokens/s {tps:,.0f} ({tps / n:,.0f} per GPU); "
+print(f"{run.name}: {len(tr)} steps, {len(m)} measured; tokens/s {tps:,.0f} ({tps / n:,.0f} per GPU); "
       f"MFU {mfu}; peak {max(r['peak_memory_gib'] for r in m):.1f} GiB (rank 0); "
       f"loss {tr[0]['loss']:.3f} -> {tr[-1]['loss']:.3f}")
 PY

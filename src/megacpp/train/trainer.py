@@ -211,7 +211,13 @@ class Trainer:
         seed_everything(pol.seed)
         if self.device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
-        self.model = megacpp.build_model(spec).to(self.device)
+        if self.device.type == "cuda":
+            # initialise on the GPU: for a multi-billion-parameter recipe the CPU
+            # init (one thread per rank under torchrun) dominates start-up
+            with torch.device(self.device):
+                self.model = megacpp.build_model(spec)
+        else:
+            self.model = megacpp.build_model(spec).to(self.device)
         self.precision = Precision(pol.precision, self.device)
         self.patch_records = install_patches(self.model, pol.patches, self.device, self.precision.dtype)
         self.precision.apply(self.model)  # parameter dtypes + low-precision GEMMs; listed in the manifest
