@@ -226,7 +226,7 @@ def _cmd_bench(args) -> int:
 
     recipe = _load(args)
     res = run_bench(recipe, steps=args.steps, warmup=args.warmup, device=args.device,
-                    family_times=not args.no_family_times)
+                    family_times=not args.no_family_times, data=args.data)
     if args.json:
         _print_json(res.to_dict())
     else:
@@ -418,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device")
     p.add_argument("--no-family-times", action="store_true")
+    p.add_argument("--data", metavar="SNAPSHOT",
+                   help="feed each step a fresh batch from this snapshot's train split through the "
+                        "trainer's loader (default: one synthetic batch reused)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_bench)
 

@@ -49,6 +49,9 @@ class BenchResult:
     compile: dict = field(default_factory=dict)
     activation_checkpointing: dict = field(default_factory=dict)
     precision: str = ""
+    # "synthetic", or the snapshot id whose train split fed one fresh batch per step
+    data: str = "synthetic"
+    ssd_backend: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,7 +109,11 @@ def _family_times(model, recipe: Recipe, batch: dict, precision: Precision, devi
 
 
 def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | None = None,
-              family_times: bool = True, micro_batch: int | None = None) -> BenchResult:
+              family_times: bool = True, micro_batch: int | None = None,
+              data: str | None = None) -> BenchResult:
+    """data: a snapshot directory; each step then takes a fresh batch from its
+    train split through the trainer's loader (prefetch thread, pinned memory),
+    inside the timed step, instead of one synthetic batch reused."""
     import megacpp
     from ..patches.registry import install_patches
     from .trainer import lm_loss, split_aux
@@ -127,12 +134,25 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
     opt = Optimizers(model, pol.optimizer, dev)
     B = micro_batch or pol.micro_batch
     batch = synthetic_batch(spec.vocab_size, B, pol.seq_len, dev, seed=pol.seed)
+    batches = None
+    data_id = "synthetic"
+    if data is not None:
+        from ..data.loader import PackedLoader, open_snapshot
+        snap = open_snapshot(data)
+        if snap.seq_len != pol.seq_len:
+            from ..errors import MegacppError
+            raise MegacppError(f"{data}: snapshot rows hold seq_len {snap.seq_len}, the recipe wants "
+                               f"policy.seq_len={pol.seq_len}")
+        data_id = snap.snapshot_id
+        batches = iter(PackedLoader(snap, "train", B, seed=pol.seed, pin_memory=dev.type == "cuda"))
     moe_w, z_w = pol.aux.moe.weight if pol.aux.moe.enabled else 0.0, pol.aux.moe.z_loss_weight
     E = spec.moe.num_experts
     times = []
     for i in range(warmup + steps):
         _sync(dev)
         t0 = time.perf_counter()
+        if batches is not None:
+            batch = {k: v.to(dev, non_blocking=True) for k, v in next(batches).items()}
         with precision.autocast():
             out = model(batch["input_ids"], doc_ids=batch["doc_ids"], positions=batch["positions"],
                         return_hidden_only=True)
@@ -165,7 +185,13 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
         compile={**comp, **compile_stats()}, activation_checkpointing={"policy": dict(pol.activation_checkpointing),
                                                                        "applied_layers": len(ac)},
         precision=pol.precision.compute + ("" if pol.precision.low_precision == "none"
-                                           else f"+{pol.precision.low_precision}"))
+                                           else f"+{pol.precision.low_precision}"),
+        data=data_id, ssd_backend=_ssd_backend(dev, precision.dtype))
+
+
+def _ssd_backend(dev, dtype) -> str:
+    from ..ops.ssd import ssd_backend
+    return ssd_backend(dev, dtype)
 
 
 def bench_text(r: BenchResult) -> str:
@@ -176,7 +202,8 @@ def bench_text(r: BenchResult) -> str:
              f"  step {r.step_ms_median:.1f} ms (median of {r.steps}), {r.tokens_per_s:,.0f} tokens/s, MFU n/a",
              f"  peak memory {r.peak_memory_gib:.2f} GiB; {r.flops_per_token / 1e9:.3f} GFLOP/token; "
              f"params {r.total_params / 1e6:.1f}M total, {r.active_params / 1e6:.1f}M active",
-             "  patches: " + ", ".join(f"{p['name']}={p['backend'] or 'off'}" for p in r.patches)]
+             "  patches: " + ", ".join(f"{p['name']}={p['backend'] or 'off'}" for p in r.patches)
+             + f"; SSD scan: {r.ssd_backend or '?'}; data: {r.data}"]
     if r.family_ms:
         tot = sum(r.family_ms.values())
         lines.append("  isolated fwd+bwd per family (ms/step, share): " + ", ".join(

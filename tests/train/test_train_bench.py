@@ -1,0 +1,31 @@
+"""`megacpp bench` on CPU: the synthetic default and real batches from a snapshot."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import megacpp
+from megacpp.data.loader import open_snapshot
+from megacpp.errors import MegacppError
+from megacpp.train.bench import run_bench
+
+from conftest import tiny_sets
+
+
+def test_bench_synthetic_and_snapshot_batches(tiny_snapshot):
+    recipe = megacpp.load_recipe("nam-tiny", tiny_sets())
+    syn = run_bench(recipe, steps=2, warmup=1, device="cpu", family_times=False)
+    real = run_bench(recipe, steps=2, warmup=1, device="cpu", family_times=False, data=str(tiny_snapshot))
+    assert syn.data == "synthetic"
+    assert real.data == open_snapshot(tiny_snapshot).snapshot_id
+    for r in (syn, real):
+        assert r.tokens_per_s > 0 and len(r.step_ms_all) == 2
+        assert r.ssd_backend == "reference"  # no CUDA here
+        json.dumps(r.to_dict())  # --json output stays serialisable
+
+
+def test_bench_refuses_snapshot_of_another_seq_len(tiny_snapshot):
+    recipe = megacpp.load_recipe("nam-tiny", tiny_sets(**{"policy.seq_len": 32}))
+    with pytest.raises(MegacppError, match="seq_len"):
+        run_bench(recipe, steps=1, warmup=0, device="cpu", family_times=False, data=str(tiny_snapshot))
