@@ -137,6 +137,30 @@ class SeqContext:
             self._memo["block_mask"] = document_block_mask(self.doc_ids)
         return self._memo["block_mask"]
 
+    # -- up front ----------------------------------------------------------
+    def precompute(self, rope: tuple = (), conv_widths: tuple = (), attn_mask: bool = False,
+                   block_mask: bool = False) -> None:
+        """Fill the memo before the first layer with what the layers will ask for.
+
+        Under per-block torch.compile the layers share one frame that guards
+        on which keys the memo holds: a memo growing layer by layer gives the
+        first layer of each family its own graph, and a hybrid runs out of
+        dynamo's recompile budget. Filled up front, every layer sees the same
+        memo. rope: (rot_dim, theta) pairs; conv_widths: short-conv kernel sizes.
+        """
+        for rot_dim, theta in rope:
+            self.rope(rot_dim, theta)
+        if self.doc_ids is None:
+            return
+        self.starts  # noqa: B018  (fills the memo)
+        for K in conv_widths:
+            for k in range(1, min(K, self.seqlen)):
+                self.same_doc(k)
+        if attn_mask:
+            self.attn_mask()
+        if block_mask:
+            self.block_mask()
+
     # -- positions -------------------------------------------------------
     def rope(self, rot_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (batch, seqlen, rot_dim/2) for this forward's positions."""

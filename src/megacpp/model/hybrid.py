@@ -172,6 +172,7 @@ class HybridLM(nn.Module):
         collect_hidden: None | "final" | list of layer indices."""
         b, t = input_ids.shape
         ctx = SeqContext(b, t, input_ids.device, doc_ids, positions)
+        self._precompute_context(ctx)
         want = self._collect_set(collect_hidden)
         x = self.embed(input_ids)
         aux: dict = {"moe": [], "dsa": [], "layers": {}}
@@ -194,6 +195,31 @@ class HybridLM(nn.Module):
             if not return_hidden_only:
                 out.mtp_logits.append(F.linear(hk, self.head_weight))
         return out
+
+    def _precompute_context(self, ctx: SeqContext) -> None:
+        """Everything this model's layers (MTP depths included) read from ctx, computed once up front."""
+        from .attention import _Attention, attention_backend
+
+        if getattr(self, "_ctx_needs", None) is None:
+            rope, convs, dense, sparse_free = set(), set(), False, False
+            for m in self.modules():
+                if isinstance(m, _Attention):
+                    if m.rot_dim:
+                        rope.add((m.rot_dim, float(m.theta)))
+                    if m.indexer is not None:
+                        dense = True       # D layers always take the explicit mask
+                    else:
+                        sparse_free = True  # A layers: the mask, or flex's block mask
+                conv = getattr(m, "conv1d", None)
+                if isinstance(conv, nn.Conv1d):
+                    convs.add(conv.kernel_size[0])
+                if isinstance(getattr(m, "conv_width", None), int):
+                    convs.add(m.conv_width)
+            self._ctx_needs = (tuple(sorted(rope)), tuple(sorted(convs)), dense, sparse_free)
+        rope, convs, dense, plain = self._ctx_needs
+        flex = plain and ctx.doc_ids is not None and attention_backend(ctx.doc_ids.device) == "flex"
+        ctx.precompute(rope=rope, conv_widths=convs, attn_mask=dense or (plain and not flex),
+                       block_mask=flex)
 
     def _mtp_depth(self, depth: MTPDepth, k: int, h, input_ids, ctx: SeqContext, aux: dict):
         b, t = input_ids.shape
