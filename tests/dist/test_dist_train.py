@@ -164,3 +164,22 @@ def test_sigterm_stops_every_rank_at_one_step_and_saves(snap, tmp_path):
     ckpt = out / "checkpoints" / f"step_{step:08d}"
     assert json.loads((ckpt / "index.json").read_text())["world_size"] == 2
     assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
+
+def test_fsdp2_bf16_compute_gathers_gemm_weights_in_bf16(snap, tmp_path):
+    """bf16 autocast over float32 weights: the layers' GEMM weights travel as bf16
+    (autocast would round them to bf16 anyway), everything else as float32, and
+    the run follows the one-process bf16 run."""
+    bf16 = {"policy.precision.compute": "bf16", "policy.patches.linear_ce": "off",
+            "policy.steps": 3, "policy.eval_batches": 0}
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(1, snap, one, **bf16)
+    train(2, snap, two, "fsdp2", **bf16)
+    mp = manifest(two)["backend"]["layout"]["fsdp2_mixed_precision"]
+    assert mp["param_dtype"] == "float32" and mp["gemm_param_dtype"] == "bfloat16"
+    assert mp["gemm_groups"] == 12 and mp["gemm_params"] > 0  # every nam-tiny layer has GEMMs
+    got, want = records(two), records(one)
+    for s in range(3):
+        # bf16 matmuls summed over another split of the batch: ~1e-3 apart; an
+        # unreduced or mis-cast gradient would be 1e-2 or more off by step 2
+        assert math.isclose(got[s]["loss"], want[s]["loss"], rel_tol=2e-3), (s, got[s]["loss"], want[s]["loss"])

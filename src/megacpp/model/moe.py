@@ -187,6 +187,14 @@ class Experts(nn.Module):
         winit.normal_(self.w_in, std)
         winit.normal_(self.w_out, out_std)
 
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, activation: str, impl: str = "auto",
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x (A, d) sorted by expert, counts (E,) -> (A, d). Going through forward
+        (not reading w_in/w_out from outside) lets a wrapper that hooks this
+        module, such as an FSDP2 group of its own, gather the weights first."""
+        dtype = dtype or x.dtype
+        return grouped_ffn(x.to(dtype), counts, self.w_in.to(dtype), self.w_out.to(dtype), activation, impl)
+
 
 class MoE(nn.Module):
     def __init__(self, spec: ModelSpec):
@@ -307,8 +315,7 @@ class MoE(nn.Module):
         dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
-        out = grouped_ffn(xt[token].to(dtype), counts, self.experts.w_in.to(dtype),
-                          self.experts.w_out.to(dtype), self.activation, self.impl)
+        out = self.experts(xt[token], counts, self.activation, self.impl, dtype)
         out = (fp(out) * gate[:, None].to(fp(out).dtype)).to(x.dtype)
         y = torch.zeros_like(xt).index_add(0, token, out)
         if self.shared is not None:

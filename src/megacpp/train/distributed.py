@@ -157,14 +157,42 @@ def _fsdp_no_sync(model):
         model.set_requires_gradient_sync(True)
 
 
+def gemm_modules(layer: torch.nn.Module, fp32_modules) -> list[torch.nn.Module]:
+    """The submodules of `layer` whose weights only ever enter autocast GEMMs.
+
+    Plain nn.Linear (not a subclass: FP8/NVFP4 replacements scale from the
+    stored weight) and MoE expert stacks, minus names matching fp32_modules
+    (the router computes in float32 with autocast off). Autocast rounds their
+    float32 weights to the compute dtype before every use, so all-gathering
+    them already rounded gives the same forward and the same gradients.
+    """
+    from ..model.moe import Experts
+    from .lowp.plan import name_match
+
+    out = []
+    for name, m in layer.named_modules():
+        if not (type(m) is torch.nn.Linear or isinstance(m, Experts)):
+            continue
+        if name_match(name, fp32_modules) is not None:
+            continue
+        ps = list(m.parameters(recurse=False))
+        if ps and all(p.dtype == torch.float32 and p.requires_grad for p in ps):
+            out.append(m)
+    return out
+
+
 def fsdp2(model: torch.nn.Module, recipe) -> dict:
     """`fully_shard` each layer (and each MTP depth), then the root.
 
-    Parameters are all-gathered in their stored dtype (policy.precision.params)
-    and the compute dtype comes from autocast, exactly as on one device: a
-    bf16 all-gather would round the fp32_modules (SSM A_log/D/dt_bias, norms,
-    routers) that the precision policy keeps in float32. Gradients are
-    reduced in float32. Returns the policy for the manifest.
+    Parameters are stored in policy.precision.params and the compute dtype
+    comes from autocast, exactly as on one device. With float32 storage and
+    a bf16/fp16 compute dtype, each layer's GEMM weights (`gemm_modules`)
+    form their own FSDP group all-gathered in the compute dtype: half the
+    bytes of the largest collective, the same numbers. The rest of a layer
+    (norms, SSM A_log/D/dt_bias, routers, convs: the fp32_modules the
+    precision policy keeps in float32) is all-gathered in float32: a bf16
+    all-gather would round them. Gradients are reduced in float32. Returns
+    the policy for the manifest.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import DTensor
@@ -172,17 +200,27 @@ def fsdp2(model: torch.nn.Module, recipe) -> dict:
     from ..errors import MegacppError
     from .precision import DTYPES
 
-    stored = DTYPES[recipe.policy.precision.params]
+    prec = recipe.policy.precision
+    stored, compute = DTYPES[prec.params], DTYPES[prec.compute]
     mp = MixedPrecisionPolicy(param_dtype=stored, reduce_dtype=torch.float32)
+    gemm_dtype = compute if (stored == torch.float32 and compute in (torch.bfloat16, torch.float16)) else None
+    gemm_mp = MixedPrecisionPolicy(param_dtype=gemm_dtype, reduce_dtype=torch.float32)
     groups = list(model.layers) + list(getattr(model, "mtp", []))
+    gemm_groups = gemm_params = 0
     for name, module in [(f"layer {i}", m) for i, m in enumerate(groups)] + [("root", model)]:
+        if module is not model and gemm_dtype is not None:
+            gemms = gemm_modules(module, prec.fp32_modules)
+            if gemms:
+                fully_shard(gemms, mp_policy=gemm_mp)  # one group: one all-gather per layer
+                gemm_groups += 1
+                gemm_params += sum(p.numel() for m in gemms for p in m.parameters())
         # DTensors are already sharded, in a finer group
         dtypes = {p.dtype for p in module.parameters() if p.requires_grad and not isinstance(p, DTensor)}
         if len(dtypes) > 1:
             raise MegacppError(
                 f"policy.parallel.sharding: fsdp2 shards each layer as one flat group of one dtype, "
                 f"but {name} holds {sorted(str(d).replace('torch.', '') for d in dtypes)} parameters "
-                f"(policy.precision.params={recipe.policy.precision.params} keeps fp32_modules in "
+                f"(policy.precision.params={prec.params} keeps fp32_modules in "
                 f"float32); use ddp, or policy.precision.params=fp32")
         if module is not model:
             fully_shard(module, mp_policy=mp)
@@ -190,8 +228,11 @@ def fsdp2(model: torch.nn.Module, recipe) -> dict:
     # the forward by the LM loss, which FSDP2 allows since the root is not
     # resharded between its forward and backward.
     fully_shard(model, mp_policy=mp)
-    return {"param_dtype": str(stored).replace("torch.", ""), "reduce_dtype": "float32",
-            "compute": recipe.policy.precision.compute + " (autocast)", "groups": len(groups) + 1}
+    name = lambda d: None if d is None else str(d).replace("torch.", "")  # noqa: E731
+    return {"param_dtype": name(stored), "reduce_dtype": "float32",
+            "compute": prec.compute + " (autocast)", "groups": len(groups) + 1,
+            "gemm_param_dtype": name(gemm_dtype), "gemm_groups": gemm_groups,
+            "gemm_params": gemm_params}
 
 
 def grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:

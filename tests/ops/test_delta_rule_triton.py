@@ -1,0 +1,358 @@
+"""Triton gated delta rule (ops/delta_rule/triton_delta_rule.py) against the pure-torch reference.
+
+Every check runs o, final_state and the gradients of q, k, v, g, beta and
+initial_state through both implementations on fresh random inputs and
+compares them to the reference evaluated in float64 on the same (already
+rounded) input values, so the error measured is the kernel's alone.
+
+- CUDA tests (skipped without CUDA or triton): float32, bf16 and fp16 at
+  model-like sizes (chunk 64, dk = dv = 128), seqlen not a multiple of the
+  chunk, dk != dv, with and without initial_state, document resets
+  (g = -1e4), and the dispatcher under torch.compile.
+- CPU: if triton imports, the same checks on tiny shapes under the Triton
+  interpreter. TRITON_INTERPRET=1 is read when @triton.jit decorates the
+  kernels, i.e. at import of triton_delta_rule, so those tests run in a
+  child pytest started with it set (test_triton_interpreter_on_cpu).
+- CPU: every kernel launch of forward + backward at the nam-125m shape
+  compiled for sm_90 (Hopper) as the JIT would specialise it, no GPU needed:
+  catches compile errors and shared-memory overflows before a GPU session.
+
+Errors are measured per tensor as  norm = ||a - r|| / ||r||  and
+max = max|a - r| / max|r|  (r: float64 reference).
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megacpp.ops.delta_rule import delta_rule_backend, delta_rule_backend_reason, gated_delta_rule_fast
+from megacpp.ops.delta_rule.reference import gated_delta_rule as gdr_ref
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+CUDA = torch.cuda.is_available()
+CHILD = os.environ.get("MEGACPP_DELTA_RULE_INTERP_CHILD") == "1"
+RESET = -1.0e4  # model.context.RESET_LOG_DECAY
+
+# Tolerances (norm, max), by the dtype of q/k/v.
+# float32: float32 accumulation, IEEE float32 matmuls, T solved in float32;
+#   measured ~1e-7 (norm) under the interpreter. 1e-5 / 1e-4 leave 100x
+#   room while still catching any wrong term (a missing term is O(1)).
+# fp16: matmul operands rounded to fp16 (u = 4.9e-4), outputs and half
+#   gradients stored in fp16; measured ~5e-4 norm / 7e-4 max. 8u / 20u.
+# bf16: the same with u = 3.9e-3; under the interpreter the matmuls stay
+#   float32 (see triton_delta_rule) and only the stored outputs round
+#   (~3e-3). A float64 emulation of the GPU's bf16 operand rounding at
+#   l = 2048, dk = dv = 128 gives ~4e-3 norm / 6e-3 max for o and the state.
+TOL = {
+    torch.float32: (1e-5, 1e-4),
+    torch.float16: (4e-3, 1e-2),
+    torch.bfloat16: (2e-2, 5e-2),
+}
+# d(g) is a reverse within-chunk cumulative sum (float64) of float32 per-step
+# terms that cancel pairwise (each pair (i, j) adds +x at i and -x at j), so
+# float32 rounding of the terms shows up relative to the (smaller) result:
+# measured up to 3e-6 norm with document resets. Its own float32 bound.
+DG_TOL_FP32 = (1e-4, 1e-4)
+NAMES = ("q", "k", "v", "g", "beta", "initial_state")
+
+
+def make_inputs(b, l, h, dk, dv, *, dtype, device, with_init=True, resets=0.0, gate_dtype=torch.float32,
+                strong_decay=False, gen=None):
+    """Model-like inputs: L2-normalised q and k, v = silu(noise), g = -A dt with
+    A in [1, 16] and dt log-uniform in [1e-3, 0.1] (or logsigmoid(noise) * 4 with
+    `strong_decay`), beta = sigmoid(noise). q/k/v/initial_state in `dtype`, g and
+    beta in `gate_dtype` (the model passes float32). `resets`: fraction of steps
+    turned into document starts (g = -1e4, as model.context.reset_log_decay)."""
+    kw = dict(generator=gen, dtype=torch.float64)
+    q = F.normalize(torch.randn(b, l, h, dk, **kw), dim=-1)
+    k = F.normalize(torch.randn(b, l, h, dk, **kw), dim=-1)
+    v = F.silu(torch.randn(b, l, h, dv, **kw))
+    if strong_decay:
+        g = F.logsigmoid(torch.randn(b, l, h, **kw)) * 4
+    else:
+        A = torch.empty(h, dtype=torch.float64).uniform_(1.0, 16.0, generator=gen)
+        dt = torch.exp(torch.empty(b, l, h, dtype=torch.float64).uniform_(math.log(1e-3), math.log(0.1),
+                                                                         generator=gen))
+        g = -A * dt
+    beta = torch.sigmoid(torch.randn(b, l, h, **kw))
+    s0 = torch.randn(b, h, dk, dv, **kw) if with_init else None
+    if resets:
+        starts = torch.rand(b, l, h, generator=gen, dtype=torch.float64) < resets
+        g = torch.where(starts, torch.full_like(g, RESET), g)
+    cast = lambda t, dt: None if t is None else t.to(device=device, dtype=dt)  # noqa: E731
+    return [cast(q, dtype), cast(k, dtype), cast(v, dtype), cast(g, gate_dtype), cast(beta, gate_dtype),
+            cast(s0, dtype)]
+
+
+def _err(a, r):
+    a, r = a.detach().double(), r.detach().double()
+    d = a - r
+    return (d.norm() / r.norm().clamp_min(1e-300)).item(), (d.abs().max() / r.abs().max().clamp_min(1e-300)).item()
+
+
+def compare(fn, inputs, chunk, seed=0, use_state=True):
+    """Run fn and the float64 reference forward + backward; return {name: (norm, max)}."""
+    q, v = inputs[0], inputs[2]
+    gen = torch.Generator().manual_seed(seed)
+    b, l, h, dk = q.shape
+    dv = v.shape[-1]
+    go = torch.randn(b, l, h, dv, generator=gen).to(q.device)
+    gs = torch.randn(b, h, dk, dv, generator=gen).to(q.device)
+    ours = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
+    ref = [None if t is None else t.detach().double().requires_grad_() for t in inputs]
+    o, s = fn(*ours[:5], ours[5], chunk_size=chunk)
+    assert o.dtype == q.dtype and o.shape == (b, l, h, dv)
+    assert s.dtype == q.dtype and s.shape == (b, h, dk, dv)
+    loss = (o.double() * go.double()).sum()
+    if use_state:
+        loss = loss + (s.double() * gs.double()).sum()
+    loss.backward()
+    o_r, s_r = gdr_ref(*ref[:5], ref[5], chunk_size=chunk)
+    # o's backward rounds the incoming gradient to o's dtype whoever computes
+    # the op: hand the reference the same rounded values.
+    go_r, gs_r = go.to(q.dtype).double(), gs.to(q.dtype).double()
+    loss_r = (o_r * go_r).sum()
+    if use_state:
+        loss_r = loss_r + (s_r * gs_r).sum()
+    loss_r.backward()
+    errs = {"o": _err(o, o_r), "final_state": _err(s, s_r)}
+    for name, a, r in zip(NAMES, ours, ref):
+        if a is not None:
+            assert a.grad is not None and a.grad.dtype == a.dtype and a.grad.shape == a.shape, name
+            assert torch.isfinite(a.grad).all(), f"d{name} not finite"
+            errs["d" + name] = _err(a.grad, r.grad)
+    return errs
+
+
+def assert_close(errs, dtype):
+    tn, tm = TOL[dtype]
+
+    def bound(k):
+        return DG_TOL_FP32 if (k == "dg" and dtype == torch.float32) else (tn, tm)
+
+    bad = {k: v for k, v in errs.items() if not (v[0] <= bound(k)[0] and v[1] <= bound(k)[1])}
+    table = "\n".join(f"  {k:16s} norm {v[0]:.2e}  max {v[1]:.2e}" for k, v in errs.items())
+    print(f"{dtype}:\n{table}")
+    assert not bad, f"{dtype}: tolerance norm {tn:g} / max {tm:g} exceeded by {sorted(bad)}\n{table}"
+
+
+# ---------------------------------------------------------------- dispatch
+
+def test_dispatch_cpu_uses_reference(gen, monkeypatch):
+    monkeypatch.delenv("MEGACPP_DELTA_RULE", raising=False)
+    assert delta_rule_backend("cpu") == "reference"
+    assert delta_rule_backend_reason("cpu")
+    monkeypatch.setenv("MEGACPP_DELTA_RULE", "reference")
+    assert delta_rule_backend_reason("cuda") == "disabled by MEGACPP_DELTA_RULE=reference"
+    assert delta_rule_backend("cuda") == "reference"
+    monkeypatch.setenv("MEGACPP_DELTA_RULE", "triton")
+    with pytest.raises(RuntimeError):
+        delta_rule_backend("cpu")
+    monkeypatch.setenv("MEGACPP_DELTA_RULE", "bogus")
+    with pytest.raises(ValueError):
+        delta_rule_backend("cpu")
+    monkeypatch.delenv("MEGACPP_DELTA_RULE")
+    ins = make_inputs(2, 9, 2, 3, 4, dtype=torch.float32, device="cpu", gen=gen)
+    o, s = gated_delta_rule_fast(*ins[:5], ins[5], chunk_size=4)
+    o_r, s_r = gdr_ref(*ins[:5], ins[5], chunk_size=4)
+    assert torch.equal(o, o_r) and torch.equal(s, s_r)
+
+
+def test_dispatch_limits(monkeypatch):
+    monkeypatch.delenv("MEGACPP_DELTA_RULE", raising=False)
+    if not CUDA:
+        pytest.skip("reasons below are only reached on CUDA")
+    assert "chunk_size" in delta_rule_backend_reason("cuda", torch.bfloat16, chunk_size=256)
+    assert "dk" in delta_rule_backend_reason("cuda", torch.bfloat16, dk=512)
+    assert delta_rule_backend("cuda", torch.float64) == "reference"
+
+
+def test_kernels_module_is_imported_lazily():
+    # importing megacpp must never need triton: the kernels module (which
+    # imports triton) loads only when a CUDA tensor or an attribute asks for it
+    code = ("import sys, megacpp.ops.delta_rule as d; d.delta_rule_backend('cpu'); "
+            "assert 'megacpp.ops.delta_rule.triton_delta_rule' not in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+# -------------------------------------------------------------------- CUDA
+
+cuda_only = pytest.mark.skipif(not (CUDA and HAS_TRITON), reason="needs CUDA and triton")
+
+# (b, l, h, dk, dv, chunk, with_init, resets, strong_decay)
+CUDA_CASES = [
+    pytest.param((2, 300, 4, 128, 128, 64, True, 0.0, False), id="ragged-init"),
+    pytest.param((2, 256, 3, 128, 128, 64, False, 0.0, True), id="exact-strong-decay"),
+    pytest.param((1, 200, 4, 128, 128, 64, False, 0.02, False), id="resets"),
+    pytest.param((2, 100, 2, 64, 32, 32, True, 0.0, False), id="short-dk!=dv-chunk32"),
+    pytest.param((1, 150, 2, 96, 80, 48, True, 0.01, True), id="odd-sizes-chunk48"),
+]
+
+
+@cuda_only
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CUDA_CASES)
+def test_cuda_matches_reference(case, dtype, seed, gen):
+    from megacpp.ops.delta_rule.triton_delta_rule import gated_delta_rule_triton
+    b, l, h, dk, dv, chunk, with_init, resets, strong = case
+    ins = make_inputs(b, l, h, dk, dv, dtype=dtype, device="cuda", with_init=with_init, resets=resets,
+                      strong_decay=strong, gen=gen)
+    assert_close(compare(gated_delta_rule_triton, ins, chunk, seed), dtype)
+
+
+@cuda_only
+@pytest.mark.gpu
+def test_cuda_fp16_and_half_gates(seed, gen):
+    from megacpp.ops.delta_rule.triton_delta_rule import gated_delta_rule_triton
+    ins = make_inputs(2, 160, 4, 128, 128, dtype=torch.float16, device="cuda", gen=gen)
+    assert_close(compare(gated_delta_rule_triton, ins, 64, seed), torch.float16)
+    ins = make_inputs(2, 160, 4, 128, 128, dtype=torch.bfloat16, device="cuda", gate_dtype=torch.bfloat16,
+                      with_init=False, gen=gen)
+    assert_close(compare(gated_delta_rule_triton, ins, 64, seed, use_state=False), torch.bfloat16)
+
+
+@cuda_only
+@pytest.mark.gpu
+def test_cuda_dispatch_and_compile(seed, gen, monkeypatch):
+    monkeypatch.delenv("MEGACPP_DELTA_RULE", raising=False)
+    assert delta_rule_backend("cuda", torch.bfloat16) == "triton", delta_rule_backend_reason("cuda", torch.bfloat16)
+    assert delta_rule_backend("cuda", torch.float64) == "reference"
+    ins = make_inputs(2, 200, 4, 128, 128, dtype=torch.bfloat16, device="cuda", with_init=False, resets=0.01,
+                      gen=gen)
+
+    def f(q, k, v, g, beta, initial_state=None, chunk_size=64):
+        o, s = gated_delta_rule_fast(q, k, v, g, beta, initial_state, chunk_size=chunk_size)
+        return o * 1.0, s  # something around the op for inductor to fuse
+
+    torch._dynamo.reset()
+    assert_close(compare(torch.compile(f, fullgraph=True), ins, 64, seed), torch.bfloat16)
+
+
+# ------------------------------------------------------- CPU interpreter
+
+interp_only = pytest.mark.skipif(not (CHILD and HAS_TRITON), reason="runs in the TRITON_INTERPRET=1 child of "
+                                 "test_triton_interpreter_on_cpu")
+
+# (b, l, h, dk, dv, chunk, with_init, resets, strong_decay, use_state, dtype, gate_dtype)
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+INTERP_CASES = [
+    pytest.param((2, 37, 2, 16, 16, 16, True, 0.0, True, True, F32, F32), id="f32-ragged-init"),
+    pytest.param((1, 40, 2, 16, 32, 16, False, 0.1, False, True, F32, F32), id="f32-resets"),
+    pytest.param((1, 50, 2, 24, 40, 24, True, 0.0, True, False, F32, F32), id="f32-chunk24-dk!=dv-no-dfinal"),
+    pytest.param((2, 13, 1, 80, 16, 16, False, 0.0, True, True, F32, F32), id="f32-short-dk80"),
+    pytest.param((2, 40, 2, 32, 16, 16, True, 0.05, True, True, F16, F32), id="f16"),
+    pytest.param((2, 40, 2, 32, 16, 16, True, 0.0, True, True, BF16, F32), id="bf16-model-gates"),
+    pytest.param((1, 40, 2, 16, 16, 16, False, 0.0, True, True, BF16, BF16), id="bf16-half-gates"),
+]
+
+
+@interp_only
+@pytest.mark.parametrize("case", INTERP_CASES)
+def test_cpu_interp_matches_reference(case, seed, gen):
+    from megacpp.ops.delta_rule.triton_delta_rule import gated_delta_rule_triton
+    b, l, h, dk, dv, chunk, with_init, resets, strong, use_state, dtype, gdt = case
+    ins = make_inputs(b, l, h, dk, dv, dtype=dtype, device="cpu", with_init=with_init, resets=resets,
+                      strong_decay=strong, gate_dtype=gdt, gen=gen)
+    assert_close(compare(gated_delta_rule_triton, ins, chunk, seed, use_state=use_state), dtype)
+
+
+@interp_only
+def test_cpu_interp_custom_op_and_compile(seed, gen):
+    # Fake (meta) implementations and autograd registration as torch.compile
+    # sees them: opcheck, then a fullgraph aot_eager compile (inductor's CPU
+    # backend would not change what is being tested here: the op is opaque).
+    from megacpp.ops.delta_rule import triton_delta_rule as T
+    ins = make_inputs(1, 20, 2, 16, 16, dtype=torch.float32, device="cpu", gen=gen)
+    args = (*ins, 16, 0.25)
+    torch.library.opcheck(T._gdr_fwd_op, args, test_utils=("test_schema", "test_faketensor"))
+    do = torch.randn(1, 20, 2, 16)
+    torch.library.opcheck(T._gdr_bwd_op, (do, None, *ins[:5], None, 16, 0.25),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch._dynamo.reset()
+    f = torch.compile(T.gated_delta_rule_triton, backend="aot_eager", fullgraph=True)
+    assert_close(compare(f, ins, 16, seed), torch.float32)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@pytest.mark.skipif(CHILD, reason="this is the parent")
+def test_triton_interpreter_on_cpu():
+    env = dict(os.environ, TRITON_INTERPRET="1", MEGACPP_DELTA_RULE_INTERP_CHILD="1")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider",
+           os.path.abspath(__file__), "-k", "cpu_interp"]
+    r = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-6000:]
+    want = f"{len(INTERP_CASES) + 1} passed"
+    assert want in out and "skipped" not in out, out[-2000:]
+
+
+# ------------------------------------------- sm_90 compile, no GPU needed
+
+H100_SHARED = 232448  # bytes of shared memory one block may use on sm_90
+
+
+def _sm90_compile_all(dtype, monkeypatch, shape=(16, 2048, 6, 128, 128, 64)):
+    """Compile every launch of forward + backward for sm_90 the way the JIT
+    specialises it (ints == 1 constant, 16-divisible ints and pointers marked),
+    using meta tensors for the host code. Returns [(kernel, shared bytes)]."""
+    import triton
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.compiler.compiler import ASTSource
+
+    from megacpp.ops.delta_rule import triton_delta_rule as T
+    launches = []
+    monkeypatch.setattr(T, "_launch", lambda kernel, grid, *args, **kw: launches.append((kernel, args, kw)))
+    b, l, h, dk, dv, chunk = shape
+    q = torch.empty(b, l, h, dk, device="meta", dtype=dtype)
+    v = torch.empty(b, l, h, dv, device="meta", dtype=dtype)
+    g = torch.empty(b, l, h, device="meta")
+    T._forward(q, q, v, g, g, None, chunk, None)
+    T._backward(torch.empty_like(v), None, q, q, v, g, g, None, chunk, None)
+    out, seen = [], set()
+    for kernel, args, kw in launches:
+        key = (kernel.fn.__name__, tuple(sorted(kw.items(), key=str)))
+        if key in seen:
+            continue
+        seen.add(key)
+        sig, cons, attrs, it = {}, {}, {}, iter(args)
+        for idx, (name, p) in enumerate(zip(kernel.arg_names, kernel.params)):
+            if p.is_constexpr:
+                sig[name], cons[name] = "constexpr", kw[name]
+                continue
+            ty, spec = native_specialize_impl(BaseBackend, next(it), False, True, True)
+            if ty == "constexpr":
+                sig[name], cons[name] = "constexpr", spec
+            else:
+                sig[name] = ty
+                if spec == "D":
+                    attrs[(idx,)] = [["tt.divisibility", 16]]
+        opts = {k: kw[k] for k in ("num_warps", "num_stages") if k in kw}
+        compiled = triton.compile(ASTSource(kernel, sig, cons, attrs), target=GPUTarget("cuda", 90, 32),
+                                  options=opts)
+        out.append((kernel.fn.__name__, compiled.metadata.shared))
+    return out
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@pytest.mark.skipif(CHILD, reason="needs compiled (not interpreted) kernels")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+def test_kernels_compile_for_sm90(dtype, monkeypatch):
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except Exception as e:  # a triton build without the NVIDIA backend
+        pytest.skip(f"no NVIDIA backend in triton: {e}")
+    res = _sm90_compile_all(dtype, monkeypatch)
+    assert len({k for k, _ in res}) == 7, res
+    big = [(k, s) for k, s in res if s > H100_SHARED]
+    assert not big, f"shared memory over the sm_90 limit: {big}"
