@@ -104,8 +104,18 @@ def _cmd_train(args) -> int:
         from .errors import MegacppError
         raise MegacppError(f"policy.parallel.data is {recipe.policy.parallel.data} but {dist.world_size} "
                            f"process(es) were started; pass --set policy.parallel.data={dist.world_size}")
+    profile = None
+    if args.profile:
+        from .errors import MegacppError
+        try:
+            a, b = (int(x) for x in args.profile.split(":"))
+        except ValueError:
+            raise MegacppError(f"--profile: expected START:END steps, got {args.profile!r}") from None
+        if not 0 <= a < b:
+            raise MegacppError(f"--profile: need 0 <= START < END, got {args.profile!r}")
+        profile = (a, b)
     trainer = Trainer(recipe, args.out, args.data, args.resume, args.device, args.quiet, dist=dist,
-                      max_steps=args.max_steps, time_limit=args.time_limit)
+                      max_steps=args.max_steps, time_limit=args.time_limit, profile=profile)
     result = trainer.run()
     if dist.is_main:
         o = result.manifest["outcome"]
@@ -368,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, help="stop after this many steps without a final save (testing)")
     p.add_argument("--time-limit", type=float, metavar="SECONDS",
                    help="save and stop once this process has run this long (resume later with --resume)")
+    p.add_argument("--profile", metavar="START:END",
+                   help="profile steps START..END-1 (torch.profiler, CPU and CUDA); the top operators by "
+                        "self time go to RUN_DIR/profile.txt (rank 0)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_train)
 

@@ -70,8 +70,19 @@ def rows(device: torch.device) -> list[dict]:
         why = "fla kernels need CUDA"
     else:
         why = "fla adapter: not built in this version"
-    out.append({"path": "gated delta rule (R)", "runs": "chunked pure-torch reference (ops.delta_rule)",
-                "why_not": why})
+    from .model import recurrent as _recurrent
+    from .ops.delta_rule import delta_rule_backend_reason, gated_delta_rule_fast
+    try:
+        gdr_why = delta_rule_backend_reason(device, torch.bfloat16 if cuda else None)
+    except ValueError as e:  # a bad MEGACPP_DELTA_RULE value
+        gdr_why = str(e)
+    if not gdr_why and _recurrent.gated_delta_rule is not gated_delta_rule_fast:
+        gdr_why = "not wired into model.recurrent yet (pending the GPU parity check)"
+    out.append({"path": "gated delta rule (R)",
+                "runs": "Triton chunked kernels (ops.delta_rule.triton_delta_rule)" if not gdr_why
+                else "chunked pure-torch reference (ops.delta_rule)",
+                "why_not": "; ".join(w for w in (f"Triton gated delta rule: {gdr_why}" if gdr_why else "",
+                                                 why) if w)})
 
     dt = torch.bfloat16 if cuda else torch.float32
     gm = grouped_mm_available(device, dt, 64, 128, 64)

@@ -183,7 +183,8 @@ def split_aux(aux: dict) -> tuple[list, list]:
 class Trainer:
     def __init__(self, recipe: Recipe, out_dir: str | Path, data_dir: str | Path | None = None,
                  resume: bool = False, device: str | None = None, quiet: bool = False,
-                 dist=None, max_steps: int | None = None, time_limit: float | None = None):
+                 dist=None, max_steps: int | None = None, time_limit: float | None = None,
+                 profile: tuple[int, int] | None = None):
         self.recipe = recipe
         self.pol = recipe.policy
         self.out = Path(out_dir)
@@ -192,6 +193,8 @@ class Trainer:
         self.quiet = quiet
         self.max_steps = max_steps  # stop early without a final save (tests: an interrupted run)
         self.time_limit = time_limit  # seconds of this process; then save and stop like a signal
+        self.profile = profile  # (start, end) steps under torch.profiler
+        self._prof = None
         if dist is None:
             from .distributed import single_process
             dist = single_process()
@@ -539,6 +542,31 @@ class Trainer:
             record["moe_load_min_frac"] = float(frac.min())
         return record
 
+    def _profile_edge(self, stop: bool = False) -> None:
+        """Start torch.profiler before step `start`, stop before step `end` and
+        write the operators with the most self time (CUDA, then CPU) to profile.txt."""
+        if self.profile is None:
+            return
+        start, end = self.profile
+        if self._prof is None and start <= self.step < end:
+            from torch.profiler import ProfilerActivity, profile
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            self._prof = profile(activities=acts)
+            self._prof.__enter__()
+            self._prof_start = self.step
+        elif self._prof is not None and (stop or self.step >= end):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._prof.__exit__(None, None, None)
+            prof, self._prof = self._prof, None
+            if self.dist.is_main:
+                ka = prof.key_averages()
+                parts = [f"steps {self._prof_start}..{self.step - 1}, rank 0, {self.device}"]
+                if self.device.type == "cuda":
+                    parts += ["", "by self CUDA time", ka.table(sort_by="self_cuda_time_total", row_limit=40)]
+                parts += ["", "by self CPU time", ka.table(sort_by="self_cpu_time_total", row_limit=40)]
+                (self.out / "profile.txt").write_text("\n".join(parts) + "\n")
+
     def _dsa_dense_stage(self, step: int) -> bool:
         """Set every D layer's stage for this step; True while in the dense warm-up."""
         mods = [m for m in self.model.modules() if getattr(m, "indexer", None) is not None]
@@ -575,6 +603,7 @@ class Trainer:
                     if self.max_steps is not None and self.step >= self.max_steps:
                         end_reason = "max_steps"
                         break
+                    self._profile_edge()
                     t_step = time.time()
                     rec = self.train_step(self.step)
                     self.step += 1
@@ -618,6 +647,7 @@ class Trainer:
                     if timed_out:
                         end_reason = "time_limit"
                         break
+            self._profile_edge(stop=True)  # a run that ends inside the window still writes it
             if end_reason in ("completed",) and pol.eval_batches > 0:
                 self._eval_and_log(writer)
             if end_reason != "max_steps":

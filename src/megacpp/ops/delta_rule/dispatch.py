@@ -24,8 +24,11 @@ from .reference import gated_delta_rule as gated_delta_rule_reference
 
 ENV = "MEGACPP_DELTA_RULE"
 CHOICES = ("auto", "triton", "reference")
-MAX_CHUNK = 128  # = triton_delta_rule.MAX_CHUNK (kept here so this module does not import triton)
-MAX_DK = 256     # = triton_delta_rule.MAX_DK
+# The kernels' limits (triton_delta_rule imports them from here, so this
+# module can state them without importing triton): C x C tiles and a
+# dk x BV state block live in registers.
+MAX_CHUNK = 128
+MAX_DK = 256
 
 _TRITON_ERROR: str | None = None  # why `triton_delta_rule` cannot be imported ("" = it can)
 

@@ -65,7 +65,16 @@ float32 with input_precision="ieee" when q is float32 (so fp32 inputs get
 fp32 results, not TF32). float64 inputs are refused: the reference is the
 float64 oracle. Under TRITON_INTERPRET=1 (CPU tests) bf16 matmul operands
 are kept in float32 because the interpreter cannot multiply bf16
-(triton-lang/triton#11584); fp16 is exercised for real there.
+(triton-lang/triton#11584); fp16 is exercised for real there. (The
+interpreter also truncates float32 -> bf16 stores instead of rounding to
+nearest, so its bf16 outputs carry ~2x the GPU's rounding error.)
+
+Launch configuration: `_CONFIG` below, one entry per kernel for half and
+float32 inputs, chosen by compiling every launch for sm_90 on the CPU
+(tests/ops/test_delta_rule_triton.py::test_kernels_compile_for_sm90 does
+the same compile) and keeping configurations without register spills that
+fit in shared memory; not yet timed on a GPU. A launch that still runs out
+of shared memory is retried with num_stages=1.
 
 Limits: chunk_size <= 128 (C x C tiles live in registers), dk <= 256 (the
 scans keep a dk x BV state block in registers). The model uses C = 64,
@@ -85,6 +94,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from .dispatch import MAX_CHUNK, MAX_DK
 from .reference import _check
 from .reference import gated_delta_rule as _gdr_reference
 
@@ -95,9 +105,6 @@ if INTERPRET:
     # the SSD module carries the fix.
     from ..ssd.triton_ssd import _fix_interpreter_index
     _fix_interpreter_index()
-
-MAX_CHUNK = 128
-MAX_DK = 256
 
 
 # --------------------------------------------------------------------------
