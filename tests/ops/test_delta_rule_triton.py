@@ -165,10 +165,10 @@ def test_dispatch_cpu_uses_reference(gen, monkeypatch):
     assert torch.equal(o, o_r) and torch.equal(s, s_r)
 
 
+@pytest.mark.skipif(not (CUDA and HAS_TRITON), reason="the limits are checked after the CUDA check")
+@pytest.mark.gpu
 def test_dispatch_limits(monkeypatch):
     monkeypatch.delenv("MEGACPP_DELTA_RULE", raising=False)
-    if not CUDA:
-        pytest.skip("reasons below are only reached on CUDA")
     assert "chunk_size" in delta_rule_backend_reason("cuda", torch.bfloat16, chunk_size=256)
     assert "dk" in delta_rule_backend_reason("cuda", torch.bfloat16, dk=512)
     assert delta_rule_backend("cuda", torch.float64) == "reference"

@@ -34,13 +34,16 @@ What runs where:
 
   Triton (everything O(seqlen * C * d) or O(seqlen * dk * dv)):
     _wy_fwd_kernel      per chunk: K K^T, A, T = (I + A)^-1 by forward
-                        substitution on the C x C tile in registers (float32),
+                        substitution, C - 1 row steps on the C x C tile in
+                        registers (float32; A's rows are read back from a
+                        global scratch slot, L1/L2-resident),
                         U = T diag(beta) V and Wk = T diag(beta e) K.
     _state_fwd_kernel   the sequential scan across chunks, state (dk x BV
                         block of dv) in registers: writes the state entering
                         every chunk, W = U - Wk S, and the final state.
-    _out_fwd_kernel     O from Q S and the causal Q K^T o Gam block, per
-                        (chunk, dv block), fully parallel.
+    _out_fwd_kernel     O from Q S and the causal Q K^T o Gam block, one
+                        program per chunk (Q K^T once, then the dv blocks),
+                        fully parallel.
     _dw_local_kernel    backward: (causal(Q K^T o Gam))^T dO, the part of dW
                         that does not depend on later chunks.
     _state_bwd_kernel   backward reverse scan across chunks: the gradient of
@@ -56,8 +59,8 @@ What runs where:
   _wy_fwd_kernel (T, U, Wk) and _state_fwd_kernel (the per-chunk states and
   W): the per-chunk states are b*h*(l/C)*dk*dv float32 (~200 MB for one
   nam-125m layer), too much to keep per layer between forward and backward.
-  Transient float32 buffers: T (l*C per b, h), U, Wk, W, the per-chunk
-  states and their gradients.
+  Transient float32 buffers: T (l*C per b, h; A's scratch in the forward),
+  U, Wk, W, the per-chunk states and their gradients.
 
 Precision: all accumulation is float32; T is solved in float32. Matmul
 operands are cast to q's dtype when q is bf16/fp16 (tensor cores) and stay
