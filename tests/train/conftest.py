@@ -8,8 +8,7 @@ import pytest
 
 from megacpp.data.prepare import PrepareConfig, prepare_snapshot
 
-SEQ = 64
-VOCAB = 512
+from train_testutil import SEQ, VOCAB
 
 
 @pytest.fixture(scope="session")
@@ -26,15 +25,3 @@ def tiny_snapshot(tmp_path_factory) -> Path:
     cfg = PrepareConfig(vocab_size=VOCAB, seq_len=SEQ, max_bytes=1 << 20, split=(0.8, 0.1, 0.1))
     prepare_snapshot(root / "snap", [f"dir:{src}"], cfg)
     return root / "snap"
-
-
-def tiny_sets(**extra) -> list[str]:
-    sets = {
-        "model.vocab_size": VOCAB, "policy.seq_len": SEQ, "policy.micro_batch": 4,
-        "policy.global_batch": 8, "policy.steps": 6, "policy.eval_interval": 3,
-        "policy.eval_batches": 2, "policy.checkpoint_interval": 2, "policy.log_interval": 1,
-        "policy.precision.compute": "fp32", "policy.schedule.warmup_steps": 2,
-        "policy.aux.stp.start_step": 2, "model.attention.index_topk": 16,
-    }
-    sets.update(extra)
-    return [f"{k}={v}" for k, v in sets.items()]

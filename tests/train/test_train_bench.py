@@ -10,7 +10,7 @@ from megacpp.data.loader import open_snapshot
 from megacpp.errors import MegacppError
 from megacpp.train.bench import run_bench
 
-from conftest import tiny_sets
+from train_testutil import tiny_sets
 
 
 def test_bench_synthetic_and_snapshot_batches(tiny_snapshot):

@@ -15,7 +15,7 @@ from megacpp.train.optim import param_groups
 from megacpp.train.schedule import lr_at
 from megacpp.train.trainer import lm_loss, mtp_targets
 
-from conftest import tiny_sets
+from train_testutil import tiny_sets
 
 
 def _loss_and_grads(model, batch):

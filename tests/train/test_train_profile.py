@@ -7,7 +7,7 @@ import sys
 import megacpp
 from megacpp.train.trainer import Trainer
 
-from conftest import tiny_sets
+from train_testutil import tiny_sets
 
 
 def test_profile_window_writes_table(tiny_snapshot, tmp_path):

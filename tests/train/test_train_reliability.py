@@ -17,7 +17,7 @@ from megacpp.errors import MegacppError
 from megacpp.train.metrics import read_metrics
 from megacpp.train.trainer import Trainer
 
-from conftest import tiny_sets
+from train_testutil import tiny_sets
 
 STEPS = 8
 

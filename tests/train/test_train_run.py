@@ -12,7 +12,7 @@ from megacpp.run.compare import compare
 from megacpp.train.metrics import read_metrics
 from megacpp.train.trainer import Trainer
 
-from conftest import tiny_sets
+from train_testutil import tiny_sets
 
 
 def _run(tmp_path, snap, name="run", resume=False, max_steps=None, **sets):
