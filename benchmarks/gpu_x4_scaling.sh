@@ -8,19 +8,29 @@
 source benchmarks/gpu_session.sh
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 STEPS=${STEPS:-16}; SKIP=${SKIP:-5}
-S="python3 benchmarks/scaling.py --data .gpudata/cpp-125m --steps $STEPS --skip $SKIP --sharding fsdp2 --timeout 240"
+S="python3 benchmarks/scaling.py --data .gpudata/cpp-125m --steps $STEPS --skip $SKIP --sharding fsdp2 --timeout ${RUN_TIMEOUT:-300}"
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'nccl', torch.cuda.nccl.version())"
 mkdir -p /root/sc
-CUDA_VISIBLE_DEVICES=0 $S --recipes nam-1b --worlds 1 --master-port 29600 --json $OUT/sc_1b_w1.json > /root/sc/1b_w1.log 2>&1 &
-CUDA_VISIBLE_DEVICES=1 $S --recipes nam-125m --worlds 1 --master-port 29700 --json $OUT/sc_125m_w1.json > /root/sc/125m_w1.log 2>&1 &
-CUDA_VISIBLE_DEVICES=2,3 $S --recipes nam-1b --worlds 2 --master-port 29800 --json $OUT/sc_1b_w2.json > /root/sc/1b_w2.log 2>&1 &
-wait; echo "round 1 done at ${SECONDS}s"
-$S --recipes nam-1b --worlds 4 --master-port 29900 --json $OUT/sc_1b_w4.json > /root/sc/1b_w4.log 2>&1
-echo "round 2 done at ${SECONDS}s"
-CUDA_VISIBLE_DEVICES=0,1 $S --recipes nam-125m --worlds 2 --master-port 30000 --json $OUT/sc_125m_w2.json > /root/sc/125m_w2.log 2>&1
-echo "round 3 done at ${SECONDS}s"
-$S --recipes nam-125m --worlds 4 --master-port 30100 --json $OUT/sc_125m_w4.json > /root/sc/125m_w4.log 2>&1
-echo "round 4 done at ${SECONDS}s"
+ROUNDS=${ROUNDS:-1 2 3 4}   # e.g. ROUNDS="3 4" for nam-125m at 2 and 4 GPUs only
+has() { [[ " $ROUNDS " == *" $1 "* ]]; }
+if has 1; then
+  CUDA_VISIBLE_DEVICES=0 $S --recipes nam-1b --worlds 1 --master-port 29600 --json $OUT/sc_1b_w1.json > /root/sc/1b_w1.log 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 $S --recipes nam-125m --worlds 1 --master-port 29700 --json $OUT/sc_125m_w1.json > /root/sc/125m_w1.log 2>&1 &
+  CUDA_VISIBLE_DEVICES=2,3 $S --recipes nam-1b --worlds 2 --master-port 29800 --json $OUT/sc_1b_w2.json > /root/sc/1b_w2.log 2>&1 &
+  wait; echo "round 1 done at ${SECONDS}s"
+fi
+if has 2; then
+  $S --recipes nam-1b --worlds 4 --master-port 29900 --json $OUT/sc_1b_w4.json > /root/sc/1b_w4.log 2>&1
+  echo "round 2 done at ${SECONDS}s"
+fi
+if has 3; then
+  CUDA_VISIBLE_DEVICES=0,1 $S --recipes nam-125m --worlds 2 --master-port 30000 --json $OUT/sc_125m_w2.json > /root/sc/125m_w2.log 2>&1
+  echo "round 3 done at ${SECONDS}s"
+fi
+if has 4; then
+  $S --recipes nam-125m --worlds 4 --master-port 30100 --json $OUT/sc_125m_w4.json > /root/sc/125m_w4.log 2>&1
+  echo "round 4 done at ${SECONDS}s"
+fi
 tail -n 3 /root/sc/*.log | grep -v "^$" | tail -n 30
 python3 benchmarks/scaling.py --data none --merge $OUT/sc_*.json
