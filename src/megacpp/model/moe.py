@@ -270,7 +270,7 @@ class MoE(nn.Module):
         flat_rows, flat_gate = rows.reshape(-1), gates.reshape(-1)
         flat_token = torch.arange(T, device=dev).repeat_interleave(self.top_k)
         load = count_per_row(flat_rows, self.rows).float()
-        if self.capacity_factor <= 0 and self.null_experts == 0:
+        if self._dropless():
             # Dropless with only real experts: every choice is kept, so shapes
             # are static (T * k) and no boolean mask forces a host sync.
             stats = RouterStats(logits, scores, probs, probs.mean(0), rows, load, load.clone(),
@@ -304,6 +304,10 @@ class MoE(nn.Module):
         real = load[:E].float()
         self.expert_bias[:E] += rate * torch.sign(real.mean() - real)
 
+    def _dropless(self) -> bool:
+        """Token choice with every choice kept: route() returns T * k slots in token order."""
+        return self.capacity_factor <= 0 and self.null_experts == 0
+
     # -- compute -------------------------------------------------------------
     def forward(self, x: torch.Tensor, ctx=None):
         shape = x.shape
@@ -316,8 +320,18 @@ class MoE(nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
         out = self.experts(xt[token], counts, self.activation, self.impl, dtype)
-        out = (fp(out) * gate[:, None].to(fp(out).dtype)).to(x.dtype)
-        y = torch.zeros_like(xt).index_add(0, token, out)
+        out = fp(out) * gate[:, None].to(fp(out).dtype)
+        T, k = xt.shape[0], self.top_k
+        if self.routing != "expert_choice" and r.token.numel() == T * k and self._dropless():
+            # Every token holds exactly k slots (flat slot j = token j // k): put
+            # each row back in its slot and sum a token's k rows. The scatter has
+            # unique targets, so unlike index_add it needs no atomics, and its
+            # backward is a gather.
+            slots = torch.empty_like(out)
+            slots[order] = out
+            y = slots.view(T, k, -1).sum(dim=1).to(x.dtype)
+        else:
+            y = torch.zeros_like(xt).index_add(0, token, out.to(x.dtype))
         if self.shared is not None:
             y = y + self.shared(xt)[0]
         return y.reshape(shape), r.stats, None
