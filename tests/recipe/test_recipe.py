@@ -237,3 +237,20 @@ def test_key_lines_regex_sanity():
     lines = io.key_lines('a = 1\n[model.attention]\nnum_heads = 3\n"x" = 2\n')
     assert lines["a"] == 1 and lines["model.attention.num_heads"] == 3
     assert re.match(r"\w+", "x")
+
+
+def test_device_memory_follows_sharding_and_checkpointing():
+    from megacpp.recipe.count import summarize
+
+    full = [f"policy.activation_checkpointing.{f}=full" for f in "AMREF"]
+    one = summarize(load_recipe("nam56r", ["policy.parallel.data=1", "policy.parallel.sharding=none",
+                                           "policy.global_batch=4"])).memory
+    four = summarize(load_recipe("nam56r", ["policy.parallel.data=4", "policy.global_batch=16"])).memory
+    four_ac = summarize(load_recipe("nam56r", ["policy.parallel.data=4", "policy.global_batch=16"] + full)).memory
+    states = one["weights"] + one["gradients"] + one["optimizer"]
+    assert one["device_states"] == states and one["device_gather"] == 0
+    assert one["device_estimate"] == one["total_estimate"]  # nothing sharded, nothing checkpointed
+    assert four["device_states"] == states / 4 and four["device_gather"] > 0
+    # checkpointing every family keeps one hidden vector per layer and token, plus one layer rebuilt
+    assert four_ac["device_activations"] == one["activations_checkpointed"]
+    assert four_ac["device_estimate"] < 80 * 2**30 < one["device_estimate"]  # fits an 80 GB card only so

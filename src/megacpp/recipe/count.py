@@ -189,7 +189,37 @@ def summarize(recipe: Recipe, rows: list[LayerRow] | None = None) -> Summary:
                                 + memory["activations"] + memory["logits_linear_ce"])
     memory["total_estimate_checkpointed"] = (memory["total_estimate"] - memory["activations"]
                                              + memory["activations_checkpointed"])
+    memory.update(_device_memory(spec, pol, rows, memory, tokens, pbytes, cbytes))
     return Summary(total, active, V * d * (1 if spec.tie_embeddings else 2), flops, by_family, memory)
+
+
+def _device_memory(spec: ModelSpec, pol, rows, memory: dict, tokens: int, pbytes: int, cbytes: int) -> dict:
+    """One device's share under this recipe's layout and checkpointing policy.
+
+    FSDP2 over N ranks keeps 1/N of weights, gradients and optimizer state,
+    plus the unsharded parameters of the layer running and of the one being
+    prefetched. A layer checkpointed (full or selective) keeps its input and
+    rebuilds the rest during its backward: the largest such layer's
+    activations are counted once on top.
+    """
+    from .pattern import FAMILY_KEY
+
+    ac = pol.activation_checkpointing
+    sharded = pol.parallel.sharding == "fsdp2" and pol.parallel.data > 1
+    world = pol.parallel.data if sharded else 1
+    kept = recompute = 0.0
+    for r in rows:
+        full = _act_elems(spec, r.letter)
+        if ac.get(FAMILY_KEY[r.letter], "none") == "none":
+            kept += full
+        else:
+            kept += spec.hidden_size
+            recompute = max(recompute, full)
+    states = (memory["weights"] + memory["gradients"] + memory["optimizer"]) / world
+    gather = 2 * max(r.params for r in rows) * pbytes if sharded else 0.0
+    act = (kept + recompute) * tokens * cbytes
+    return {"device_states": states, "device_gather": float(gather), "device_activations": act,
+            "device_estimate": states + gather + act + memory["logits_linear_ce"], "device_shards": world}
 
 
 def describe(recipe: Recipe) -> dict:
@@ -259,4 +289,8 @@ def describe_text(recipe: Recipe) -> str:
                  f"{fmt_bytes(mem['logits_naive'])} naive / {fmt_bytes(mem['logits_linear_ce'])} linear-CE")
     lines.append(f"total estimate {fmt_bytes(mem['total_estimate'])} "
                  f"({fmt_bytes(mem['total_estimate_checkpointed'])} with full checkpointing)")
+    lines.append(f"per device under this layout and checkpointing policy: "
+                 f"{fmt_bytes(mem['device_estimate'])} (states / {mem['device_shards']} "
+                 f"{fmt_bytes(mem['device_states'])}, gathered layers {fmt_bytes(mem['device_gather'])}, "
+                 f"activations {fmt_bytes(mem['device_activations'])})")
     return "\n".join(lines)

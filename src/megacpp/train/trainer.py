@@ -128,11 +128,12 @@ def preflight(recipe: Recipe, out_dir: Path, data_dir: Path, device: torch.devic
     if free < 2 * ckpt_bytes:
         raise MegacppError(f"{out_dir}: {free / 2**30:.1f} GiB free, a checkpoint needs about "
                            f"{ckpt_bytes / 2**30:.1f} GiB (two must fit during a save)")
-    need = s.memory["total_estimate"]
+    # this device's share: FSDP2 shards the states, checkpointed layers keep only their input
+    need = s.memory["device_estimate"]
     have = memory_available(device)
     if need > have:
         raise MegacppError(
-            f"recipe {recipe.model.name}: memory estimate {need / 2**30:.1f} GiB exceeds the "
+            f"recipe {recipe.model.name}: memory estimate {need / 2**30:.1f} GiB per device exceeds the "
             f"{have / 2**30:.1f} GiB free on {device} (policy.micro_batch, policy.seq_len or "
             f"policy.activation_checkpointing can lower it)")
     snap = open_snapshot(data_dir)  # schema, files, sizes, checksums
