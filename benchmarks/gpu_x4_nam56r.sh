@@ -17,15 +17,25 @@ DATA=${DATA:-.gpudata/cpp-56r}; RUN=${RUN:-/root/megacpp-runs/$RECIPE-x$NPROC}
 LIMIT=${LIMIT:-540}
 rm -rf "$RUN"; mkdir -p "$(dirname "$RUN")"
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
-timeout "$LIMIT" python3 -m torch.distributed.run --nproc_per_node "$NPROC" --master_port 29950 \
-  -m megacpp train --recipe "$RECIPE" --data "$DATA" --out "$RUN" --quiet --max-steps "$STEPS" \
-  --set policy.parallel.data="$NPROC" --set policy.parallel.sharding=fsdp2 \
-  --set policy.micro_batch="$MB" --set policy.global_batch=$((MB * NPROC)) \
-  --set policy.eval_batches=0 --set policy.log_interval=1 --set policy.checkpoint_interval=1000000 \
-  --set policy.compile.mode="$COMPILE" \
-  $(for f in A E M R F; do echo --set policy.activation_checkpointing.$f=full; done) \
-  > "$RUN.log" 2>&1
-echo "rc=$? after ${SECONDS}s"; grep -v "^\s*$" "$RUN.log" | grep -iv "warn" | tail -n 8
+launch() {  # $1: micro batch, $2: time limit
+  rm -rf "$RUN"
+  timeout "$2" python3 -m torch.distributed.run --nproc_per_node "$NPROC" --master_port 29950 \
+    -m megacpp train --recipe "$RECIPE" --data "$DATA" --out "$RUN" --quiet --max-steps "$STEPS" \
+    --set policy.parallel.data="$NPROC" --set policy.parallel.sharding=fsdp2 \
+    --set policy.micro_batch="$1" --set policy.global_batch=$(($1 * NPROC)) \
+    --set policy.eval_batches=0 --set policy.log_interval=1 --set policy.checkpoint_interval=1000000 \
+    --set policy.compile.mode="$COMPILE" \
+    $(for f in A E M R F; do echo --set policy.activation_checkpointing.$f=full; done) \
+    > "$RUN.log" 2>&1
+}
+launch "$MB" "$LIMIT"
+rc=$?
+if [ $rc != 0 ] && grep -q "OutOfMemoryError\|out of memory" "$RUN.log" && (( MB > 1 && SECONDS < LIMIT / 2 )); then
+  echo "micro batch $MB ran out of memory after ${SECONDS}s; again at $((MB / 2))"
+  grep -m1 -i "out of memory" "$RUN.log" | cut -c1-300
+  MB=$((MB / 2)); launch "$MB" $((LIMIT - SECONDS - 20)); rc=$?
+fi
+echo "rc=$rc (micro batch $MB) after ${SECONDS}s"; grep -v "^\s*$" "$RUN.log" | grep -iv "warn" | tail -n 8
 cp "$RUN/run.json" "$OUT/nam56r_run.json" 2>/dev/null
 cp "$RUN/metrics.jsonl" "$OUT/nam56r_metrics.jsonl" 2>/dev/null
 python3 - "$RUN" "$SKIP" "$NPROC" <<'PY'
