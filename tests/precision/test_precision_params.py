@@ -148,3 +148,31 @@ def test_bf16_nvfp4_run_resumes_with_its_dtypes(tmp_path, precision_snapshot):
         assert p.dtype == (torch.float32 if kept(name) else torch.bfloat16), name
     for st in t.opt.adamw.state.values():
         assert int(st["step"]) == 4
+
+
+def test_fp32_matmul_is_recipe_policy_and_recorded():
+    from megacpp.errors import RecipeError
+    from megacpp.train.precision import Precision
+
+    r = megacpp.load_recipe("nam-tiny", ["policy.precision.fp32_matmul=ieee"])
+    assert r.policy.precision.fp32_matmul == "ieee"
+    # on CPU the switch does nothing, and the manifest says so
+    assert Precision(r.policy.precision, torch.device("cpu")).describe()["fp32_matmul"] == "ieee (cpu)"
+    with pytest.raises(RecipeError, match="fp32_matmul"):
+        megacpp.load_recipe("nam-tiny", ["policy.precision.fp32_matmul=fast"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp32_matmul_sets_the_tf32_switches_on_cuda():
+    from megacpp.train.precision import Precision
+
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        for mode, want in (("tf32", True), ("ieee", False), ("tf32", True)):
+            spec = megacpp.load_recipe("nam-tiny", [f"policy.precision.fp32_matmul={mode}"]).policy.precision
+            p = Precision(spec, torch.device("cuda"))
+            assert torch.backends.cuda.matmul.allow_tf32 is want and torch.backends.cudnn.allow_tf32 is want
+            assert p.describe()["fp32_matmul"] == mode
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old

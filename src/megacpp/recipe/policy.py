@@ -38,6 +38,10 @@ class PrecisionSpec:
     # Modules kept in float32 whatever the compute dtype (matched by name part).
     fp32_modules: tuple[str, ...] = ("A_log", "D", "dt_bias", "norm", "router")
     min_gemm_size: int = 0           # low-precision conversion skips smaller GEMMs (in*out)
+    # float32 matmuls (reference scans, routers, anything outside autocast) on
+    # CUDA: "tf32" uses the TF32 tensor cores (10-bit mantissa inputs,
+    # float32 accumulate), "ieee" full float32. No effect on CPU.
+    fp32_matmul: str = "tf32"
     loss_scale_init: float = 65536.0  # fp16 dynamic loss scaling
     loss_scale_growth_interval: int = 2000
 

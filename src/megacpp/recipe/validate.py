@@ -26,6 +26,7 @@ IMPLEMENTED = {
     "precision.compute": {"fp32", "bf16", "fp16"},
     "precision.params": {"fp32", "bf16"},
     "precision.low_precision": {"none", "fp8_rowwise", "fp8_tensorwise", "nvfp4_emulated"},
+    "precision.fp32_matmul": {"tf32", "ieee"},
     "compile.mode": {"none", "default", "reduce-overhead", "max-autotune"},
     "compile.scope": {"block", "model"},
     "parallel.sharding": {"none", "ddp", "fsdp2"},
@@ -220,6 +221,7 @@ def validate_policy(p: RunPolicy) -> None:
     _choice(pr.compute, IMPLEMENTED["precision.compute"], f + "precision.compute")
     _choice(pr.params, IMPLEMENTED["precision.params"], f + "precision.params")
     _choice(pr.low_precision, IMPLEMENTED["precision.low_precision"], f + "precision.low_precision")
+    _choice(pr.fp32_matmul, IMPLEMENTED["precision.fp32_matmul"], f + "precision.fp32_matmul")
     if pr.params == "bf16" and pr.compute != "bf16":
         _err(f + "precision.params", f"bf16 parameters need compute = \"bf16\" (compute is {pr.compute!r})")
     if pr.low_precision.startswith("fp8") and pr.compute != "bf16":

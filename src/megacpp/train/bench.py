@@ -121,8 +121,6 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
     dev = pick_device(device)
     pol, spec = recipe.policy, recipe.model
     torch.manual_seed(pol.seed)
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
     model = megacpp.build_model(spec).to(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)

@@ -65,6 +65,11 @@ class Precision:
                                f"(got {spec.compute}): with other compute dtypes bf16 weights meet "
                                f"{spec.compute} activations in the same GEMM")
         self.scaler = make_scaler(spec, device) if spec.compute == "fp16" else None
+        if device.type == "cuda":
+            # process-wide switches: the recipe, not a library default, decides them
+            tf32 = spec.fp32_matmul == "tf32"
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
         self.params_report: dict | None = None
         self.lowp = None
 
@@ -132,6 +137,7 @@ class Precision:
     def describe(self) -> dict:
         sp = self.spec
         out = {"compute": sp.compute, "params": sp.params, "low_precision": sp.low_precision,
+               "fp32_matmul": sp.fp32_matmul if self.device.type == "cuda" else "ieee (cpu)",
                "fp32_modules": list(sp.fp32_modules), "min_gemm_size": sp.min_gemm_size,
                "loss_scaling": "dynamic" if self.scaler else "none"}
         if self.scaler:
