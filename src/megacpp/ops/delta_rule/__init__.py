@@ -10,13 +10,7 @@ __all__ = ["gated_delta_rule", "gated_delta_rule_recurrent", "gated_delta_rule_s
 
 
 def __getattr__(name):
-    # `gated_delta_rule_triton` is imported on first access so that importing
-    # megacpp never imports triton; without triton it is simply absent.
-    if name == "gated_delta_rule_triton":
-        from .dispatch import triton_import_error
-        err = triton_import_error()
-        if err:
-            raise AttributeError(f"megacpp.ops.delta_rule.gated_delta_rule_triton is unavailable: {err}")
-        from .triton_delta_rule import gated_delta_rule_triton
-        return gated_delta_rule_triton
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    # `gated_delta_rule_triton` is imported on first access so that importing megacpp
+    # never imports triton; without triton it is simply absent.
+    from .dispatch import BACKEND
+    return BACKEND.package_attr(__name__, name)

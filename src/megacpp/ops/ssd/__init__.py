@@ -10,11 +10,5 @@ __all__ = ["ssd", "ssd_recurrent", "ssd_step", "ssd_fast", "ssd_backend", "ssd_b
 def __getattr__(name):
     # `ssd_triton` is imported on first access so that importing megacpp
     # never imports triton; without triton it is simply absent.
-    if name == "ssd_triton":
-        from .dispatch import triton_import_error
-        err = triton_import_error()
-        if err:
-            raise AttributeError(f"megacpp.ops.ssd.ssd_triton is unavailable: {err}")
-        from .triton_ssd import ssd_triton
-        return ssd_triton
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from .dispatch import BACKEND
+    return BACKEND.package_attr(__name__, name)
