@@ -89,7 +89,6 @@ Triton SSD (ops/ssd/triton_ssd.py).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -97,31 +96,18 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from .._triton_util import INTERPRET  # noqa: F401  (the kernels' mode, as before)
+from .._triton_util import blk as _blk
+from .._triton_util import device_ctx as _device_ctx
+from .._triton_util import dot_dtype as _dot_dtype
+from .._triton_util import mm as _mm
 from .dispatch import MAX_CHUNK, MAX_DK
 from .reference import _check
 from .reference import gated_delta_rule as _gdr_reference
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-if INTERPRET:
-    # triton 3.6's interpreter vs numpy >= 2.4 (range over a runtime value);
-    # the SSD module carries the fix.
-    from ..ssd.triton_ssd import _fix_interpreter_index
-    _fix_interpreter_index()
-
-
 # --------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------
-
-@triton.jit
-def _mm(a, b, DOT: tl.constexpr, IEEE: tl.constexpr):
-    """a @ b with operands cast to DOT, accumulated in float32."""
-    if IEEE:
-        return tl.dot(a.to(DOT), b.to(DOT), input_precision="ieee")
-    else:
-        return tl.dot(a.to(DOT), b.to(DOT))
-
 
 @triton.jit
 def _decay(gam_i, gam_j, mask):
@@ -561,24 +547,6 @@ def _wy_bwd_kernel(
 # launch helpers
 # --------------------------------------------------------------------------
 
-def _p2(v: int) -> int:
-    return triton.next_power_of_2(max(int(v), 1))
-
-
-def _blk(v: int, cap: int) -> int:
-    """Block covering v (at least 16, tl.dot's minimum), capped."""
-    return max(16, min(cap, _p2(v)))
-
-
-def _dot_dtype(x: torch.Tensor):
-    """(operand dtype of tl.dot, whether fp32 operands need input_precision='ieee')."""
-    if x.dtype == torch.float16:
-        return tl.float16, False
-    if x.dtype == torch.bfloat16 and not INTERPRET:
-        return tl.bfloat16, False
-    return tl.float32, True
-
-
 _STAGES: dict[str, int] = {}  # kernel name -> num_stages after an out-of-shared-memory fallback
 
 
@@ -766,13 +734,6 @@ def _backward(do, dfinal, q, k, v, g, beta, initial_state, chunk_size, scale):
 # --------------------------------------------------------------------------
 # custom ops + autograd
 # --------------------------------------------------------------------------
-
-def _device_ctx(t: torch.Tensor):
-    if t.is_cuda:
-        return torch.cuda.device(t.device)
-    import contextlib
-    return contextlib.nullcontext()
-
 
 @torch.library.custom_op("megacpp::gated_delta_rule_triton_fwd", mutates_args=())
 def _gdr_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,

@@ -63,56 +63,24 @@ custom_op is the supported way for torch >= 2.4 (the GPU machine has 2.11).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from .._triton_util import INTERPRET  # noqa: F401  (the kernels' mode, as before)
+from .._triton_util import blk as _blk
+from .._triton_util import device_ctx as _device_ctx
+from .._triton_util import dot_dtype as _dot_dtype
+from .._triton_util import mm as _mm
+from .._triton_util import p2 as _p2
 from .reference import _check
 from .reference import ssd as _ssd_reference
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _fix_interpreter_index() -> None:
-    """TRITON_INTERPRET=1 with numpy >= 2.4: the interpreter turns a scalar
-    into an int with int(array of shape (1,)), which numpy 2.4 refuses, so
-    every `range(...)` over a runtime value fails (triton-lang/triton#9171,
-    present in triton 3.6). Re-register __index__ to take the one element."""
-    try:
-        from triton.runtime import interpreter as _ti
-    except Exception:
-        return
-    orig = getattr(_ti, "_patch_lang_tensor", None)
-    if orig is None or getattr(orig, "_megacpp_fixed", False):
-        return
-
-    def patched(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._megacpp_fixed = True
-    _ti._patch_lang_tensor = patched
-
-
-if INTERPRET:
-    _fix_interpreter_index()
-
 
 # --------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------
-
-@triton.jit
-def _mm(a, b, DOT: tl.constexpr, IEEE: tl.constexpr):
-    """a @ b with operands cast to DOT, accumulated in float32."""
-    if IEEE:
-        return tl.dot(a.to(DOT), b.to(DOT), input_precision="ieee")
-    else:
-        return tl.dot(a.to(DOT), b.to(DOT))
-
 
 @triton.jit
 def _cb_kernel(
@@ -541,24 +509,6 @@ def _dbc_kernel(
 # launch helpers
 # --------------------------------------------------------------------------
 
-def _p2(v: int) -> int:
-    return triton.next_power_of_2(max(int(v), 1))
-
-
-def _blk(v: int, cap: int) -> int:
-    """Block covering v (at least 16, tl.dot's minimum), capped."""
-    return max(16, min(cap, _p2(v)))
-
-
-def _dot_dtype(x: torch.Tensor):
-    """(operand dtype of tl.dot, whether fp32 operands need input_precision='ieee')."""
-    if x.dtype == torch.float16:
-        return tl.float16, False
-    if x.dtype == torch.bfloat16 and not INTERPRET:
-        return tl.bfloat16, False
-    return tl.float32, True
-
-
 class _Prep:
     """Shapes, the padded float32 dt and the float64 chunk cumsum, (b, h, nc*Q)."""
 
@@ -727,13 +677,6 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size):
 # --------------------------------------------------------------------------
 # custom ops + autograd
 # --------------------------------------------------------------------------
-
-def _device_ctx(t: torch.Tensor):
-    if t.is_cuda:
-        return torch.cuda.device(t.device)
-    import contextlib
-    return contextlib.nullcontext()
-
 
 @torch.library.custom_op("megacpp::ssd_triton_fwd", mutates_args=())
 def _ssd_fwd_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
