@@ -24,14 +24,13 @@ Options: --shapes nam-125m,nam-1b,nam56r-m3  --iters 20  --no-compile  --skip-ti
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import statistics
 import sys
-import time
 
 import torch
+from kernel_check_util import finish, parse_args, parity_result, print_parity, print_timing
+from kernel_check_util import run_grads as _run_grads
+from kernel_check_util import timing_rows
 
 SHAPES = {  # name: (b, l, h, p, g, n, chunk)
     "nam-125m": (16, 2048, 24, 64, 1, 128, 128),
@@ -63,22 +62,9 @@ def make_inputs(shape, *, seed, with_d=False, with_init=False, resets=0.0, dtype
     return [c(x), dt, A, c(B), c(C), D, c(s0)]
 
 
-def _err(a, r):
-    a, r = a.detach().double(), r.detach().double()
-    d = a - r
-    return (d.norm() / r.norm().clamp_min(1e-300)).item(), (d.abs().max() / r.abs().max().clamp_min(1e-300)).item()
-
-
 def run_grads(fn, inputs, chunk, gy, gs, cast=None):
-    ins = [None if t is None else (t.detach().to(cast) if cast else t.detach().clone()).requires_grad_()
-           for t in inputs]
-    y, s = fn(*ins[:5], chunk, D=ins[5], initial_state=ins[6])
-    ((y.to(gy.dtype) * gy).sum() + (s.to(gs.dtype) * gs).sum()).backward()
-    out = {"y": y.detach(), "final_state": s.detach()}
-    for name, t in zip(NAMES, ins):
-        if t is not None:
-            out["d" + name] = t.grad
-    return out
+    return _run_grads(lambda ins: fn(*ins[:5], chunk, D=ins[5], initial_state=ins[6]), "y", NAMES,
+                      inputs, gy, gs, cast)
 
 
 def parity(name, shape, variant, seed):
@@ -90,44 +76,8 @@ def parity(name, shape, variant, seed):
     gen = torch.Generator(device=DEV).manual_seed(seed + 1)
     gy = torch.randn(b, l, h, p, device=DEV, generator=gen)
     gs = torch.randn(b, h, p, n, device=DEV, generator=gen)
-    t0 = time.perf_counter()
-    ours = run_grads(ssd_triton, inputs, chunk, gy, gs)
-    if DEV == "cuda":
-        torch.cuda.synchronize()
-    t_ours = time.perf_counter() - t0
-    # The bf16 outputs' backward rounds the incoming gradients to bf16 whoever
-    # computes the op; give the float64 reference the same rounded values so
-    # the error measured is the computation's, not that rounding's.
-    ref = run_grads(ssd_ref, inputs, chunk, gy.to(inputs[0].dtype).double(), gs.to(inputs[0].dtype).double(),
-                    cast=torch.float64)
-    ref32 = run_grads(ssd_ref, inputs, chunk, gy, gs)  # what the model runs today
-    rows, ok = [], True
-    for k in ref:
-        e, e_ref = _err(ours[k], ref[k]), _err(ref32[k], ref[k])
-        finite = bool(torch.isfinite(ours[k]).all())
-        good = finite and e[0] <= TOL_BF16[0] and e[1] <= TOL_BF16[1]
-        ok &= good
-        rows.append({"tensor": k, "norm": e[0], "max": e[1], "ref_fp32_norm": e_ref[0], "ref_fp32_max": e_ref[1],
-                     "finite": finite, "ok": good})
-    del ours, ref, ref32
-    if DEV == "cuda":
-        torch.cuda.empty_cache()
-    return {"shape": name, "variant": variant, "ok": ok, "first_call_s": t_ours, "rows": rows}
-
-
-def cuda_time(fn, iters, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+    run = lambda fn, ins, gy, gs, cast=None: run_grads(fn, ins, chunk, gy, gs, cast)  # noqa: E731
+    return parity_result(name, variant, DEV, TOL_BF16, run, ssd_triton, ssd_ref, inputs, gy, gs)
 
 
 def timing(name, shape, iters, compile_ref):
@@ -138,51 +88,21 @@ def timing(name, shape, iters, compile_ref):
     gy = torch.randn_like(inputs[0])
     leaves = [t.detach().clone().requires_grad_() for t in inputs[:5]]
 
-    impls = [("reference", ssd_ref)]
-    if compile_ref:
-        torch._dynamo.reset()
-        impls.append(("reference+compile", torch.compile(ssd_ref, dynamic=False)))
-    impls.append(("triton", ssd_triton))
-    out = []
-    for label, fn in impls:
-        def fwd():
-            with torch.no_grad():
-                fn(*inputs[:5], chunk)
+    def fwd(fn):
+        with torch.no_grad():
+            fn(*inputs[:5], chunk)
 
-        def fwd_bwd():
-            y, _ = fn(*leaves, chunk)
-            y.backward(gy)
-            for t in leaves:
-                t.grad = None
+    def fwd_bwd(fn):
+        y, _ = fn(*leaves, chunk)
+        y.backward(gy)
+        for t in leaves:
+            t.grad = None
 
-        try:
-            t0 = time.perf_counter()
-            fwd_bwd()  # compiles / autotunes outside the timed region
-            torch.cuda.synchronize()
-            first = time.perf_counter() - t0
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            f_ms = cuda_time(fwd, iters)
-            fb_ms = cuda_time(fwd_bwd, iters)
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-            out.append({"shape": name, "impl": label, "fwd_ms": f_ms, "fwd_bwd_ms": fb_ms,
-                        "peak_extra_mib": peak, "first_call_s": first})
-        except Exception as e:  # e.g. compile failure: report, keep going
-            out.append({"shape": name, "impl": label, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-        torch.cuda.empty_cache()
-    return out
+    return timing_rows(name, ssd_ref, ssd_triton, compile_ref, iters, fwd, fwd_bwd)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shapes", default=",".join(SHAPES))
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference timing")
-    ap.add_argument("--skip-timing", action="store_true")
-    ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--json", default=None, help="write the results here")
-    ap.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    args = parse_args(__doc__.split("\n")[0], SHAPES, argv)
 
     if args.cpu_smoke:  # run this script's parity path on CPU under the Triton interpreter
         global DEV
@@ -202,46 +122,12 @@ def main(argv=None):
     shapes = [s for s in args.shapes.split(",") if s]
 
     results = {"info": info, "parity": [], "timing": []}
-    all_ok = True
     print("\n## parity (bf16 inputs; error vs float64 reference: norm = |a-r|/|r|, max = max|a-r|/max|r|)")
-    print(f"{'shape':10s} {'variant':14s} {'tensor':14s} {'triton norm':>11s} {'max':>9s}   "
-          f"{'ref-f32 norm':>12s} {'max':>9s}  ok")
     cases = [(s, "model") for s in shapes] + ([("nam-125m", "D+init+resets")] if "nam-125m" in shapes else [])
-    for name, variant in cases:
-        r = parity(name, SHAPES[name], variant, args.seed)
-        results["parity"].append(r)
-        all_ok &= r["ok"]
-        for row in r["rows"]:
-            print(f"{name:10s} {variant:14s} {row['tensor']:14s} {row['norm']:11.2e} {row['max']:9.2e}   "
-                  f"{row['ref_fp32_norm']:12.2e} {row['ref_fp32_max']:9.2e}  {'ok' if row['ok'] else 'FAIL'}")
-        sys.stdout.flush()
-
+    all_ok = print_parity(results, cases, parity, SHAPES, args.seed, 14)
     if not args.skip_timing:
-        print("\n## timing (bf16, median of CUDA events; ms)")
-        print(f"{'shape':10s} {'impl':18s} {'fwd':>9s} {'fwd+bwd':>9s} {'peak MiB':>9s} {'1st call s':>10s}")
-        for name in shapes:
-            rows = timing(name, SHAPES[name], args.iters, not args.no_compile)
-            results["timing"].extend(rows)
-            for r in rows:
-                if "error" in r:
-                    print(f"{name:10s} {r['impl']:18s} {r['error']}")
-                else:
-                    print(f"{name:10s} {r['impl']:18s} {r['fwd_ms']:9.3f} {r['fwd_bwd_ms']:9.3f} "
-                          f"{r['peak_extra_mib']:9.0f} {r['first_call_s']:10.1f}")
-            sys.stdout.flush()
-
-    results["ok"] = all_ok
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-        print(f"\nwrote {args.json}")
-    if not all_ok:
-        bad = [(r["shape"], r["variant"], [x["tensor"] for x in r["rows"] if not x["ok"]])
-               for r in results["parity"] if not r["ok"]]
-        print(f"\nSSD PARITY FAILED: {bad}", file=sys.stderr)
-        return 1
-    print("\nparity ok")
-    return 0
+        print_timing(results, shapes, timing, SHAPES, args)
+    return finish(results, all_ok, args.json, "SSD")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
 """Helpers for tests/ops (module name kept unique: test dirs have no __init__.py)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -38,3 +42,43 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def randint(gen: torch.Generator, lo: int, hi: int) -> int:
     """Uniform integer in [lo, hi]."""
     return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+
+# ---------------------------------------------- Triton kernels vs reference
+
+def err_norm_max(a: torch.Tensor, r: torch.Tensor) -> tuple[float, float]:
+    """(||a - r|| / ||r||, max|a - r| / max|r|), r being the (float64) reference."""
+    a, r = a.detach().double(), r.detach().double()
+    d = a - r
+    return (d.norm() / r.norm().clamp_min(1e-300)).item(), (d.abs().max() / r.abs().max().clamp_min(1e-300)).item()
+
+
+def assert_errors_within(errs: dict, dtype: torch.dtype, tol: dict, own_key: str, own_tol_fp32: tuple,
+                         show: bool = False) -> None:
+    """Every (norm, max) in errs within tol[dtype]; errs[own_key] within
+    own_tol_fp32 instead when dtype is float32. show: print the table."""
+    tn, tm = tol[dtype]
+
+    def bound(k):
+        return own_tol_fp32 if (k == own_key and dtype == torch.float32) else (tn, tm)
+
+    bad = {k: v for k, v in errs.items() if not (v[0] <= bound(k)[0] and v[1] <= bound(k)[1])}
+    table = "\n".join(f"  {k:16s} norm {v[0]:.2e}  max {v[1]:.2e}" for k, v in errs.items())
+    if show:
+        print(f"{dtype}:\n{table}")
+    assert not bad, f"{dtype}: tolerance norm {tn:g} / max {tm:g} exceeded by {sorted(bad)}\n{table}"
+
+
+def run_interpreter_child(test_file: str, child_env: str, n_tests: int) -> None:
+    """Run test_file's `cpu_interp` tests in a child pytest with TRITON_INTERPRET=1
+    (read when @triton.jit decorates the kernels, i.e. at their import) and
+    child_env=1; all n_tests must pass, none skipped."""
+    env = dict(os.environ, TRITON_INTERPRET="1", **{child_env: "1"})
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider",
+           os.path.abspath(test_file), "-k", "cpu_interp"]
+    r = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-6000:]
+    want = f"{n_tests} passed"
+    assert want in out and "skipped" not in out, out[-2000:]

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 
 from megacpp.ops.delta_rule import delta_rule_backend, delta_rule_backend_reason, gated_delta_rule_fast
 from megacpp.ops.delta_rule.reference import gated_delta_rule as gdr_ref
+from ops_testutil import assert_errors_within, run_interpreter_child
+from ops_testutil import err_norm_max as _err
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CUDA = torch.cuda.is_available()
@@ -91,12 +93,6 @@ def make_inputs(b, l, h, dk, dv, *, dtype, device, with_init=True, resets=0.0, g
             cast(s0, dtype)]
 
 
-def _err(a, r):
-    a, r = a.detach().double(), r.detach().double()
-    d = a - r
-    return (d.norm() / r.norm().clamp_min(1e-300)).item(), (d.abs().max() / r.abs().max().clamp_min(1e-300)).item()
-
-
 def compare(fn, inputs, chunk, seed=0, use_state=True):
     """Run fn and the float64 reference forward + backward; return {name: (norm, max)}."""
     q, v = inputs[0], inputs[2]
@@ -132,15 +128,7 @@ def compare(fn, inputs, chunk, seed=0, use_state=True):
 
 
 def assert_close(errs, dtype):
-    tn, tm = TOL[dtype]
-
-    def bound(k):
-        return DG_TOL_FP32 if (k == "dg" and dtype == torch.float32) else (tn, tm)
-
-    bad = {k: v for k, v in errs.items() if not (v[0] <= bound(k)[0] and v[1] <= bound(k)[1])}
-    table = "\n".join(f"  {k:16s} norm {v[0]:.2e}  max {v[1]:.2e}" for k, v in errs.items())
-    print(f"{dtype}:\n{table}")
-    assert not bad, f"{dtype}: tolerance norm {tn:g} / max {tm:g} exceeded by {sorted(bad)}\n{table}"
+    assert_errors_within(errs, dtype, TOL, "dg", DG_TOL_FP32, show=True)
 
 
 # ---------------------------------------------------------------- dispatch
@@ -285,15 +273,7 @@ def test_cpu_interp_custom_op_and_compile(seed, gen):
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 @pytest.mark.skipif(CHILD, reason="this is the parent")
 def test_triton_interpreter_on_cpu():
-    env = dict(os.environ, TRITON_INTERPRET="1", MEGACPP_DELTA_RULE_INTERP_CHILD="1")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider",
-           os.path.abspath(__file__), "-k", "cpu_interp"]
-    r = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out[-6000:]
-    want = f"{len(INTERP_CASES) + 1} passed"
-    assert want in out and "skipped" not in out, out[-2000:]
+    run_interpreter_child(__file__, "MEGACPP_DELTA_RULE_INTERP_CHILD", len(INTERP_CASES) + 1)
 
 
 # ------------------------------------------- sm_90 compile, no GPU needed

@@ -22,14 +22,14 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from megacpp.ops.ssd import ssd_backend, ssd_backend_reason, ssd_fast
 from megacpp.ops.ssd.reference import ssd as ssd_ref
+from ops_testutil import assert_errors_within, run_interpreter_child
+from ops_testutil import err_norm_max as _err
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CUDA = torch.cuda.is_available()
@@ -76,12 +76,6 @@ def make_inputs(b, l, h, p, g, n, *, dtype, device, with_d=True, with_init=True,
     return [half(x), f32(dt), f32(A), half(B), half(C), f32(D), half(s0)]
 
 
-def _err(a, r):
-    a, r = a.detach().double(), r.detach().double()
-    d = a - r
-    return (d.norm() / r.norm().clamp_min(1e-300)).item(), (d.abs().max() / r.abs().max().clamp_min(1e-300)).item()
-
-
 def compare(fn, inputs, chunk, seed=0):
     """Run fn and the float64 reference forward + backward; return {name: (norm, max)}."""
     x = inputs[0]
@@ -120,14 +114,7 @@ DA_TOL_FP32 = (1e-3, 1e-3)
 
 
 def assert_close(errs, dtype):
-    tn, tm = TOL[dtype]
-
-    def bound(k):
-        return DA_TOL_FP32 if (k == "dA" and dtype == torch.float32) else (tn, tm)
-
-    bad = {k: v for k, v in errs.items() if not (v[0] <= bound(k)[0] and v[1] <= bound(k)[1])}
-    table = "\n".join(f"  {k:16s} norm {v[0]:.2e}  max {v[1]:.2e}" for k, v in errs.items())
-    assert not bad, f"{dtype}: tolerance norm {tn:g} / max {tm:g} exceeded by {sorted(bad)}\n{table}"
+    assert_errors_within(errs, dtype, TOL, "dA", DA_TOL_FP32)
 
 
 # ---------------------------------------------------------------- dispatch
@@ -249,12 +236,4 @@ def test_cpu_interp_custom_op_and_compile(seed, gen):
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 @pytest.mark.skipif(CHILD, reason="this is the parent")
 def test_triton_interpreter_on_cpu():
-    env = dict(os.environ, TRITON_INTERPRET="1", MEGACPP_SSD_INTERP_CHILD="1")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider",
-           os.path.abspath(__file__), "-k", "cpu_interp"]
-    r = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out[-6000:]
-    want = f"{len(INTERP_CASES) + 1} passed"
-    assert want in out and "skipped" not in out, out[-2000:]
+    run_interpreter_child(__file__, "MEGACPP_SSD_INTERP_CHILD", len(INTERP_CASES) + 1)
