@@ -322,6 +322,7 @@ class Trainer:
             "precision": self.precision.describe(),
             "attention_backend": _attention_backend(self.device),
             "ssd_backend": _ssd_backend(self.device, self.precision.dtype),
+            "delta_rule_backend": _delta_rule_backend(self.model, self.device, self.precision.dtype),
             "compile": {**self.compile_info, **compile_stats()},
             "activation_checkpointing": {"policy": dict(pol.activation_checkpointing),
                                          "applied_layers": len(self.ac_applied)},
@@ -683,6 +684,21 @@ def _ssd_backend(device, dtype) -> dict:
     """Which Mamba SSD scan the M layers take (triton or the torch reference), and why."""
     from ..ops.ssd import ssd_backend, ssd_backend_reason
     return {"backend": ssd_backend(device, dtype), "reason": ssd_backend_reason(device, dtype)}
+
+
+def _delta_rule_backend(model, device, dtype) -> dict:
+    """Which gated delta rule the R layers take, and why."""
+    from ..model.recurrent import GatedDeltaNet
+    from ..ops.delta_rule import delta_rule_backend, delta_rule_backend_reason
+
+    layers = [m for m in model.modules() if isinstance(m, GatedDeltaNet)]
+    if not layers:
+        return {"backend": None, "reason": "no R layers"}
+    if not any(m.fast for m in layers):
+        return {"backend": "reference", "reason": "the Triton kernel is opt-in: MEGACPP_DELTA_RULE=triton"}
+    m = layers[0]
+    return {"backend": delta_rule_backend(device, dtype, m.chunk_size, m.dk),
+            "reason": delta_rule_backend_reason(device, dtype, m.chunk_size, m.dk)}
 
 
 def _attention_backend(device) -> str:
