@@ -12,17 +12,7 @@ timeout 330 python3 -m megacpp train --recipe nam-125m --data .gpudata/cpp-125m 
   --set policy.eval_batches=8 --set policy.checkpoint_interval=100000 --set policy.log_interval=25 2>&1 | tail -n 4
 python3 -m megacpp report "$RUN" --out "$OUT/report" > /dev/null 2>&1 || echo "report failed"
 cp "$RUN/metrics.jsonl" "$RUN/run.json" "$OUT/" 2>/dev/null
-python3 - "$RUN" <<'PY'
-import json, sys
-m = json.load(open(sys.argv[1] + "/run.json")); o = m["outcome"]
-recs = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl")]
-tr = sorted(r["tokens_per_s"] for r in recs if r["kind"] == "train")
-val = [(r["step"], round(r["bpb"], 4)) for r in recs if r["kind"] == "val"]
-print("train:", o["steps"], "steps", o["tokens"], "tokens", o["wall_seconds"], "s, end", o["end_reason"],
-      "median tok/s", round(tr[len(tr)//2]), "peak GiB", round((o["peak_memory_bytes"] or 0)/2**30, 1))
-print("patches:", [(p["name"], p["backend"]) for p in m["patches"]])
-print("val bpb:", val)
-PY
+python3 benchmarks/run_summary.py "$RUN"
 for r in nam-125m dense-125m; do
   fam=""; [ "$r" = dense-125m ] && fam="--no-family-times"
   timeout 150 python3 -m megacpp bench --recipe $r --steps 10 --warmup 4 $fam --json > $OUT/bench_$r.json 2> $OUT/bench_$r.err

@@ -93,16 +93,6 @@ PY
   cp "$RUN/run.json" "$OUT/"
   gzip -c "$RUN/metrics.jsonl" > "$OUT/metrics.jsonl.gz"
   cp "$RUN.log" "$OUT/train.log"
-  python3 - "$RUN" <<'PY'
-import json, sys
-m = json.load(open(sys.argv[1] + "/run.json")); o = m["outcome"]
-recs = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl")]
-tr = sorted(r["tokens_per_s"] for r in recs if r["kind"] == "train")
-val = [(r["step"], round(r["bpb"], 4)) for r in recs if r["kind"] == "val"]
-print("train:", o["steps"], "steps", o["tokens"], "tokens", o["wall_seconds"], "s, end", o["end_reason"],
-      "median tok/s", round(tr[len(tr) // 2]), "peak GiB", round((o["peak_memory_bytes"] or 0) / 2**30, 1))
-print("patches:", [(p["name"], p["backend"]) for p in m["patches"]])
-print("val bpb:", val)
-PY
+  python3 benchmarks/run_summary.py "$RUN"
   ;;
 esac
