@@ -680,10 +680,20 @@ class Trainer:
             writer.console(self.step, f"val loss {loss:.4f} bpb {bpb:.4f}")
 
 
+def _kernel_choice(what: str, fn):
+    """fn(): a kernel backend record; a forced backend that cannot run (or a bad
+    MEGACPP_* value) is a user error, reported as one line before training starts."""
+    try:
+        return fn()
+    except (RuntimeError, ValueError) as e:
+        raise MegacppError(f"{what}: {e}") from None
+
+
 def _ssd_backend(device, dtype) -> dict:
     """Which Mamba SSD scan the M layers take (triton or the torch reference), and why."""
     from ..ops.ssd import ssd_backend, ssd_backend_reason
-    return {"backend": ssd_backend(device, dtype), "reason": ssd_backend_reason(device, dtype)}
+    return _kernel_choice("Mamba SSD scan", lambda: {"backend": ssd_backend(device, dtype),
+                                                     "reason": ssd_backend_reason(device, dtype)})
 
 
 def _delta_rule_backend(model, device, dtype) -> dict:
@@ -697,8 +707,9 @@ def _delta_rule_backend(model, device, dtype) -> dict:
     if not any(m.fast for m in layers):
         return {"backend": "reference", "reason": "the Triton kernel is opt-in: MEGACPP_DELTA_RULE=triton"}
     m = layers[0]
-    return {"backend": delta_rule_backend(device, dtype, m.chunk_size, m.dk),
-            "reason": delta_rule_backend_reason(device, dtype, m.chunk_size, m.dk)}
+    return _kernel_choice("gated delta rule", lambda: {
+        "backend": delta_rule_backend(device, dtype, m.chunk_size, m.dk),
+        "reason": delta_rule_backend_reason(device, dtype, m.chunk_size, m.dk)})
 
 
 def _attention_backend(device) -> str:

@@ -1,0 +1,27 @@
+"""A kernel backend forced where it cannot run, or a bad MEGACPP_* value, stops
+`megacpp train` with one line naming it (exit 2), before any step runs."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+@pytest.mark.parametrize("env,msg", [
+    ({"MEGACPP_SSD": "bogus"}, "Mamba SSD scan: MEGACPP_SSD='bogus': expected one of"),
+    ({"MEGACPP_DELTA_RULE": "triton"}, "gated delta rule: MEGACPP_DELTA_RULE=triton, but the Triton gated delta rule cannot run"),
+])
+def test_bad_kernel_choice_is_one_clear_error(env, msg, tiny_snapshot, tmp_path):
+    if torch.cuda.is_available() and env.get("MEGACPP_DELTA_RULE") == "triton":
+        pytest.skip("CUDA here: the forced kernel may run")
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "megacpp", "train", "--recipe", "nam-tiny", "--data",
+                        str(tiny_snapshot), "--out", str(out), "--device", "cpu", "--quiet", "--max-steps", "1",
+                        "--set", "model.vocab_size=512", "--set", "policy.seq_len=64"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert msg in p.stderr and "Traceback" not in p.stderr
+    assert not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip()
