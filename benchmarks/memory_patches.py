@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 
 import torch
+
+from kernel_check_util import cuda_time  # this folder: the script runs as benchmarks/memory_patches.py
 
 
 def measure(fn, reps=10, warmup=2):
@@ -33,15 +34,7 @@ def measure(fn, reps=10, warmup=2):
     fn()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return extra / 2**30, statistics.median(times)
+    return extra / 2**30, cuda_time(fn, reps, warmup=0)  # warmed up above
 
 
 def loss_path(rows):
