@@ -70,14 +70,11 @@ def rows(device: torch.device) -> list[dict]:
         why = "fla kernels need CUDA"
     else:
         why = "fla adapter: not built in this version"
-    from .model import recurrent as _recurrent
     from .ops.delta_rule import delta_rule_backend_reason
     try:
         gdr_why = delta_rule_backend_reason(device, torch.bfloat16 if cuda else None)
     except ValueError as e:  # a bad MEGACPP_DELTA_RULE value
         gdr_why = str(e)
-    if not gdr_why and not _recurrent.delta_rule_opted_in():
-        gdr_why = "opt-in until its GPU parity check has passed: set MEGACPP_DELTA_RULE=triton"
     out.append({"path": "gated delta rule (R)",
                 "runs": "Triton chunked kernels (ops.delta_rule.triton_delta_rule)" if not gdr_why
                 else "chunked pure-torch reference (ops.delta_rule)",

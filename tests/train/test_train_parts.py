@@ -90,3 +90,19 @@ def test_mtp_targets_shift_and_document_mask():
     # depth 0 predicts labels[i+1] when i+1 is in i's document
     assert t.tolist() == [[11, 12, -100, 14, -100, -100]]
     assert not math.isnan(float(t.float().sum()))
+
+
+def test_compile_stats_counts_recompiles_with_reasons():
+    """Recompiles come from dynamo's compile metrics; a grad-mode flip and a
+    new size each add one, named by its first failed guard."""
+    from megacpp.train.compile import compile_stats
+
+    before = compile_stats()
+    f = torch.compile(lambda x: x * 2 + 1, backend="eager")
+    f(torch.ones(3))
+    f(torch.ones(3))  # cache hit: no recompile
+    with torch.no_grad():
+        f(torch.ones(3, requires_grad=True))
+    after = compile_stats()
+    assert after["recompiles"] - before["recompiles"] == 1
+    assert any("grad_mode" in why for why in after["recompile_reasons"])

@@ -14,7 +14,6 @@ convs drop taps into the previous document.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -22,19 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.delta_rule import gated_delta_rule_fast
-from ..ops.delta_rule.reference import gated_delta_rule, gated_delta_rule_step
+from ..ops.delta_rule.reference import gated_delta_rule_step
 from ..recipe.spec import ModelSpec
 from . import init as winit
 from .context import SeqContext, causal_conv1d, conv_step, conv_tail, reset_log_decay
 from .norm import GatedRMSNorm, fp
 
-
-
-def delta_rule_opted_in() -> bool:
-    """The Triton delta rule is opt-in (MEGACPP_DELTA_RULE=triton) until its GPU
-    parity check (benchmarks/delta_rule_kernel_check.py) has passed; by
-    default the layers take the pure-torch reference everywhere."""
-    return os.environ.get("MEGACPP_DELTA_RULE", "").strip().lower() == "triton"
 
 
 # fla's GatedDeltaNet draws dt for the decay's bias from this range.
@@ -55,7 +47,6 @@ class GatedDeltaNet(nn.Module):
         r, d = spec.recurrent, spec.hidden_size
         self.heads, self.dk, self.dv = r.num_heads, r.key_dim, r.value_dim
         self.chunk_size, self.conv_width = r.chunk_size, r.conv_width
-        self.fast = delta_rule_opted_in()  # read once: a plain attribute that compile can guard on
         H, dk, dv, K = self.heads, self.dk, self.dv, r.conv_width
         self.q_proj = nn.Linear(d, H * dk, bias=False)
         self.k_proj = nn.Linear(d, H * dk, bias=False)
@@ -106,7 +97,10 @@ class GatedDeltaNet(nn.Module):
         q, k, v = self._heads(q, k, v)
         g, beta = self._gates(x)
         g = reset_log_decay(g, ctx)
-        rule = gated_delta_rule_fast if self.fast else gated_delta_rule
+        # Triton on CUDA (its GPU check, benchmarks/delta_rule_kernel_check.py,
+        # passed on an H200 on 2026-11-27), the reference elsewhere or with
+        # MEGACPP_DELTA_RULE=reference
+        rule = gated_delta_rule_fast
         o, S = rule(q, k, v, g, beta, chunk_size=self.chunk_size)
         state = None
         if ctx.want_state:

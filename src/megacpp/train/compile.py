@@ -1,6 +1,8 @@
 """torch.compile per block (or whole model), with compile statistics recorded."""
 from __future__ import annotations
 
+import re
+
 import torch
 
 
@@ -25,15 +27,40 @@ def apply_compile(model: torch.nn.Module, spec) -> dict:
     return {"mode": spec.mode, "scope": "block", "targets": len(model.layers)}
 
 
+def _recompile_reason(text: str) -> str:
+    """The first failed guard of a recompile, without its cache-entry id and
+    source location: "GLOBAL_STATE changed: grad_mode", "tensor 'x' size
+    mismatch at index 0. expected 3, actual 4", "self.family == 'moe'"."""
+    first = text.strip().splitlines()[0] if text.strip() else "?"
+    first = re.sub(r"^\d+/\d+:\s*", "", first)
+    first = re.sub(r"\.? expected .*$", "", first.split("#")[0].strip())  # group sizes
+    return first or "?"
+
+
 def compile_stats() -> dict:
-    """Graphs compiled and recompiles so far in this process (dynamo counters)."""
+    """Graphs compiled and recompiles so far in this process, with why.
+
+    Recompiles come from dynamo's per-compile metrics (compile id F/C with
+    C > 0 is the C-th recompile of frame F); dynamo's `counters` has no
+    recompile entry in torch 2.11+. Dynamo keeps the most recent metrics
+    only (a bounded deque), so a long-running process may undercount.
+    """
     try:
-        from torch._dynamo.utils import counters
+        from torch._dynamo.utils import counters, get_compilation_metrics
     except Exception:
         return {}
     stats = counters.get("stats", {})
+    reasons: dict[str, int] = {}
+    recompiles = 0
+    for m in get_compilation_metrics():
+        cid = str(getattr(m, "compile_id", "") or "")
+        frame_compile = cid.split("/")[1].split("_")[0] if "/" in cid else "0"
+        if frame_compile.isdigit() and int(frame_compile) > 0:
+            recompiles += 1
+            why = _recompile_reason(str(getattr(m, "recompile_reason", "") or ""))
+            reasons[why] = reasons.get(why, 0) + 1
+    top = dict(sorted(reasons.items(), key=lambda kv: -kv[1])[:8])
     return {"unique_graphs": int(stats.get("unique_graphs", 0)),
             "calls_captured": int(stats.get("calls_captured", 0)),
-            "recompiles": int(sum(counters.get("recompiles", {}).values()))
-            if "recompiles" in counters else 0,
+            "recompiles": recompiles, "recompile_reasons": top,
             "graph_breaks": int(sum(counters.get("graph_break", {}).values()))}

@@ -704,8 +704,6 @@ def _delta_rule_backend(model, device, dtype) -> dict:
     layers = [m for m in model.modules() if isinstance(m, GatedDeltaNet)]
     if not layers:
         return {"backend": None, "reason": "no R layers"}
-    if not any(m.fast for m in layers):
-        return {"backend": "reference", "reason": "the Triton kernel is opt-in: MEGACPP_DELTA_RULE=triton"}
     m = layers[0]
     return _kernel_choice("gated delta rule", lambda: {
         "backend": delta_rule_backend(device, dtype, m.chunk_size, m.dk),
