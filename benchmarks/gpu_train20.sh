@@ -10,9 +10,10 @@
 # call; it stops itself at --time-limit (20+ min of wall time in the
 # process) and saves a final checkpoint. Data and runs live outside the
 # repository copy, which the next call replaces. The run has the card to
-# itself (the 2026-11-27 attempt that shared it with the precision curves
-# ran at a third of its speed); SIDE_JOBS=1 puts the issue-10 curves and the
-# CUDA tests beside it anyway. Start it in the FIRST call of a fresh machine:
+# itself during `start`; with SIDE_JOBS=1, `wait` then puts the CUDA tests,
+# the two kernel checks and the four issue-10 precision curves (one process
+# per mode) beside it, as the third session did on 2026-11-27 (the run fell
+# from 86k to 17k tokens/s while the curves ran), and `finish` collects them. Start it in the FIRST call of a fresh machine:
 # the machine goes back 30 minutes after it was asked for, start included.
 # Carry: a wheel dir (liger-kernel, tomli-w, pytest, torchao) and
 # .gpudata/cpp-125m-xl, the snapshot built on the CPU machine with
@@ -23,7 +24,7 @@ RUN=${RUN:-/root/megacpp-runs/nam-125m-20min}
 SRC_DATA=${DATA:-.gpudata/cpp-125m-xl}
 DATA=/root/data/$(basename "$SRC_DATA")
 LIMIT=${LIMIT:-1215}
-CURVES="python3 benchmarks/precision_bench.py --part curves --steps 500 --micro-batch 8 --set policy.global_batch=16 --data $DATA"
+CURVES="python3 benchmarks/precision_bench.py --part curves --steps 500 --micro-batch 8 --set policy.global_batch=8 --data $DATA"
 phase=${1:-start}
 
 progress() {
@@ -61,38 +62,41 @@ start)
     --time-limit "$LIMIT" --set policy.steps=3600 --set policy.eval_interval=100 \
     --set policy.eval_batches=8 --set policy.checkpoint_interval=100000 --set policy.log_interval=25 \
     > "$RUN.log" 2>&1 < /dev/null &
-  if [ "${SIDE_JOBS:-0}" = 1 ]; then
-    setsid nohup $CURVES --modes bf16,fp16 --work /root/pw1 --json /root/curves1.json > /root/curves1.log 2>&1 < /dev/null &
-    setsid nohup $CURVES --modes fp8,nvfp4_emulated --work /root/pw2 --json /root/curves2.json > /root/curves2.log 2>&1 < /dev/null &
-    sleep 5
-    timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | grep -v DEBUG | tail -n 12
-  fi
   follow $((560 - SECONDS))
   tail -n 3 "$RUN.log"
   ;;
 wait)
-  follow 560
+  if [ "${SIDE_JOBS:-0}" = 1 ]; then
+    for m in bf16 fp16 fp8 nvfp4_emulated; do
+      setsid nohup $CURVES --modes $m --work /root/pw_$m --json /root/curves_$m.json > /root/curves_$m.log 2>&1 < /dev/null &
+    done
+    mkdir -p /root/side
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests > /root/side/gpu_tests.log 2>&1; tail -n 3 /root/side/gpu_tests.log
+    timeout 100 python3 benchmarks/ssd_kernel_check.py > /root/side/ssd_check.log 2>&1; echo "ssd check rc $?"
+    timeout 60 python3 benchmarks/delta_rule_kernel_check.py > /root/side/delta_check.log 2>&1; echo "delta check rc $?"
+  fi
+  follow $((560 - SECONDS))
   ;;
 finish)
-  while { pgrep -f "[m]egacpp train --recipe nam-125m" || pgrep -f "[p]recision_bench.py"; } > /dev/null && (( SECONDS < 420 )); do sleep 10; done
-  cat /root/ssd_choice; tail -n 3 /root/curves1.log /root/curves2.log
+  while pgrep -f "[m]egacpp train --recipe nam-125m" > /dev/null && (( SECONDS < 240 )); do sleep 5; done
+  while pgrep -f "[p]recision_bench.py" > /dev/null && (( SECONDS < 420 )); do sleep 5; done
+  pkill -f "[p]recision_bench.py"
+  tail -n 4 "$RUN.log"
+  python3 -m megacpp report "$RUN" --out /root/report > /root/report.log 2>&1 || { echo "report failed"; tail -n 5 /root/report.log; }
+  python3 benchmarks/run_summary.py "$RUN"
+  rm -rf /root/pack; mkdir -p /root/pack
+  cp -r /root/report "$RUN/run.json" "$RUN/metrics.jsonl" "$RUN.log" /root/pack/
+  cp -r /root/side /root/curves_* /root/pack/ 2>/dev/null
   python3 - <<'PY'
-import json, pathlib, sys
+import glob, json, sys
 sys.path.insert(0, "benchmarks")
 from precision_bench import curves_table
 res = {}
-for f in ("/root/curves1.json", "/root/curves2.json"):
-    if pathlib.Path(f).exists():
-        res.update(json.loads(pathlib.Path(f).read_text()))
-pathlib.Path("/root/out_curves.json").write_text(json.dumps(res, indent=1))
-print(curves_table(res))
+for f in sorted(glob.glob("/root/curves_*.json")):
+    res.update(json.load(open(f)))
+if res:
+    print(curves_table(res))
 PY
-  gzip -c /root/out_curves.json > "$OUT/precision_curves.json.gz"
-  tail -n 6 "$RUN.log"
-  python3 -m megacpp report "$RUN" --out "$OUT/report" > /root/report.log 2>&1 || { echo "report failed"; tail -n 5 /root/report.log; }
-  cp "$RUN/run.json" "$OUT/"
-  gzip -c "$RUN/metrics.jsonl" > "$OUT/metrics.jsonl.gz"
-  cp "$RUN.log" "$OUT/train.log"
-  python3 benchmarks/run_summary.py "$RUN"
+  tar czf "$OUT/train20.tar.gz" -C /root pack   # one file back: report, manifest, metrics, logs, curves
   ;;
 esac

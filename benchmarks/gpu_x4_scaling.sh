@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Data-parallel scaling on one 4-GPU machine, one call (issue 9):
+# Data-parallel scaling on one 4-GPU (or 2-GPU, ROUNDS="0 3 5") machine, one call (issue 9):
 # nam-1b and nam-125m under FSDP2 at 1, 2 and 4 GPUs. Runs that need
 # fewer GPUs go side by side on disjoint GPUs (CUDA_VISIBLE_DEVICES,
 # distinct torchrun ports), so the whole sweep fits one short call.
@@ -13,7 +13,14 @@ nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'nccl', torch.cuda.nccl.version())"
 mkdir -p /root/sc
 ROUNDS=${ROUNDS:-1 2 3 4}   # e.g. ROUNDS="3 4" for nam-125m at 2 and 4 GPUs only
+# On a 2-GPU machine: ROUNDS="0 3 5" (both recipes at 1 GPU side by side,
+# then nam-125m and nam-1b at 2 GPUs), so the baselines share the call.
 has() { [[ " $ROUNDS " == *" $1 "* ]]; }
+if has 0; then
+  CUDA_VISIBLE_DEVICES=0 $S --recipes nam-125m --worlds 1 --master-port 29500 --json $OUT/sc_125m_w1.json > /root/sc/125m_w1.log 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 $S --recipes nam-1b --worlds 1 --master-port 29550 --json $OUT/sc_1b_w1.json > /root/sc/1b_w1.log 2>&1 &
+  wait; echo "round 0 done at ${SECONDS}s"
+fi
 if has 1; then
   CUDA_VISIBLE_DEVICES=0 $S --recipes nam-1b --worlds 1 --master-port 29600 --json $OUT/sc_1b_w1.json > /root/sc/1b_w1.log 2>&1 &
   CUDA_VISIBLE_DEVICES=1 $S --recipes nam-125m --worlds 1 --master-port 29700 --json $OUT/sc_125m_w1.json > /root/sc/125m_w1.log 2>&1 &
@@ -31,6 +38,10 @@ fi
 if has 4; then
   $S --recipes nam-125m --worlds 4 --master-port 30100 --json $OUT/sc_125m_w4.json > /root/sc/125m_w4.log 2>&1
   echo "round 4 done at ${SECONDS}s"
+fi
+if has 5; then
+  CUDA_VISIBLE_DEVICES=0,1 $S --recipes nam-1b --worlds 2 --master-port 30200 --json $OUT/sc_1b_w2.json > /root/sc/1b_w2.log 2>&1
+  echo "round 5 done at ${SECONDS}s"
 fi
 tail -n 3 /root/sc/*.log | grep -v "^$" | tail -n 30
 python3 benchmarks/scaling.py --data none --merge $OUT/sc_*.json
