@@ -151,3 +151,27 @@ def test_fp8_swap_follows_the_filter(tiny, lp):
         out = model(ids)
     out.logits.float().logsumexp(-1).mean().backward()
     assert torch.isfinite(model.layers[0].attention.q_proj.weight.grad).all()
+
+
+def test_converted_flops_share_of_a_dense_recipe_by_hand():
+    """dense-125m (GQA 12 q / 4 kv heads of 64, SwiGLU 2048): each A layer's
+    q, k, v, o and each F layer's w_in (two halves) and w_out convert; the
+    head and embedding stay. Expected FLOPs written out from the dims."""
+    from megacpp import load_recipe
+    from megacpp.recipe.count import summarize
+    from megacpp.train.lowp import conversion_plan_summary
+
+    r = load_recipe("dense-125m", ["policy.precision.low_precision=fp8_rowwise"])
+    d, kv, ffn, layers = 768, 4 * 64, 2048, 12
+    per_attn = d * d + 2 * d * kv + d * d
+    per_mlp = d * 2 * ffn + ffn * d
+    want = 6.0 * layers * (per_attn + per_mlp)
+    got = conversion_plan_summary(r)
+    assert got["converted"] == 12 * 4 + 12 * 2
+    assert got["converted_flops_per_token"] == want
+    assert got["share_of_model_flops"] == pytest.approx(want / summarize(r).flops_per_token)
+    # a threshold above the attention projections keeps them, and the share drops
+    small = load_recipe("dense-125m", ["policy.precision.low_precision=fp8_rowwise",
+                                       f"policy.precision.min_gemm_size={d * d + 1}"])
+    assert conversion_plan_summary(small)["converted_flops_per_token"] == 6.0 * layers * per_mlp
+    assert conversion_plan_summary(load_recipe("dense-125m")) is None

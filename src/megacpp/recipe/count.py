@@ -246,7 +246,14 @@ def describe(recipe: Recipe) -> dict:
         "flops_by_family": s.flops_by_family,
         "memory_estimate_bytes": s.memory,
         "micro_batch": recipe.policy.micro_batch,
+        "low_precision": _low_precision_plan(recipe),
     }
+
+
+def _low_precision_plan(recipe: Recipe) -> dict | None:
+    # deferred: the plan builds the model (on meta tensors), which imports torch
+    from ..train.lowp import conversion_plan_summary
+    return conversion_plan_summary(recipe)
 
 
 def fmt_count(n: float) -> str:
@@ -293,4 +300,10 @@ def describe_text(recipe: Recipe) -> str:
                  f"{fmt_bytes(mem['device_estimate'])} (states / {mem['device_shards']} "
                  f"{fmt_bytes(mem['device_states'])}, gathered layers {fmt_bytes(mem['device_gather'])}, "
                  f"activations {fmt_bytes(mem['device_activations'])})")
+    lp = info["low_precision"]
+    if lp:
+        lines.append(f"low-precision GEMMs ({lp['recipe']}): {lp['converted']} converted, {lp['kept']} kept; "
+                     f"the converted carry {lp['converted_flops_per_token'] / 1e9:.3f} GFLOP/token, "
+                     f"{lp['share_of_model_flops'] * 100:.0f}% of the model's training FLOPs (the most "
+                     f"a faster GEMM can act on)")
     return "\n".join(lines)

@@ -13,11 +13,12 @@ from torch import nn
 from ...errors import MegacppError
 from .fp8 import convert_fp8, fp8_unavailable, require_fp8
 from .nvfp4 import NVFP4EmulatedLinear, native_fp4, nvfp4_linear, nvfp4_qdq, nvfp4_quantize
-from .plan import GemmDecision, linear_decision, name_match, plan_conversion, summarize_names
+from .plan import (GemmDecision, converted_flops_per_token, linear_decision, name_match, plan_conversion,
+                   summarize_names)
 
 __all__ = ["LowPrecisionReport", "convert_low_precision", "plan_conversion", "linear_decision",
-           "name_match", "summarize_names", "GemmDecision", "fp8_unavailable", "require_fp8",
-           "convert_fp8", "NVFP4EmulatedLinear", "nvfp4_linear", "nvfp4_qdq", "nvfp4_quantize", "native_fp4"]
+           "name_match", "summarize_names", "conversion_plan_summary", "GemmDecision", "fp8_unavailable", "require_fp8",
+           "convert_fp8", "converted_flops_per_token", "NVFP4EmulatedLinear", "nvfp4_linear", "nvfp4_qdq", "nvfp4_quantize", "native_fp4"]
 
 NVFP4_BACKEND = ("megacpp NVFP4 emulation: e2m1 values, 16-element blocks along the reduction dim, "
                  "e4m3 block scales, float32 global scale; forward GEMM inputs only, straight-through gradients")
@@ -39,7 +40,29 @@ class LowPrecisionReport:
         return {"recipe": self.recipe, "backend": self.backend, "emulated": self.emulated,
                 "native": self.native, "converted": len(self.converted),
                 "kept": len(self.gemms) - len(self.converted),
+                "converted_flops_per_token": converted_flops_per_token(self.gemms),
                 "gemms": [g.to_dict() for g in self.gemms]}
+
+
+def conversion_plan_summary(recipe) -> dict | None:
+    """What policy.precision.low_precision would convert in this recipe's model,
+    without building it for real (meta tensors): counts, and the share of the
+    model's training FLOPs per token that the converted GEMMs carry. None when
+    the recipe converts nothing."""
+    import megacpp
+    from ...recipe.count import summarize
+
+    spec = recipe.policy.precision
+    if spec.low_precision == "none":
+        return None
+    with torch.device("meta"):
+        model = megacpp.build_model(recipe.model)
+    plan = plan_conversion(model, spec.fp32_modules, spec.min_gemm_size)
+    conv = converted_flops_per_token(plan)
+    total = summarize(recipe).flops_per_token
+    return {"recipe": spec.low_precision, "converted": sum(g.convert for g in plan),
+            "kept": sum(not g.convert for g in plan), "converted_flops_per_token": conv,
+            "share_of_model_flops": conv / total if total else 0.0}
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

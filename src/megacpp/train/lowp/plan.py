@@ -105,6 +105,19 @@ def plan_conversion(model: nn.Module, fp32_modules=(), min_gemm_size: int = 0,
     return rows
 
 
+def gemm_flops_per_token(g: GemmDecision) -> float:
+    """Training FLOPs per token of one nn.Linear GEMM (forward 2*in*out, backward
+    twice that); 0 for embeddings and the grouped experts, whose per-token
+    work depends on routing and which no recipe here converts."""
+    return 6.0 * g.shape[0] * g.shape[1] if g.kind == "linear" else 0.0
+
+
+def converted_flops_per_token(gemms: list[GemmDecision]) -> float:
+    """The training FLOPs per token that run through converted GEMMs: the
+    most a low-precision recipe can speed up (Amdahl's numerator)."""
+    return sum(gemm_flops_per_token(g) for g in gemms if g.convert)
+
+
 def summarize_names(names) -> dict[str, int]:
     """Collapse layer indices ("layers.3.norm.weight" -> "layers.*.norm.weight") and count."""
     out: dict[str, int] = {}
