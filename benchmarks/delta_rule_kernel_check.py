@@ -69,16 +69,19 @@ def run_grads(fn, inputs, chunk, go, gs, cast=None):
 
 
 def parity(name, shape, variant, seed):
+    """variant: "model" or "init+resets", with "/fla" for flash-linear-attention's kernels."""
+    from megacpp.ops.delta_rule.fla_adapter import gated_delta_rule_fla
     from megacpp.ops.delta_rule.reference import gated_delta_rule as gdr_ref
     from megacpp.ops.delta_rule.triton_delta_rule import gated_delta_rule_triton
-    kw = dict(with_init=True, resets=1 / 256) if variant == "init+resets" else {}
+    impl = gated_delta_rule_fla if variant.endswith("/fla") else gated_delta_rule_triton
+    kw = dict(with_init=True, resets=1 / 256) if variant.startswith("init+resets") else {}
     inputs = make_inputs(shape, seed=seed, **kw)
     b, l, h, dk, dv, chunk = shape
     gen = torch.Generator(device=DEV).manual_seed(seed + 1)
     go = torch.randn(b, l, h, dv, device=DEV, generator=gen)
     gs = torch.randn(b, h, dk, dv, device=DEV, generator=gen)
     run = lambda fn, ins, go, gs, cast=None: run_grads(fn, ins, chunk, go, gs, cast)  # noqa: E731
-    return parity_result(name, variant, DEV, TOL_BF16, run, gated_delta_rule_triton, gdr_ref, inputs, go, gs)
+    return parity_result(name, variant, DEV, TOL_BF16, run, impl, gdr_ref, inputs, go, gs)
 
 
 def timing(name, shape, iters, compile_ref):
@@ -145,11 +148,14 @@ def main(argv=None):
     import triton
 
     from megacpp.ops.delta_rule import delta_rule_backend, delta_rule_backend_reason
+    from megacpp.ops.delta_rule.dispatch import fla_reason
+    from megacpp.ops.delta_rule.fla_adapter import FLA_CHUNK
     dev = torch.device(DEV)
     info = {"device": torch.cuda.get_device_name(dev) if DEV == "cuda" else "cpu (interpreter smoke)",
             "torch": torch.__version__, "triton": triton.__version__,
             "delta_rule_backend": delta_rule_backend(dev, torch.bfloat16),
-            "why_not": delta_rule_backend_reason(dev, torch.bfloat16)}
+            "why_not": delta_rule_backend_reason(dev, torch.bfloat16),
+            "fla": fla_reason(dev) or "runs"}
     print(f"# {info}")
     shapes = [s for s in args.shapes.split(",") if s]
 
@@ -157,6 +163,10 @@ def main(argv=None):
     print("\n## parity (bf16 q/k/v, float32 g/beta; error vs float64 reference: norm = |a-r|/|r|, "
           "max = max|a-r|/max|r|)")
     cases = [(s, "model") for s in shapes] + ([("nam-125m", "init+resets")] if "nam-125m" in shapes else [])
+    if info["fla"] != "runs":
+        print(f"# flash-linear-attention's kernels not checked: {info['fla']}")
+    else:  # where the dispatcher would take fla's kernels, check them too
+        cases += [(s, v + "/fla") for s, v in list(cases) if SHAPES[s][-1] == FLA_CHUNK]
     all_ok = print_parity(results, cases, parity, SHAPES, args.seed, 12)
     if not args.skip_timing:
         print_timing(results, shapes, timing, SHAPES, args)

@@ -28,15 +28,6 @@ def _triton() -> str | None:
         return None
 
 
-def _vtuple(v: str) -> tuple[int, ...]:
-    out = []
-    for part in v.split("+")[0].split("."):
-        if not part.isdigit():
-            break
-        out.append(int(part))
-    return tuple(out)
-
-
 def rows(device: torch.device) -> list[dict]:
     from .model.moe import grouped_mm_available
     from .patches.registry import all_patches
@@ -61,25 +52,22 @@ def rows(device: torch.device) -> list[dict]:
                 "runs": "Triton chunked scan (ops.ssd.triton_ssd)" if not ssd_why
                 else "chunked pure-torch reference (ops.ssd)",
                 "why_not": f"Triton SSD: {ssd_why}" if ssd_why else ""})
-    fla = _version("flash-linear-attention")
-    if fla is None:
-        why = "flash-linear-attention not installed"
-    elif cuda and cap and cap[0] >= 9 and tri and _vtuple(tri) < (3, 7, 1):
-        why = f"fla {fla} refuses Gated DeltaNet backward on Hopper with Triton {tri} < 3.7.1"
-    elif not cuda:
-        why = "fla kernels need CUDA"
-    else:
-        why = "fla adapter: not built in this version"
+    from .ops.delta_rule.dispatch import fla_reason
+    try:
+        why = fla_reason(device)
+    except ValueError as e:  # a bad MEGACPP_DELTA_RULE value (reported below too)
+        why = str(e)
     from .ops.delta_rule import delta_rule_backend_reason
     try:
         gdr_why = delta_rule_backend_reason(device, torch.bfloat16 if cuda else None)
     except ValueError as e:  # a bad MEGACPP_DELTA_RULE value
         gdr_why = str(e)
-    out.append({"path": "gated delta rule (R)",
-                "runs": "Triton chunked kernels (ops.delta_rule.triton_delta_rule)" if not gdr_why
-                else "chunked pure-torch reference (ops.delta_rule)",
+    runs = ("chunked pure-torch reference (ops.delta_rule)" if gdr_why
+            else "flash-linear-attention's chunk kernels (ops.delta_rule.fla_adapter)" if not why
+            else "Triton chunked kernels (ops.delta_rule.triton_delta_rule)")
+    out.append({"path": "gated delta rule (R)", "runs": runs,
                 "why_not": "; ".join(w for w in (f"Triton gated delta rule: {gdr_why}" if gdr_why else "",
-                                                 why) if w)})
+                                                 f"fla: {why}" if why else "") if w)})
 
     dt = torch.bfloat16 if cuda else torch.float32
     gm = grouped_mm_available(device, dt, 64, 128, 64)

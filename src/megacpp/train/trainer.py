@@ -704,10 +704,17 @@ def _delta_rule_backend(model, device, dtype) -> dict:
     layers = [m for m in model.modules() if isinstance(m, GatedDeltaNet)]
     if not layers:
         return {"backend": None, "reason": "no R layers"}
+    from ..ops.delta_rule.dispatch import fla_reason
+
     m = layers[0]
-    return _kernel_choice("gated delta rule", lambda: {
-        "backend": delta_rule_backend(device, dtype, m.chunk_size, m.dk),
-        "reason": delta_rule_backend_reason(device, dtype, m.chunk_size, m.dk)})
+
+    def choice() -> dict:
+        backend = delta_rule_backend(device, dtype, m.chunk_size, m.dk)
+        why = delta_rule_backend_reason(device, dtype, m.chunk_size, m.dk)
+        if backend == "triton":  # the project's kernels: why not flash-linear-attention's
+            why = f"not fla: {fla_reason(device, m.chunk_size)}"
+        return {"backend": backend, "reason": why}
+    return _kernel_choice("gated delta rule", choice)
 
 
 def _attention_backend(device) -> str:

@@ -1,15 +1,19 @@
-"""Which gated delta rule runs: the Triton kernels or the pure-torch reference.
+"""Which gated delta rule runs: fla's kernels, the project's Triton kernels or
+the pure-torch reference.
 
     gated_delta_rule_fast(q, k, v, g, beta, initial_state=None, chunk_size=64, scale=None)
 
 has `reference.gated_delta_rule`'s signature and returns. It takes the
-Triton kernels (`triton_delta_rule.gated_delta_rule_triton`) when
-`delta_rule_backend(q.device, q.dtype)` says "triton": q on CUDA, triton
-importable, the environment variable MEGACPP_DELTA_RULE not "reference",
-q not float64 (the reference is the float64 oracle) and chunk_size within
-the kernels' limit. Everything else goes to `reference.gated_delta_rule`.
-MEGACPP_DELTA_RULE=triton makes a missing Triton path an error instead of a
-silent fallback.
+Triton kernels when `delta_rule_backend(q.device, q.dtype)` says so: q on
+CUDA, triton importable, the environment variable MEGACPP_DELTA_RULE not
+"reference", q not float64 (the reference is the float64 oracle) and
+chunk_size within the kernels' limit. Of the two Triton paths,
+flash-linear-attention's (`fla_adapter`) runs where fla is installed, its
+own version guard allows it and the chunk is its 64 ("fla"); the project's
+(`triton_delta_rule.gated_delta_rule_triton`) otherwise ("triton").
+Everything else goes to `reference.gated_delta_rule`.
+MEGACPP_DELTA_RULE=triton takes the project's kernels and makes a missing
+Triton path an error instead of a silent fallback.
 
 Nothing here imports triton until a CUDA tensor asks for it, so importing
 megacpp never needs triton.
@@ -20,6 +24,7 @@ import torch
 
 from .._backend import CHOICES  # noqa: F401  (re-exported: the values of ENV)
 from .._backend import KernelBackend, assume_constant, kernels_import_error
+from .fla_adapter import FLA_CHUNK, fla_refusal, gated_delta_rule_fla
 from .reference import gated_delta_rule as gated_delta_rule_reference
 
 ENV = "MEGACPP_DELTA_RULE"
@@ -55,15 +60,52 @@ def delta_rule_backend_reason(device, dtype: torch.dtype | None = None, chunk_si
     return BACKEND.reason(device, dtype, _limit(chunk_size, dk))
 
 
+_FLA_REFUSALS: dict[int, str] = {}
+
+
+@assume_constant  # dynamo bakes the answer in: no fla import or device query in a traced frame
+def fla_refusal_on(device_index: int) -> str:
+    """fla_adapter.fla_refusal for cuda:device_index, cached."""
+    if device_index not in _FLA_REFUSALS:
+        _FLA_REFUSALS[device_index] = fla_refusal(torch.device("cuda", device_index))
+    return _FLA_REFUSALS[device_index]
+
+
+def choose(triton_ok: bool, forced: str, chunk_size: int | None, fla_why: str) -> str:
+    """The choice among 'fla', 'triton' and 'reference' from its inputs (pure)."""
+    if not triton_ok:
+        return "reference"
+    if forced == "triton" or chunk_size not in (None, FLA_CHUNK) or fla_why:
+        return "triton"
+    return "fla"
+
+
+def fla_reason(device, chunk_size: int | None = None) -> str:
+    """'' when the Triton path of this device would be fla's, else why it is the project's."""
+    device = torch.device(device)
+    if BACKEND.choice() == "triton":
+        return "MEGACPP_DELTA_RULE=triton takes the project's kernels"
+    if chunk_size not in (None, FLA_CHUNK):
+        return f"chunk_size {chunk_size}: fla runs chunks of {FLA_CHUNK}"
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "fla kernels need CUDA"
+    return fla_refusal_on(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def delta_rule_backend(device, dtype: torch.dtype | None = None, chunk_size: int | None = None,
                        dk: int | None = None) -> str:
-    """'triton' or 'reference': what gated_delta_rule_fast runs for tensors on `device` (of `dtype`)."""
-    return BACKEND.backend(delta_rule_backend_reason(device, dtype, chunk_size, dk))
+    """'fla', 'triton' or 'reference': what gated_delta_rule_fast runs for tensors on `device` (of `dtype`)."""
+    if BACKEND.backend(delta_rule_backend_reason(device, dtype, chunk_size, dk)) == "reference":
+        return "reference"
+    return choose(True, BACKEND.choice(), chunk_size, fla_reason(device, chunk_size))
 
 
 def gated_delta_rule_fast(q, k, v, g, beta, initial_state=None, chunk_size=64, scale=None):
     """reference.gated_delta_rule's signature; Triton on CUDA when available (see delta_rule_backend)."""
-    if delta_rule_backend(q.device, q.dtype, chunk_size, q.shape[-1]) == "triton":
+    backend = delta_rule_backend(q.device, q.dtype, chunk_size, q.shape[-1])
+    if backend == "fla":
+        return gated_delta_rule_fla(q, k, v, g, beta, initial_state, chunk_size=chunk_size, scale=scale)
+    if backend == "triton":
         from .triton_delta_rule import gated_delta_rule_triton
         return gated_delta_rule_triton(q, k, v, g, beta, initial_state, chunk_size=chunk_size, scale=scale)
     return gated_delta_rule_reference(q, k, v, g, beta, initial_state, chunk_size=chunk_size, scale=scale)
