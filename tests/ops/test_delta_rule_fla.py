@@ -43,15 +43,29 @@ def test_fla_guard_without_cuda_or_triton():
     assert fla_guard((9, 0), None) == "triton missing"
 
 
-@pytest.mark.parametrize("triton_ok, forced, chunk, fla_why, want", [
-    (False, "auto", 64, "", "reference"),
-    (True, "auto", 64, "", "fla"),
-    (True, "triton", 64, "", "triton"),       # MEGACPP_DELTA_RULE=triton: the project's kernels
-    (True, "auto", 32, "", "triton"),         # fla runs chunks of 64 only
-    (True, "auto", 64, "fla refuses", "triton"),
+@pytest.mark.parametrize("env, chunk, fla_why, want", [
+    (None, 64, "", "fla"),
+    ("auto", None, "", "fla"),
+    ("triton", 64, "", "triton"),             # MEGACPP_DELTA_RULE=triton: the project's kernels
+    (None, 32, "", "triton"),                 # fla runs chunks of 64 only
+    (None, 64, "fla 0.6.0 refuses", "triton"),
+    ("reference", 64, "", "reference"),
 ])
-def test_choice_among_fla_triton_reference(triton_ok, forced, chunk, fla_why, want):
-    assert dispatch.choose(triton_ok, forced, chunk, fla_why) == want
+def test_backend_choice_among_fla_triton_reference(monkeypatch, env, chunk, fla_why, want):
+    """The dispatcher's own functions, with the device facts stood in: a CUDA
+    device where the project's kernels would run, and fla's refusal as given."""
+    if env is None:
+        monkeypatch.delenv("MEGACPP_DELTA_RULE", raising=False)
+    else:
+        monkeypatch.setenv("MEGACPP_DELTA_RULE", env)
+    kernels_ok = env != "reference"
+    monkeypatch.setattr(dispatch, "delta_rule_backend_reason",
+                        lambda *a, **k: "" if kernels_ok else "disabled by MEGACPP_DELTA_RULE=reference")
+    monkeypatch.setattr(dispatch.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dispatch, "fla_refusal_on", lambda index: fla_why)
+    assert dispatch.delta_rule_backend(torch.device("cuda", 0), torch.bfloat16, chunk, 128) == want
+    if want == "triton":
+        assert dispatch.fla_reason(torch.device("cuda", 0), chunk)  # says why not fla
 
 
 def test_cpu_never_takes_fla(monkeypatch):

@@ -71,15 +71,6 @@ def fla_refusal_on(device_index: int) -> str:
     return _FLA_REFUSALS[device_index]
 
 
-def choose(triton_ok: bool, forced: str, chunk_size: int | None, fla_why: str) -> str:
-    """The choice among 'fla', 'triton' and 'reference' from its inputs (pure)."""
-    if not triton_ok:
-        return "reference"
-    if forced == "triton" or chunk_size not in (None, FLA_CHUNK) or fla_why:
-        return "triton"
-    return "fla"
-
-
 def fla_reason(device, chunk_size: int | None = None) -> str:
     """'' when the Triton path of this device would be fla's, else why it is the project's."""
     device = torch.device(device)
@@ -97,7 +88,7 @@ def delta_rule_backend(device, dtype: torch.dtype | None = None, chunk_size: int
     """'fla', 'triton' or 'reference': what gated_delta_rule_fast runs for tensors on `device` (of `dtype`)."""
     if BACKEND.backend(delta_rule_backend_reason(device, dtype, chunk_size, dk)) == "reference":
         return "reference"
-    return choose(True, BACKEND.choice(), chunk_size, fla_reason(device, chunk_size))
+    return "triton" if fla_reason(device, chunk_size) else "fla"
 
 
 def gated_delta_rule_fast(q, k, v, g, beta, initial_state=None, chunk_size=64, scale=None):
