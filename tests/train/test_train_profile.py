@@ -1,6 +1,7 @@
 """`megacpp train --profile START:END`: a profiler table of those steps in the run dir."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -16,6 +17,8 @@ def test_profile_window_writes_table(tiny_snapshot, tmp_path):
             profile=(1, 10)).run()  # the run ends inside the window: the table is still written
     text = (tmp_path / "run" / "profile.txt").read_text()
     assert text.startswith("steps 1..2, rank 0, cpu")
+    m = re.search(r"wall ([0-9.]+) ms \(([0-9.]+) ms/step\)", text.splitlines()[0])
+    assert m and float(m.group(1)) > 0 and abs(float(m.group(2)) - float(m.group(1)) / 2) < 0.2
     assert "by self CPU time" in text and "aten::" in text
 
 

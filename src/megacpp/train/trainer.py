@@ -556,14 +556,19 @@ class Trainer:
             self._prof = profile(activities=acts)
             self._prof.__enter__()
             self._prof_start = self.step
+            self._prof_t0 = time.perf_counter()
         elif self._prof is not None and (stop or self.step >= end):
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
+            wall = time.perf_counter() - self._prof_t0
             self._prof.__exit__(None, None, None)
             prof, self._prof = self._prof, None
             if self.dist.is_main:
                 ka = prof.key_averages()
-                parts = [f"steps {self._prof_start}..{self.step - 1}, rank 0, {self.device}"]
+                # wall time of the profiled steps, to set against the self-time totals
+                # under each table: GPU busy time well below it means the host is the limit
+                parts = [f"steps {self._prof_start}..{self.step - 1}, rank 0, {self.device}, "
+                         f"wall {wall * 1e3:.1f} ms ({wall * 1e3 / max(1, self.step - self._prof_start):.1f} ms/step)"]
                 if self.device.type == "cuda":
                     parts += ["", "by self CUDA time", ka.table(sort_by="self_cuda_time_total", row_limit=40)]
                 parts += ["", "by self CPU time", ka.table(sort_by="self_cpu_time_total", row_limit=40)]
