@@ -10,9 +10,13 @@
 #   megacpp data prepare --recipe nam56r --sources system debian:libboost1.81-dev \
 #       debian:gcc-12-source --max-bytes 41943040 --out .gpudata/cpp-56r
 #   bash benchmarks/gpu_x4_nam56r.sh            (MB=2 for micro batch 2, COMPILE=none)
+# On 8 GPUs, the seed's own layout (issue 11: micro batch 4, global batch 64,
+# so two micro-batches accumulated per step), compared with its 29.2% MFU:
+#   NPROC=8 GLOBAL=64 bash benchmarks/gpu_x4_nam56r.sh
 source benchmarks/gpu_session.sh
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTORCH_ALLOC_CONF=expandable_segments:True
 RECIPE=${RECIPE:-nam56r}; NPROC=${NPROC:-4}; MB=${MB:-4}; STEPS=${STEPS:-60}; SKIP=${SKIP:-10}; COMPILE=${COMPILE:-default}
+GLOBAL=${GLOBAL:-}  # default: micro batch x GPUs (no accumulation)
 DATA=${DATA:-.gpudata/cpp-56r}; RUN=${RUN:-/root/megacpp-runs/$RECIPE-x$NPROC}
 LIMIT=${LIMIT:-540}
 rm -rf "$RUN"; mkdir -p "$(dirname "$RUN")"
@@ -22,7 +26,7 @@ launch() {  # $1: micro batch, $2: time limit
   timeout "$2" python3 -m torch.distributed.run --nproc_per_node "$NPROC" --master_port 29950 \
     -m megacpp train --recipe "$RECIPE" --data "$DATA" --out "$RUN" --quiet --max-steps "$STEPS" \
     --set policy.parallel.data="$NPROC" --set policy.parallel.sharding=fsdp2 \
-    --set policy.micro_batch="$1" --set policy.global_batch=$(($1 * NPROC)) \
+    --set policy.micro_batch="$1" --set policy.global_batch=${GLOBAL:-$(($1 * NPROC))} \
     --set policy.eval_batches=0 --set policy.log_interval=1 --set policy.checkpoint_interval=1000000 \
     --set policy.compile.mode="$COMPILE" \
     $(for f in A E M R F; do echo --set policy.activation_checkpointing.$f=full; done) \
