@@ -16,9 +16,10 @@ from .nvfp4 import NVFP4EmulatedLinear, native_fp4, nvfp4_linear, nvfp4_qdq, nvf
 from .plan import (GemmDecision, converted_flops_per_token, linear_decision, name_match, plan_conversion,
                    summarize_names)
 
-__all__ = ["LowPrecisionReport", "convert_low_precision", "plan_conversion", "linear_decision",
-           "name_match", "summarize_names", "conversion_plan_summary", "GemmDecision", "fp8_unavailable", "require_fp8",
-           "convert_fp8", "converted_flops_per_token", "NVFP4EmulatedLinear", "nvfp4_linear", "nvfp4_qdq", "nvfp4_quantize", "native_fp4"]
+__all__ = ["LowPrecisionReport", "convert_low_precision", "conversion_plan_summary", "plan_conversion",
+           "linear_decision", "name_match", "summarize_names", "GemmDecision", "converted_flops_per_token",
+           "fp8_unavailable", "require_fp8", "convert_fp8", "NVFP4EmulatedLinear", "nvfp4_linear",
+           "nvfp4_qdq", "nvfp4_quantize", "native_fp4"]
 
 NVFP4_BACKEND = ("megacpp NVFP4 emulation: e2m1 values, 16-element blocks along the reduction dim, "
                  "e4m3 block scales, float32 global scale; forward GEMM inputs only, straight-through gradients")
