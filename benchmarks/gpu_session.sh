@@ -5,9 +5,12 @@
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests/model:$PWD/tests/ops
 WHL=${WHL:-.whl}
-if [ -d "$WHL" ] && [ ! -f /tmp/site/.done ]; then
+# The marker names the wheel set: a later call on the same warm machine with
+# another folder (.whl after .whl-min) must install, not find an old marker.
+MARK=/tmp/site/.done-$(ls "$WHL" 2>/dev/null | md5sum | cut -c1-12)
+if [ -d "$WHL" ] && [ ! -f "$MARK" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl \
-    && touch /tmp/site/.done
+    && touch "$MARK"
 fi
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"

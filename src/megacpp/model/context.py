@@ -185,12 +185,18 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     y_t = bias + sum_k weight[:, 0, K-1-k] * x_{t-k}. In packed rows the taps
     that reach into an earlier document are dropped, so each document sees
     the zero left padding it would see alone.
+
+    The result has x's dtype, as autocast's conv1d would give: the taps
+    accumulate in the weights' dtype (float32), and the sum is rounded once.
+    A float32 result would hand the Mamba and delta-rule scans float32
+    operands, which their Triton kernels (custom ops, outside autocast) then
+    multiply on CUDA cores instead of tensor cores (4-10x slower).
     """
     b, t, c = x.shape
     K = weight.shape[-1]
     if ctx.doc_ids is None:
-        y = F.conv1d(x.transpose(1, 2), weight, bias, padding=K - 1, groups=c)[..., :t]
-        return y.transpose(1, 2)
+        y = F.conv1d(x.transpose(1, 2).to(weight.dtype), weight, bias, padding=K - 1, groups=c)[..., :t]
+        return y.transpose(1, 2).to(x.dtype)
     w = weight[:, 0, :]  # (c, K); tap K-1 multiplies x_t
     y = x * w[:, K - 1]
     for k in range(1, K):
@@ -200,7 +206,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         y = y + shifted * ctx.same_doc(k)[..., None].to(x.dtype) * w[:, K - 1 - k]
     if bias is not None:
         y = y + bias
-    return y
+    return y.to(x.dtype)
 
 
 def conv_tail(x: torch.Tensor, K: int) -> torch.Tensor:
@@ -218,7 +224,7 @@ def conv_step(x_t: torch.Tensor, state: torch.Tensor, weight: torch.Tensor,
               bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One causal-conv step. x_t (batch, channels); state (batch, K-1, channels)."""
     window = torch.cat([state, x_t[:, None]], dim=1)          # (b, K, c)
-    y = torch.einsum("bkc,ck->bc", window, weight[:, 0, :])
+    y = torch.einsum("bkc,ck->bc", window.to(weight.dtype), weight[:, 0, :])
     if bias is not None:
         y = y + bias
-    return y, window[:, 1:]
+    return y.to(x_t.dtype), window[:, 1:]  # x's dtype, as causal_conv1d

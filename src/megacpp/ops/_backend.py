@@ -44,6 +44,23 @@ def kernels_import_error(module: str) -> str:
     return err
 
 
+def autocast_operands(device, *tensors):
+    """`tensors` as autocast would hand them to a matmul on `device`: float32
+    ones cast to the autocast dtype while autocast is on there, the rest (and
+    None) unchanged.
+
+    The Triton ops are custom ops, which autocast does not touch, while the
+    reference's einsums are autocast to bf16; without this the kernels would
+    get float32 matmul operands under a bf16 recipe and run them at float32
+    speed (and precision), unlike the path they stand in for.
+    """
+    kind = torch.device(device).type
+    if not torch.is_autocast_enabled(kind):
+        return tensors
+    dtype = torch.get_autocast_dtype(kind)
+    return tuple(t.to(dtype) if t is not None and t.dtype == torch.float32 else t for t in tensors)
+
+
 class KernelBackend:
     """Triton kernels vs the pure-torch reference for one op.
 

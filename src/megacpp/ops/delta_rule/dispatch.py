@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import CHOICES  # noqa: F401  (re-exported: the values of ENV)
-from .._backend import KernelBackend, assume_constant, kernels_import_error
+from .._backend import KernelBackend, assume_constant, autocast_operands, kernels_import_error
 from .fla_adapter import FLA_CHUNK, fla_refusal, gated_delta_rule_fla
 from .reference import gated_delta_rule as gated_delta_rule_reference
 
@@ -94,6 +94,8 @@ def delta_rule_backend(device, dtype: torch.dtype | None = None, chunk_size: int
 def gated_delta_rule_fast(q, k, v, g, beta, initial_state=None, chunk_size=64, scale=None):
     """reference.gated_delta_rule's signature; Triton on CUDA when available (see delta_rule_backend)."""
     backend = delta_rule_backend(q.device, q.dtype, chunk_size, q.shape[-1])
+    if backend != "reference":  # the matmul operands, as the reference's einsums get them under autocast
+        q, k, v = autocast_operands(q.device, q, k, v)
     if backend == "fla":
         return gated_delta_rule_fla(q, k, v, g, beta, initial_state, chunk_size=chunk_size, scale=scale)
     if backend == "triton":

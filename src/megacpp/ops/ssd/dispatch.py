@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import CHOICES  # noqa: F401  (re-exported: the values of ENV)
-from .._backend import KernelBackend, assume_constant, kernels_import_error
+from .._backend import KernelBackend, assume_constant, autocast_operands, kernels_import_error
 from .reference import ssd as ssd_reference
 
 ENV = "MEGACPP_SSD"
@@ -46,5 +46,6 @@ def ssd_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     """reference.ssd's signature; Triton on CUDA when available (see ssd_backend)."""
     if ssd_backend(x.device, x.dtype) == "triton":
         from .triton_ssd import ssd_triton
+        x, B, C = autocast_operands(x.device, x, B, C)  # the matmul operands, as the reference's einsums get them
         return ssd_triton(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)
     return ssd_reference(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)
