@@ -87,8 +87,7 @@ def rows(device: torch.device) -> list[dict]:
     elif attn.ATTENTION_BACKEND or os.environ.get("MEGACPP_ATTENTION"):
         flex_why = "FlexAttention: MEGACPP_ATTENTION=sdpa forces SDPA"
     else:
-        flex_why = ("FlexAttention: opt-in with MEGACPP_ATTENTION=flex until its CUDA gradients are "
-                    "verified" + ("" if cuda else "; no backward on CPU"))
+        flex_why = "FlexAttention: CUDA only (torch has no FlexAttention backward on CPU)"
     if backend == "flex":
         packed = ("FlexAttention, document BlockMask (compiled)", "" if cuda else
                   "CPU: forward only, torch has no FlexAttention backward on CPU")

@@ -63,9 +63,12 @@ def attention_backend(device) -> str:
             raise RuntimeError(f"attention backend 'flex' forced, but torch {torch.__version__} "
                                "has no torch.nn.attention.flex_attention")
         return forced
-    # Default SDPA everywhere until a GPU session has checked flex's CUDA
-    # gradients against it (tests/model/test_model_flex.py, GPU-only test);
-    # MEGACPP_ATTENTION=flex opts in.
+    # flex on CUDA: its CUDA gradients match SDPA's to 1e-5 in float32
+    # (tests/model/test_model_flex.py, GPU-only; passed on an H200 on
+    # 2026-11-27) and it skips the blocks across documents. CPU keeps SDPA:
+    # torch has no FlexAttention backward there.
+    if torch.device(device).type == "cuda" and _flex_attention is not None:
+        return "flex"
     return "sdpa"
 
 
