@@ -52,6 +52,9 @@ class BenchResult:
     # "synthetic", or the snapshot id whose train split fed one fresh batch per step
     data: str = "synthetic"
     ssd_backend: str = ""
+    # the kernels the step took (as the trainer's manifest records them)
+    attention_backend: str = ""
+    delta_rule_backend: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,7 +119,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
     inside the timed step, instead of one synthetic batch reused."""
     import megacpp
     from ..patches.registry import install_patches
-    from .trainer import lm_loss, split_aux
+    from .trainer import _attention_backend, _delta_rule_backend, lm_loss, split_aux
 
     dev = pick_device(device)
     pol, spec = recipe.policy, recipe.model
@@ -184,7 +187,9 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
                                                                        "applied_layers": len(ac)},
         precision=pol.precision.compute + ("" if pol.precision.low_precision == "none"
                                            else f"+{pol.precision.low_precision}"),
-        data=data_id, ssd_backend=_ssd_backend(dev, precision.dtype))
+        data=data_id, ssd_backend=_ssd_backend(dev, precision.dtype),
+        attention_backend=_attention_backend(dev),
+        delta_rule_backend=_delta_rule_backend(model, dev, precision.dtype)["backend"] or "")
 
 
 def _ssd_backend(dev, dtype) -> str:
@@ -201,7 +206,8 @@ def bench_text(r: BenchResult) -> str:
              f"  peak memory {r.peak_memory_gib:.2f} GiB; {r.flops_per_token / 1e9:.3f} GFLOP/token; "
              f"params {r.total_params / 1e6:.1f}M total, {r.active_params / 1e6:.1f}M active",
              "  patches: " + ", ".join(f"{p['name']}={p['backend'] or 'off'}" for p in r.patches)
-             + f"; SSD scan: {r.ssd_backend or '?'}; data: {r.data}"]
+             + f"; SSD scan: {r.ssd_backend or '?'}; delta rule: {r.delta_rule_backend or '-'}"
+             + f"; packed attention: {r.attention_backend or '?'}; data: {r.data}"]
     if r.family_ms:
         tot = sum(r.family_ms.values())
         lines.append("  isolated fwd+bwd per family (ms/step, share): " + ", ".join(
