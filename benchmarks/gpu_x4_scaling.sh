@@ -12,7 +12,7 @@ S="python3 benchmarks/scaling.py --data .gpudata/cpp-125m --steps $STEPS --skip 
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'nccl', torch.cuda.nccl.version())"
 mkdir -p /root/sc
-ROUNDS=${ROUNDS:-1 2 3 4}   # e.g. ROUNDS="3 4" for nam-125m at 2 and 4 GPUs only
+ROUNDS=${ROUNDS:-1 2 3 4}   # e.g. ROUNDS="3 4" for nam-125m at 2 and 4 GPUs only; 6: profiles at 1 and 2 GPUs
 # On a 2-GPU machine: ROUNDS="0 3 5" (both recipes at 1 GPU side by side,
 # then nam-125m and nam-1b at 2 GPUs), so the baselines share the call.
 has() { [[ " $ROUNDS " == *" $1 "* ]]; }
@@ -42,6 +42,20 @@ fi
 if has 5; then
   CUDA_VISIBLE_DEVICES=0,1 $S --recipes nam-1b --worlds 2 --master-port 30200 --json $OUT/sc_1b_w2.json > /root/sc/1b_w2.log 2>&1
   echo "round 5 done at ${SECONDS}s"
+fi
+if has 6; then
+  # where the per-GPU loss at 2 GPUs goes: the same 14 steps of nam-125m profiled
+  # (steps 10-12, rank 0) at 1 GPU and at 2, side by side on disjoint GPUs
+  prof() {  # $1: GPUs, $2: world, $3: port
+    CUDA_VISIBLE_DEVICES=$1 python3 -m torch.distributed.run --nproc_per_node "$2" --master_port "$3" \
+      -m megacpp train --recipe nam-125m --data .gpudata/cpp-125m --out /root/sc/prof-w$2 --quiet \
+      --max-steps 14 --profile 10:13 --set policy.parallel.data="$2" \
+      --set policy.parallel.sharding=$([ "$2" = 1 ] && echo none || echo fsdp2) \
+      --set policy.global_batch=$((16 * $2)) --set policy.eval_batches=0 > /root/sc/prof-w$2.log 2>&1
+    cp /root/sc/prof-w$2/profile.txt "$OUT/profile_nam125m_w$2.txt"
+  }
+  prof 0 1 30300 & prof 2,3 2 30400 & wait
+  head -n 1 "$OUT"/profile_nam125m_w*.txt; echo "round 6 done at ${SECONDS}s"
 fi
 tail -n 3 /root/sc/*.log | grep -v "^$" | tail -n 30
 python3 benchmarks/scaling.py --data none --merge $OUT/sc_*.json
