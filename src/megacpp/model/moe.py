@@ -325,7 +325,7 @@ class MoE(nn.Module):
             # The rows in expert order are a permutation of the T*k slots. Gathering
             # through index_select makes the backward an index_add onto distinct
             # rows (and a sum over each token's k copies), not the sort-based
-            # accumulate of xt[token]'s backward, which cost 8% of a nam-125m
+            # accumulate of xt[token]'s backward, about 9% of the GPU time of a nam-125m
             # step on an H200 (BENCHMARKS.md).
             rows = torch.index_select(xt.unsqueeze(1).expand(T, k, xt.shape[-1]).reshape(T * k, -1), 0, order)
         else:
