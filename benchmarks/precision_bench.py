@@ -193,7 +193,10 @@ def curves(args, device, results: dict, work: Path) -> None:
             train = [r for r in read_metrics(out) if r["kind"] == "train"]
             m = json.loads((out / "run.json").read_text())
             g = m["backend"]["precision"].get("gemms", {})
+            # grad_norm: before clipping; a mode whose norm runs far above bf16's
+            # has its updates shrunk by the clip, which the loss alone hides
             row.update(loss=[r["loss"] for r in train], stepped=[r["stepped"] for r in train],
+                       grad_norm=[r["grad_norm"] for r in train],
                        end_reason=m["outcome"]["end_reason"],
                        tokens_per_s=sorted(r["tokens_per_s"] for r in train)[len(train) // 2],
                        converted=g.get("converted", 0), emulated=g.get("emulated", False),
@@ -248,7 +251,9 @@ def curves_table(results: dict) -> str:
                 if r["converted"] else ""
             stop = "" if r.get("end_reason") in (None, "max_steps", "completed") else \
                 f", stopped by {r['end_reason']} after {len(r['loss'])} steps"
-            out.append(f"  {r['mode']}: {skipped} steps skipped{extra}{conv}; median {r['tokens_per_s']:,.0f} "
+            gn = sorted(r.get("grad_norm") or [float("nan")])
+            out.append(f"  {r['mode']}: {skipped} steps skipped{extra}{conv}; median grad norm "
+                       f"{gn[len(gn) // 2]:.3g} (before clipping); median {r['tokens_per_s']:,.0f} "
                        f"tokens/s; {r['wall_s']:.0f} s on {r['device']}{stop}")
         for r in rows:
             if "error" in r:
