@@ -205,3 +205,24 @@ def test_preflight_refuses_existing_run_and_memory(tmp_path, tiny_snapshot):
         Trainer(load_recipe("nam-tiny", tiny_sets(**{"policy.micro_batch": 32768, "policy.global_batch": 32768})),
                 tmp_path / "big", tiny_snapshot, device="cpu")
     assert not (tmp_path / "big").exists()
+
+
+def test_memory_margin_warning_bounds():
+    from megacpp.train.trainer import ESTIMATE_MARGIN, memory_margin_warning
+
+    gib = 2**30
+    assert memory_margin_warning(10 * gib, 10 * gib * ESTIMATE_MARGIN, "cuda:0") is None
+    w = memory_margin_warning(10 * gib, 12 * gib, "cuda:0")
+    assert "10.0 GiB" in w and "12.0 GiB" in w and "cuda:0" in w and "policy.micro_batch" in w
+
+
+def test_preflight_warns_when_the_estimate_fits_without_margin(tmp_path, tiny_snapshot, monkeypatch, capsys):
+    from megacpp.recipe.count import summarize
+    from megacpp.train import trainer as trainer_mod
+
+    recipe = load_recipe("nam-tiny", tiny_sets(**{"policy.steps": 2, "policy.eval_batches": 0}))
+    need = summarize(recipe).memory["device_estimate"]
+    monkeypatch.setattr(trainer_mod, "memory_available", lambda device: int(need * 1.2))
+    result = Trainer(recipe, tmp_path / "run", tiny_snapshot, device="cpu", quiet=True).run()
+    assert "measured peaks have run up to" in capsys.readouterr().err
+    assert any("measured peaks have run up to" in w for w in result.manifest["outcome"]["warnings"])

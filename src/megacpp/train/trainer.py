@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,10 +104,29 @@ def set_rng_state(st: dict) -> None:
 
 
 # ----------------------------------------------------------------- preflight
-def preflight(recipe: Recipe, out_dir: Path, data_dir: Path, device: torch.device, resume: bool):
+# Measured peak / `describe`'s per-device estimate on an H200 (BENCHMARKS.md,
+# "Activation checkpointing per family", 2026-11-27): 1.22-1.44x for
+# nam-125m, nam-1b and nam56r. A run whose estimate fits with less than this
+# margin is started, with a warning.
+ESTIMATE_MARGIN = 1.45
+
+
+def memory_margin_warning(need: float, have: float, device) -> str | None:
+    """The warning for an estimate that fits `have` bytes but not with ESTIMATE_MARGIN, else None."""
+    if need * ESTIMATE_MARGIN <= have:
+        return None
+    return (f"memory estimate {need / 2**30:.1f} GiB per device fits the {have / 2**30:.1f} GiB free on "
+            f"{device}, but measured peaks have run up to {ESTIMATE_MARGIN}x the estimate: this run may "
+            f"run out of memory (policy.micro_batch or policy.activation_checkpointing can lower it)")
+
+
+def preflight(recipe: Recipe, out_dir: Path, data_dir: Path, device: torch.device, resume: bool,
+              warnings: list[str] | None = None):
     """Every cheap check before any heavy work; MegacppError (exit 2) on failure.
 
     Nothing is written into out_dir here, so a failed start leaves no trace.
+    `warnings` (if given) receives what does not stop the run (a memory
+    estimate that fits without ESTIMATE_MARGIN).
     """
     from ..data.loader import open_snapshot
 
@@ -136,6 +156,9 @@ def preflight(recipe: Recipe, out_dir: Path, data_dir: Path, device: torch.devic
             f"recipe {recipe.model.name}: memory estimate {need / 2**30:.1f} GiB per device exceeds the "
             f"{have / 2**30:.1f} GiB free on {device} (policy.micro_batch, policy.seq_len or "
             f"policy.activation_checkpointing can lower it)")
+    margin = memory_margin_warning(need, have, device)
+    if margin and warnings is not None:
+        warnings.append(margin)
     snap = open_snapshot(data_dir)  # schema, files, sizes, checksums
     if snap.vocab_size > recipe.model.vocab_size:
         raise MegacppError(
@@ -201,7 +224,12 @@ class Trainer:
             dist = single_process()
         self.dist = dist
         self.device = pick_device(device) if dist.device is None else dist.device
-        self.snapshot = preflight(recipe, self.out, self.data_dir, self.device, resume)
+        self._preflight_warnings: list[str] = []
+        self.snapshot = preflight(recipe, self.out, self.data_dir, self.device, resume,
+                                  self._preflight_warnings)
+        if self.dist.is_main:
+            for w in self._preflight_warnings:
+                print(f"warning: {w}", file=sys.stderr)
 
     # -------------------------------------------------------------- set up
     def _build(self) -> None:
@@ -243,7 +271,7 @@ class Trainer:
         self.summary = summarize(self.recipe)
         self.peak = peak_flops(self.device)
         self.step = 0
-        self.warnings: list[str] = []
+        self.warnings: list[str] = list(self._preflight_warnings)
         self.nonfinite_total = 0
         self.nonfinite_run = 0
         self.last_val: tuple[float, float] | None = None
