@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megacpp.model.moe import MoE, capacity, grouped_mm_available, moe_reference
+from megacpp.model.moe import MoE, capacity, gather_slots, grouped_mm_available, moe_reference
 
 from model_testutil import make_spec
 
@@ -136,3 +136,36 @@ def test_empty_experts_and_autocast(seed):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         yb, _, _ = moe(x)
     assert torch.isfinite(yb).all()
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_gather_slots_equals_plain_gather(k, seed):
+    """The permutation gather with its gather-and-sum backward equals x[order // k]
+    (whose backward accumulates), forward and gradient, on a random permutation."""
+    T, d = 37, 24
+    x = torch.randn(T, d, dtype=torch.float64)
+    order = torch.randperm(T * k)
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = gather_slots(a, order, k), b[order // k]
+    assert torch.equal(ya, yb)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="T\\*k"):
+        gather_slots(x, order[:-1], k)
+
+
+def test_dropless_moe_gathers_through_the_permutation(seed, monkeypatch):
+    """Dropless token choice takes gather_slots (no accumulating backward); the
+    model-level parity above checks its result."""
+    import megacpp.model.moe as moe_mod
+
+    moe = make_moe({})
+    assert moe._dropless()
+    seen = []
+    orig = moe_mod._GatherSlots.apply
+    monkeypatch.setattr(moe_mod._GatherSlots, "apply", lambda *a: seen.append(a[2]) or orig(*a))
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    moe(x)[0].sum().backward()
+    assert seen == [moe.top_k] and x.grad is not None

@@ -99,6 +99,38 @@ class _ContiguousGrad(torch.autograd.Function):
         return g.contiguous()
 
 
+class _GatherSlots(torch.autograd.Function):
+    """rows[j] = x[order[j] // k] for a permutation `order` of the T*k slots.
+
+    Autograd's backward of a plain gather (x[idx], index_select) accumulates
+    into repeated rows: on CUDA an index_put with accumulate, whose sort-based
+    kernel took 9% of a compiled nam-125m step on an H200 (BENCHMARKS.md).
+    Here the rows are a permutation of the slots, so the backward is a gather
+    through the inverse permutation and a sum over each token's k slots:
+    no atomics, no sort, deterministic."""
+
+    @staticmethod
+    def forward(ctx, x, order, k):
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, torch.div(order, k, rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx, g):
+        (inverse,) = ctx.saved_tensors
+        slots = g.index_select(0, inverse)          # back in slot order (T*k, d)
+        return slots.view(-1, ctx.k, g.shape[-1]).sum(dim=1), None, None
+
+
+def gather_slots(x: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
+    """x (T, d) -> (T*k, d): the row of slot order[j] (token order[j] // k) at j."""
+    if order.numel() != x.shape[0] * k:
+        raise ValueError(f"gather_slots: order has {order.numel()} slots, expected T*k = {x.shape[0] * k}")
+    return _GatherSlots.apply(x, order, k)
+
+
 _GROUPED_MM_OK: dict = {}
 
 
@@ -322,12 +354,9 @@ class MoE(nn.Module):
         T, k = xt.shape[0], self.top_k
         slot_order = self.routing != "expert_choice" and r.token.numel() == T * k and self._dropless()
         if slot_order:
-            # The rows in expert order are a permutation of the T*k slots. Gathering
-            # through index_select makes the backward an index_add onto distinct
-            # rows (and a sum over each token's k copies), not the sort-based
-            # accumulate of xt[token]'s backward, about 9% of the GPU time of a nam-125m
-            # step on an H200 (BENCHMARKS.md).
-            rows = torch.index_select(xt.unsqueeze(1).expand(T, k, xt.shape[-1]).reshape(T * k, -1), 0, order)
+            # The rows in expert order are a permutation of the T*k slots, so
+            # their backward needs no accumulating scatter (see _GatherSlots).
+            rows = gather_slots(xt, order, k)
         else:
             rows = torch.index_select(xt, 0, token)
         out = self.experts(rows, counts, self.activation, self.impl, dtype)
