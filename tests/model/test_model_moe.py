@@ -157,15 +157,21 @@ def test_gather_slots_equals_plain_gather(k, seed):
 
 
 def test_dropless_moe_gathers_through_the_permutation(seed, monkeypatch):
-    """Dropless token choice takes gather_slots (no accumulating backward); the
-    model-level parity above checks its result."""
+    """Dropless token choice takes gather_slots, and its backward has no
+    accumulating index_put; the model-level parity above checks the result."""
     import megacpp.model.moe as moe_mod
 
     moe = make_moe({})
     assert moe._dropless()
     seen = []
-    orig = moe_mod._GatherSlots.apply
-    monkeypatch.setattr(moe_mod._GatherSlots, "apply", lambda *a: seen.append(a[2]) or orig(*a))
+    monkeypatch.setattr(moe_mod, "gather_slots", lambda *a: seen.append(a[2]) or gather_slots(*a))
     x = torch.randn(2, 9, 32, requires_grad=True)
-    moe(x)[0].sum().backward()
-    assert seen == [moe.top_k] and x.grad is not None
+    y = moe(x)[0]
+    assert seen == [moe.top_k]
+    y.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    # the gather's own backward: a gather (IndexBackward of the scatter's values), no IndexPut accumulate
+    order = torch.randperm(18)
+    xs = torch.randn(9, 4, requires_grad=True)
+    rows = gather_slots(xs, order, 2)
+    assert type(rows.grad_fn).__name__.startswith("IndexPut")

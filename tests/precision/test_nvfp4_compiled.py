@@ -69,3 +69,13 @@ def test_compiled_nvfp4_matches_eager_on_cuda(seed):
     out = _linear_both(x, w, "cuda")
     for name, a, b in zip(("y", "dx", "dw"), out["compiled"], out["eager"]):
         assert _rel(a, b) < 5e-3, name
+
+
+def test_nvfp4_linear_ops_pass_opcheck(seed):
+    """The linear's custom ops: schema, fake (meta) kernels and the registered
+    autograd agree with the real kernels (torch.library.opcheck)."""
+    x, w = _inputs("cpu", seed, t=16, k=64, n=32)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.library.opcheck(torch.ops.megacpp.nvfp4_linear_fwd, (x, w, dtype))

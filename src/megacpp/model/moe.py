@@ -99,36 +99,24 @@ class _ContiguousGrad(torch.autograd.Function):
         return g.contiguous()
 
 
-class _GatherSlots(torch.autograd.Function):
-    """rows[j] = x[order[j] // k] for a permutation `order` of the T*k slots.
+def gather_slots(x: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
+    """x (T, d) -> (T*k, d): row j holds token order[j] // k, for a permutation
+    `order` of the T*k slots (slot s belongs to token s // k).
 
     Autograd's backward of a plain gather (x[idx], index_select) accumulates
     into repeated rows: on CUDA an index_put with accumulate, whose sort-based
     kernel took 9% of a compiled nam-125m step on an H200 (BENCHMARKS.md).
-    Here the rows are a permutation of the slots, so the backward is a gather
-    through the inverse permutation and a sum over each token's k slots:
-    no atomics, no sort, deterministic."""
-
-    @staticmethod
-    def forward(ctx, x, order, k):
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        ctx.save_for_backward(inverse)
-        ctx.k = k
-        return x.index_select(0, torch.div(order, k, rounding_mode="floor"))
-
-    @staticmethod
-    def backward(ctx, g):
-        (inverse,) = ctx.saved_tensors
-        slots = g.index_select(0, inverse)          # back in slot order (T*k, d)
-        return slots.view(-1, ctx.k, g.shape[-1]).sum(dim=1), None, None
-
-
-def gather_slots(x: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
-    """x (T, d) -> (T*k, d): the row of slot order[j] (token order[j] // k) at j."""
-    if order.numel() != x.shape[0] * k:
-        raise ValueError(f"gather_slots: order has {order.numel()} slots, expected T*k = {x.shape[0] * k}")
-    return _GatherSlots.apply(x, order, k)
+    Written as a scatter of the slots to unique rows (rows[inverse[s]] = x[s // k]),
+    its backward is a gather and a sum over each token's k slots: no atomics,
+    no sort, deterministic. Plain ops, not an autograd.Function, so compile
+    traces it like any other code."""
+    T, d = x.shape
+    if order.numel() != T * k:
+        raise ValueError(f"gather_slots: order has {order.numel()} slots, expected T*k = {T * k}")
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    slots = x.unsqueeze(1).expand(T, k, d).reshape(T * k, d)
+    return x.new_empty(T * k, d).index_put((inverse,), slots)
 
 
 _GROUPED_MM_OK: dict = {}

@@ -109,36 +109,72 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-class _NVFP4LinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, dtype):
+# The linear is a pair of opaque custom ops rather than an autograd.Function:
+# on CUDA, dynamo traced the Function's backward with a zero gradient in place
+# of the real one (aot_eager and inductor alike, torch 2.11, H200), so every
+# converted GEMM of a compiled block passed no gradient to its input or its
+# weight while its forward stayed exact (benchmarks/nvfp4_lowering_check.py,
+# BENCHMARKS.md). Custom ops are not traced into: compile calls them as they
+# are, and their backward is the one registered below.
+@torch.library.custom_op("megacpp::nvfp4_linear_fwd", mutates_args=())
+def _nvfp4_linear_fwd(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y = F.linear on NVFP4-rounded inputs; also the block-scaled operands and
+    global scales the backward needs: (y, a, b, global_x, global_w)."""
+    with torch.autocast(x.device.type, enabled=False):
         qx, qw = nvfp4_quantize(x), nvfp4_quantize(weight)
         a = qx.block_scaled().to(dtype)   # exact in bf16/fp16/fp32
         b = qw.block_scaled().to(dtype)
         gx, gw = qx.global_scale, qw.global_scale
-        with torch.autocast(x.device.type, enabled=False):
-            y = F.linear(a, b) * (gx * gw)
-        ctx.save_for_backward(a, b, gx, gw)
-        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
-        return y.to(dtype)
+        y = (F.linear(a, b) * (gx * gw)).to(dtype)
+    return y, a, b, gx, gw
 
-    @staticmethod
-    def backward(ctx, grad):
-        a, b, gx, gw = ctx.saved_tensors
-        g = grad.to(a.dtype)
-        grad_x = grad_w = None
-        with torch.autocast(g.device.type, enabled=False):
-            if ctx.needs_input_grad[0]:
-                grad_x = ((g @ b) * gw).to(ctx.x_dtype)
-            if ctx.needs_input_grad[1]:
-                g2 = g.reshape(-1, g.shape[-1])
-                grad_w = ((g2.t() @ a.reshape(-1, a.shape[-1])) * gx).to(ctx.w_dtype)
-        return grad_x, grad_w, None
+
+@_nvfp4_linear_fwd.register_fake
+def _(x, weight, dtype):
+    f32 = torch.float32
+    return (x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=dtype), x.new_empty(x.shape, dtype=dtype),
+            weight.new_empty(weight.shape, dtype=dtype), x.new_empty((), dtype=f32), x.new_empty((), dtype=f32))
+
+
+@torch.library.custom_op("megacpp::nvfp4_linear_bwd", mutates_args=())
+def _nvfp4_linear_bwd(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gx: torch.Tensor,
+                      gw: torch.Tensor, x_dtype: torch.dtype, w_dtype: torch.dtype
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Straight-through gradients: a plain linear's two GEMMs on the forward's operands."""
+    g = grad.to(a.dtype)
+    with torch.autocast(g.device.type, enabled=False):
+        grad_x = ((g @ b) * gw).to(x_dtype)
+        g2 = g.reshape(-1, g.shape[-1])
+        grad_w = ((g2.t() @ a.reshape(-1, a.shape[-1])) * gx).to(w_dtype)
+    return grad_x, grad_w
+
+
+@_nvfp4_linear_bwd.register_fake
+def _(grad, a, b, gx, gw, x_dtype, w_dtype):
+    return a.new_empty(a.shape, dtype=x_dtype), b.new_empty(b.shape, dtype=w_dtype)
+
+
+def _nvfp4_setup_context(ctx, inputs, output):
+    x, weight, _ = inputs
+    _, a, b, gx, gw = output
+    ctx.save_for_backward(a, b, gx, gw)
+    ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+
+
+def _nvfp4_backward(ctx, grad, *_unused):
+    a, b, gx, gw = ctx.saved_tensors
+    grad_x, grad_w = torch.ops.megacpp.nvfp4_linear_bwd(grad, a, b, gx, gw, ctx.x_dtype, ctx.w_dtype)
+    return (grad_x if ctx.needs_input_grad[0] else None,
+            grad_w if ctx.needs_input_grad[1] else None, None)
+
+
+_nvfp4_linear_fwd.register_autograd(_nvfp4_backward, setup_context=_nvfp4_setup_context)
 
 
 def nvfp4_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear with both inputs NVFP4-rounded (emulated), straight-through gradients."""
-    y = _NVFP4LinearFn.apply(x, weight, compute_dtype(x))
+    y = torch.ops.megacpp.nvfp4_linear_fwd(x, weight, compute_dtype(x))[0]
     return y if bias is None else y + bias.to(y.dtype)
 
 
