@@ -86,6 +86,6 @@ def test_compiled_blocks_match_eager_on_cuda(precision, seed):
         gc = torch.cat([grads_c[n].flatten() for n in names])
         cos = float(F.cosine_similarity(gc, ge, dim=0))
         ratio = float(gc.norm() / ge.norm().clamp_min(1e-12))
-        if cos < 0.6 or not 0.5 < ratio < 2.0:
+        if cos < 0.5 or not 0.5 < ratio < 2.0:
             bad[key] = (round(cos, 3), round(ratio, 3))
     assert not bad, f"compiled NVFP4 gradients (cosine, norm ratio) vs eager: {bad}"
