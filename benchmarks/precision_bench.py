@@ -41,6 +41,7 @@ linear_ce off because its chunked CPU backend fails under CPU bf16 autocast):
 from __future__ import annotations
 
 import argparse
+import gzip
 import gc
 import json
 import math
@@ -217,6 +218,35 @@ def curves(args, device, results: dict, work: Path) -> None:
         _free(device)
 
 
+def plot_curves(results: dict, png: Path) -> None:
+    """Train loss per step of every curve in results, one panel per recipe,
+    plus each mode's difference to bf16 (a 25-step running mean)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [v for k, v in results.items() if k.startswith("curves/") and "loss" in v]
+    fig, (ax, dx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    base = next((r for r in rows if r["mode"] == "bf16"), None)
+    for r in rows:
+        steps = range(1, len(r["loss"]) + 1)
+        ax.plot(steps, r["loss"], lw=0.8, label=f"{r['mode']} ({len(r['loss'])} steps)")
+        if base is not None and r is not base:
+            n = min(len(r["loss"]), len(base["loss"]))
+            d = [a - b for a, b in zip(r["loss"][:n], base["loss"][:n])]
+            k = 25
+            smooth = [sum(d[max(0, i - k + 1): i + 1]) / len(d[max(0, i - k + 1): i + 1]) for i in range(n)]
+            dx.plot(range(1, n + 1), smooth, lw=0.9, label=r["mode"])
+    ax.set(xlabel="step", ylabel="train loss (nats/token)", ylim=(None, 8),
+           title=f"{rows[0]['recipe'] if rows else ''}: same data and seed")
+    dx.axhline(0, color="k", lw=0.5)
+    dx.set(xlabel="step", ylabel="loss minus bf16 (25-step mean)", title="difference to bf16")
+    ax.legend()
+    dx.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
 def _tail_mean(xs: list[float]) -> float:
     k = max(1, len(xs) // 10)
     tail = [x for x in xs[-k:] if math.isfinite(x)]
@@ -251,7 +281,8 @@ def curves_table(results: dict) -> str:
                 if r["converted"] else ""
             stop = "" if r.get("end_reason") in (None, "max_steps", "completed") else \
                 f", stopped by {r['end_reason']} after {len(r['loss'])} steps"
-            gn = sorted(r.get("grad_norm") or [float("nan")])
+            # steps the fp16 scaler skipped (overflow) have no gradient norm
+            gn = sorted(g for g in r.get("grad_norm") or [] if g is not None) or [float("nan")]
             out.append(f"  {r['mode']}: {skipped} steps skipped{extra}{conv}; median grad norm "
                        f"{gn[len(gn) // 2]:.3g} (before clipping); median {r['tokens_per_s']:,.0f} "
                        f"tokens/s; {r['wall_s']:.0f} s on {r['device']}{stop}")
@@ -268,7 +299,9 @@ def main(argv=None) -> int:
     ap.add_argument("--recipe", help="one recipe for both parts (e.g. nam-tiny for a CPU check)")
     ap.add_argument("--recipes", default="nam-125m,nam-1b", help="throughput recipes, comma-separated")
     ap.add_argument("--curve-recipe", default="nam-125m")
-    ap.add_argument("--part", choices=("throughput", "curves", "all"), default="all")
+    ap.add_argument("--part", choices=("throughput", "curves", "all", "report"), default="all",
+                    help="report: run nothing, print the tables of --json (plain or .gz)")
+    ap.add_argument("--plot", help="write the loss curves of the results to this PNG")
     ap.add_argument("--modes", default=",".join(CURVE_MODES), help="curve modes, comma-separated")
     ap.add_argument("--steps", type=int, default=500, help="loss-curve steps")
     ap.add_argument("--time-limit", type=float, default=None,
@@ -301,7 +334,10 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     path = Path(args.json)
-    results = json.loads(path.read_text()) if path.is_file() else {}
+    results = {}
+    if path.is_file():
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        results = json.loads(raw)
     tmp = None
     if args.work:
         work = Path(args.work)
@@ -322,6 +358,9 @@ def main(argv=None) -> int:
     for text in (throughput_table(results), curves_table(results)):
         if text:
             print(text + "\n")
+    if args.plot:
+        plot_curves(results, Path(args.plot))
+        print(f"plot: {args.plot}")
     print(f"results: {path}")
     return 0
 

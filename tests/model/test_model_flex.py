@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 
+import megacpp
 from megacpp.model import attention
 from megacpp.model.context import SeqContext
 
@@ -85,8 +86,13 @@ def test_backend_choice(monkeypatch):
     assert attention.attention_backend("cpu") == "sdpa"
     # the CUDA default since its gradients matched SDPA's there (the choice needs no GPU)
     assert attention.attention_backend("cuda") == ("flex" if attention._flex_attention is not None else "sdpa")
+    # heads below 16 stay on SDPA (flex's compiled kernel refuses them)
+    flex = "flex" if attention._flex_attention is not None else "sdpa"
+    assert attention.attention_backend("cuda", attention.FLEX_MIN_HEAD_DIM) == flex
+    assert attention.attention_backend("cuda", attention.FLEX_MIN_HEAD_DIM - 1) == "sdpa"
     monkeypatch.setenv("MEGACPP_ATTENTION", "flex")
     assert attention.attention_backend("cpu") == "flex"
+    assert attention.attention_backend("cpu", 8) == "flex"  # forcing wins
     monkeypatch.setattr(attention, "ATTENTION_BACKEND", "sdpa")  # the module switch wins
     assert attention.attention_backend("cpu") == "sdpa"
     monkeypatch.setattr(attention, "ATTENTION_BACKEND", "flash")
@@ -195,3 +201,17 @@ def _flex_vs_sdpa_gradients(spec):
     assert g_ref.keys() == g_out.keys()
     for n in g_ref:
         torch.testing.assert_close(g_out[n], g_ref[n], rtol=1e-5, atol=1e-5, msg=n)
+
+
+def test_model_backend_follows_head_dims(monkeypatch):
+    """A model with 8-dim heads records and builds SDPA masks on CUDA, one with
+    16-dim heads flex; the choice needs no GPU."""
+    monkeypatch.delenv("MEGACPP_ATTENTION", raising=False)
+    if attention._flex_attention is None:
+        pytest.skip("torch without flex_attention")
+    small = megacpp.build_model(make_spec("A"))                    # head dim 32/4 = 8
+    big = megacpp.build_model(make_spec("A", attention={"num_heads": 2, "num_kv_heads": 1}))  # 16
+    assert attention.model_attention_backend(small, "cuda") == "sdpa"
+    assert attention.model_attention_backend(big, "cuda") == "flex"
+    assert attention.model_attention_backend(big, "cpu") == "sdpa"
+    assert attention.model_attention_backend(megacpp.build_model(make_spec("M")), "cuda") == "none"

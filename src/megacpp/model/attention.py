@@ -53,8 +53,14 @@ ATTENTION_BACKEND: str | None = None
 BACKENDS = ("sdpa", "flex")
 
 
-def attention_backend(device) -> str:
-    """The backend packed-row A-layer attention takes on `device`."""
+# FlexAttention's compiled kernel refuses query/key/value head dims below 16
+# ("NYI: embedding dimension ... must be at least 16", torch 2.11 on an H200).
+FLEX_MIN_HEAD_DIM = 16
+
+
+def attention_backend(device, head_dim: int | None = None) -> str:
+    """The backend packed-row A-layer attention takes on `device`; head_dim,
+    the layer's smallest q/k/v head dim, keeps small heads on SDPA by default."""
     forced = ATTENTION_BACKEND or os.environ.get("MEGACPP_ATTENTION") or None
     if forced is not None:
         if forced not in BACKENDS:
@@ -68,8 +74,16 @@ def attention_backend(device) -> str:
     # 2026-11-27) and it skips the blocks across documents. CPU keeps SDPA:
     # torch has no FlexAttention backward there.
     if torch.device(device).type == "cuda" and _flex_attention is not None:
-        return "flex"
+        return "sdpa" if head_dim is not None and head_dim < FLEX_MIN_HEAD_DIM else "flex"
     return "sdpa"
+
+
+def model_attention_backend(model: nn.Module, device) -> str:
+    """What the model's packed-row A layers take: "flex", "sdpa", "flex+sdpa"
+    (heads of both sizes), or "none" (no plain attention layer)."""
+    kinds = sorted({attention_backend(device, m.min_head_dim) for m in model.modules()
+                    if isinstance(m, _Attention) and m.indexer is None})
+    return "+".join(kinds) or "none"
 
 
 @dataclass
@@ -259,6 +273,7 @@ class _Attention(nn.Module):
         self.sparse = True
 
     # subclasses: _project(x, cos, sin) -> (q (b,t,H,dq), pieces); _expand(pieces) -> (k, v)
+    min_head_dim: int   # the smallest of the q/k and v head dims (flex needs >= 16)
 
     def forward(self, x: torch.Tensor, ctx: SeqContext):
         b, t, _ = x.shape
@@ -269,7 +284,7 @@ class _Attention(nn.Module):
         index_k = None
         # Packed A layers on the flex backend never build the O(t^2) mask.
         flex = (self.indexer is None and ctx.doc_ids is not None
-                and attention_backend(x.device) == "flex")
+                and attention_backend(x.device, self.min_head_dim) == "flex")
         mask = None if flex else ctx.attn_mask()
         if self.indexer is not None:
             iq, index_k, iw = self.indexer(x.detach(), ctx.positions)
@@ -315,6 +330,7 @@ class GQAttention(_Attention):
         super().__init__()
         a, d = spec.attention, spec.hidden_size
         self.heads, self.kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, spec.attn_head_dim
+        self.min_head_dim = self.head_dim
         self.rot_dim, self.theta = spec.rotary_dim, a.rope_theta
         self.q_proj = nn.Linear(d, self.heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(d, self.kv_heads * self.head_dim, bias=False)
@@ -358,6 +374,7 @@ class MLAttention(_Attention):
         self.nope, self.rope, self.v_dim, self.kv_rank = a.qk_head_dim, a.qk_rope_dim, a.v_head_dim, a.kv_lora_rank
         self.rot_dim, self.theta = a.qk_rope_dim, a.rope_theta
         qk = self.nope + self.rope
+        self.min_head_dim = min(qk, self.v_dim)
         if a.q_lora_rank:
             self.q_down = nn.Linear(d, a.q_lora_rank, bias=False)
             self.q_norm = RMSNorm(a.q_lora_rank, spec.norm.eps)

@@ -201,25 +201,27 @@ class HybridLM(nn.Module):
         from .attention import _Attention, attention_backend
 
         if getattr(self, "_ctx_needs", None) is None:
-            rope, convs, dense, sparse_free = set(), set(), False, False
+            rope, convs, dense, plain_dims = set(), set(), False, set()
             for m in self.modules():
                 if isinstance(m, _Attention):
                     if m.rot_dim:
                         rope.add((m.rot_dim, float(m.theta)))
                     if m.indexer is not None:
                         dense = True       # D layers always take the explicit mask
-                    else:
-                        sparse_free = True  # A layers: the mask, or flex's block mask
+                    else:  # A layers: the mask, or flex's block mask
+                        plain_dims.add(m.min_head_dim)
                 conv = getattr(m, "conv1d", None)
                 if isinstance(conv, nn.Conv1d):
                     convs.add(conv.kernel_size[0])
                 if isinstance(getattr(m, "conv_width", None), int):
                     convs.add(m.conv_width)
-            self._ctx_needs = (tuple(sorted(rope)), tuple(sorted(convs)), dense, sparse_free)
-        rope, convs, dense, plain = self._ctx_needs
-        flex = plain and ctx.doc_ids is not None and attention_backend(ctx.doc_ids.device) == "flex"
-        ctx.precompute(rope=rope, conv_widths=convs, attn_mask=dense or (plain and not flex),
-                       block_mask=flex)
+            self._ctx_needs = (tuple(sorted(rope)), tuple(sorted(convs)), dense, tuple(sorted(plain_dims)))
+        rope, convs, dense, plain_dims = self._ctx_needs
+        # each plain A layer picks its backend by its head dims: build what any of them takes
+        kinds = ({attention_backend(ctx.doc_ids.device, d) for d in plain_dims} if ctx.doc_ids is not None
+                 else {"sdpa"} if plain_dims else set())
+        ctx.precompute(rope=rope, conv_widths=convs, attn_mask=dense or "sdpa" in kinds,
+                       block_mask="flex" in kinds)
 
     def _mtp_depth(self, depth: MTPDepth, k: int, h, input_ids, ctx: SeqContext, aux: dict):
         b, t = input_ids.shape

@@ -188,7 +188,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
         precision=pol.precision.compute + ("" if pol.precision.low_precision == "none"
                                            else f"+{pol.precision.low_precision}"),
         data=data_id, ssd_backend=_ssd_backend(dev, precision.dtype),
-        attention_backend=_attention_backend(dev),
+        attention_backend=_attention_backend(model, dev),
         delta_rule_backend=_delta_rule_backend(model, dev, precision.dtype)["backend"] or "")
 
 

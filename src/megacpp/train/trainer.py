@@ -348,7 +348,7 @@ class Trainer:
         m["backend"] = {
             **device_facts(self.device),
             "precision": self.precision.describe(),
-            "attention_backend": _attention_backend(self.device),
+            "attention_backend": _attention_backend(self.model, self.device),
             "ssd_backend": _ssd_backend(self.device, self.precision.dtype),
             "delta_rule_backend": _delta_rule_backend(self.model, self.device, self.precision.dtype),
             "compile": {**self.compile_info, **compile_stats()},
@@ -750,10 +750,10 @@ def _delta_rule_backend(model, device, dtype) -> dict:
     return _kernel_choice("gated delta rule", choice)
 
 
-def _attention_backend(device) -> str:
-    """Which attention kernel packed rows take (sdpa with a mask, or flex)."""
-    from ..model.attention import attention_backend
-    return attention_backend(device)
+def _attention_backend(model, device) -> str:
+    """Which attention kernel the model's packed rows take (sdpa with a mask, flex, both, none)."""
+    from ..model.attention import model_attention_backend
+    return model_attention_backend(model, device)
 
 
 def bits_per_byte(loss_nats: float, snapshot, split: str) -> float:
