@@ -89,8 +89,9 @@ def rows(device: torch.device) -> list[dict]:
     else:
         flex_why = "FlexAttention: CUDA only (torch has no FlexAttention backward on CPU)"
     if backend == "flex":
-        packed = ("FlexAttention, document BlockMask (compiled)", "" if cuda else
-                  "CPU: forward only, torch has no FlexAttention backward on CPU")
+        packed = ("FlexAttention, document BlockMask (compiled)",
+                  (f"layers with heads below {attn.FLEX_MIN_HEAD_DIM} dims take SDPA (flex's kernel refuses them)"
+                   if cuda else "CPU: forward only, torch has no FlexAttention backward on CPU"))
     else:
         packed = ("SDPA with a block-diagonal bool mask",
                   ("flash backend takes no mask; " if cuda else "") + flex_why)
