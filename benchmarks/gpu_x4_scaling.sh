@@ -54,7 +54,11 @@ if has 6; then
       --set policy.global_batch=$((16 * $2)) --set policy.eval_batches=0 > /root/sc/prof-w$2.log 2>&1
     cp /root/sc/prof-w$2/profile.txt "$OUT/profile_nam125m_w$2.txt"
   }
-  prof 0 1 30300 & prof 2,3 2 30400 & wait
+  if [ "$(nvidia-smi -L | wc -l)" -ge 4 ]; then
+    prof 0 1 30300 & prof 2,3 2 30400 & wait
+  else  # a 2-GPU machine: one after the other
+    prof 0 1 30300; prof 0,1 2 30400
+  fi
   head -n 1 "$OUT"/profile_nam125m_w*.txt; echo "round 6 done at ${SECONDS}s"
 fi
 tail -n 3 /root/sc/*.log | grep -v "^$" | tail -n 30
