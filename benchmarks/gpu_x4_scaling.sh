@@ -12,7 +12,8 @@ S="python3 benchmarks/scaling.py --data .gpudata/cpp-125m --steps $STEPS --skip 
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'nccl', torch.cuda.nccl.version())"
 mkdir -p /root/sc
-ROUNDS=${ROUNDS:-1 2 3 4}   # e.g. ROUNDS="3 4" for nam-125m at 2 and 4 GPUs only; 6: profiles at 1 and 2 GPUs
+ROUNDS=${ROUNDS:-1 2 3 4}   # e.g. ROUNDS="3 4" for nam-125m at 2 and 4 GPUs only; 6: profiles at 1 and 2 GPUs;
+                            # 7: nam-125m at 2 GPUs under DDP, and FSDP2 at micro batch 32 (1 and 2 GPUs)
 # On a 2-GPU machine: ROUNDS="0 3 5" (both recipes at 1 GPU side by side,
 # then nam-125m and nam-1b at 2 GPUs), so the baselines share the call.
 has() { [[ " $ROUNDS " == *" $1 "* ]]; }
@@ -60,6 +61,15 @@ if has 6; then
     prof 0 1 30300; prof 0,1 2 30400
   fi
   head -n 1 "$OUT"/profile_nam125m_w*.txt; echo "round 6 done at ${SECONDS}s"
+fi
+if has 7; then
+  # is the 2-GPU loss a per-step host cost? (a) DDP instead of FSDP2 (one
+  # bucketed all-reduce, no per-layer hooks), (b) FSDP2 with twice the
+  # per-device batch (the same host work per step over twice the tokens)
+  CUDA_VISIBLE_DEVICES=0,1 ${S/--sharding fsdp2/--sharding ddp} --recipes nam-125m --worlds 2 --master-port 30500 --json $OUT/sc_125m_w2_ddp.json > /root/sc/125m_w2_ddp.log 2>&1
+  CUDA_VISIBLE_DEVICES=0 $S --recipes nam-125m --worlds 1 --micro-batch 32 --master-port 30600 --json $OUT/sc_125m_w1_mb32.json > /root/sc/125m_w1_mb32.log 2>&1
+  CUDA_VISIBLE_DEVICES=0,1 $S --recipes nam-125m --worlds 2 --micro-batch 32 --master-port 30700 --json $OUT/sc_125m_w2_mb32.json > /root/sc/125m_w2_mb32.log 2>&1
+  echo "round 7 done at ${SECONDS}s"
 fi
 tail -n 3 /root/sc/*.log | grep -v "^$" | tail -n 30
 python3 benchmarks/scaling.py --data none --merge $OUT/sc_*.json

@@ -29,8 +29,9 @@ def run_one(recipe: str, world: int, args, out_root: Path) -> dict:
     r = megacpp.load_recipe(recipe)
     out = out_root / f"{recipe}-w{world}"
     shutil.rmtree(out, ignore_errors=True)
+    mb = args.micro_batch or r.policy.micro_batch
     sets = {"policy.parallel.data": world, "policy.parallel.sharding": args.sharding if world > 1 else "none",
-            "policy.global_batch": r.policy.micro_batch * world, "policy.steps": args.steps,
+            "policy.micro_batch": mb, "policy.global_batch": mb * world, "policy.steps": args.steps,
             "policy.eval_batches": 0, "policy.checkpoint_interval": 10**9, "policy.log_interval": 10**9}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
            "--master_port", str(args.master_port + world), "-m", "megacpp", "train", "--recipe", recipe,
@@ -52,7 +53,8 @@ def run_one(recipe: str, world: int, args, out_root: Path) -> dict:
     backend = json.loads((out / "run.json").read_text()).get("backend", {})
     tps = statistics.median(x["tokens_per_s"] for x in train)
     mfu = [x["mfu"] for x in train if x.get("mfu") is not None]
-    return {"recipe": recipe, "world": world, "tokens_per_s": tps, "tokens_per_s_per_device": tps / world,
+    return {"recipe": recipe, "world": world, "micro_batch": mb, "sharding": sets["policy.parallel.sharding"],
+            "tokens_per_s": tps, "tokens_per_s_per_device": tps / world,
             "mfu": statistics.median(mfu) if mfu else None,
             "peak_memory_gib_rank0": max(x.get("peak_memory_gib", 0) for x in train), "steps_measured": len(train),
             "device": backend.get("name") or backend.get("device"), "layout": backend.get("layout"),
@@ -69,6 +71,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--skip", type=int, default=10)
     ap.add_argument("--device")
+    ap.add_argument("--micro-batch", type=int, default=0,
+                    help="per-device batch (default: the recipe's micro batch); global = micro x world")
     ap.add_argument("--timeout", type=int, default=540)
     ap.add_argument("--json")
     ap.add_argument("--master-port", type=int, default=29500,
@@ -92,16 +96,20 @@ def main() -> int:
 
 
 def print_table(rows: list[dict]) -> None:
-    rows = sorted(rows, key=lambda r: (r["recipe"], r["world"]))
-    base = {r["recipe"]: r["tokens_per_s_per_device"] for r in rows if r.get("world") == 1 and "error" not in r}
-    print(f"{'recipe':10} {'N':>2} {'tokens/s':>11} {'per device':>11} {'efficiency':>10} {'MFU':>6} {'peak GiB':>9}")
+    """Efficiency: per-device tokens/s over the 1-GPU run of the same recipe and micro batch."""
+    key = lambda r: (r["recipe"], r.get("micro_batch"))  # noqa: E731
+    rows = sorted(rows, key=lambda r: (r["recipe"], r.get("micro_batch") or 0, r["world"], r.get("sharding") or ""))
+    base = {key(r): r["tokens_per_s_per_device"] for r in rows if r.get("world") == 1 and "error" not in r}
+    print(f"{'recipe':10} {'N':>2} {'mb':>3} {'sharding':>8} {'tokens/s':>11} {'per device':>11} {'efficiency':>10} "
+          f"{'MFU':>6} {'peak GiB':>9}")
     for r in rows:
+        head = f"{r['recipe']:10} {r['world']:>2} {r.get('micro_batch') or '-':>3} {r.get('sharding') or '-':>8}"
         if "error" in r:
-            print(f"{r['recipe']:10} {r['world']:>2} failed: {r['error'].splitlines()[-1] if r['error'] else ''}")
+            print(f"{head} failed: {r['error'].splitlines()[-1] if r['error'] else ''}")
             continue
-        eff = r["tokens_per_s_per_device"] / base[r["recipe"]] if r["recipe"] in base else float("nan")
+        eff = r["tokens_per_s_per_device"] / base[key(r)] if key(r) in base else float("nan")
         mfu = f"{r['mfu'] * 100:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"{r['recipe']:10} {r['world']:>2} {r['tokens_per_s']:>11,.0f} {r['tokens_per_s_per_device']:>11,.0f} "
+        print(f"{head} {r['tokens_per_s']:>11,.0f} {r['tokens_per_s_per_device']:>11,.0f} "
               f"{eff:>10.2f} {mfu:>6} {r['peak_memory_gib_rank0']:>9.1f}")
 
 
