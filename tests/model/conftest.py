@@ -24,3 +24,13 @@ def _one_thread(request):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def exact_fp32():
+    """TF32 off for the test: float32 comparisons (or a float32 reference) on
+    CUDA would otherwise be blurred by ~1e-3."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old

@@ -37,13 +37,13 @@ def _to_nvfp4(model: nn.Module) -> int:
     return n
 
 
-@pytest.fixture(autouse=True)
-def exact_fp32():
-    # the float32 reference below must not run in TF32
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+def _by_module(names) -> dict[str, list[str]]:
+    """Parameter names grouped by top-level module: embed, layers.<i>, final_norm, head."""
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        key = ".".join(n.split(".")[:2]) if n.startswith("layers.") else n.split(".")[0]
+        groups.setdefault(key, []).append(n)
+    return groups
 
 
 def _loss_and_grads(model, ids, doc, bf16: bool = True):
@@ -58,7 +58,7 @@ def _loss_and_grads(model, ids, doc, bf16: bool = True):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "nvfp4_emulated"])
-def test_compiled_blocks_match_eager_on_cuda(precision, seed):
+def test_compiled_blocks_match_eager_on_cuda(precision, seed, exact_fp32):
     spec = make_spec("AMER", hidden_size=64, ffn_size=128)
     with torch.device("cuda"):
         eager = megacpp.build_model(spec)
@@ -83,12 +83,8 @@ def test_compiled_blocks_match_eager_on_cuda(precision, seed):
         # (CPU), so a tight per-scalar bound would fail on rounding alone; a
         # zeroed or garbage gradient still fails.
         _, grads_r = _loss_and_grads(reference, ids, doc, bf16=False)
-        groups = {}
-        for n in grads_r:
-            key = ".".join(n.split(".")[:2]) if n.startswith("layers.") else n.split(".")[0]
-            groups.setdefault(key, []).append(n)
         bad = {}
-        for key, names in groups.items():
+        for key, names in _by_module(grads_r).items():
             cat = lambda g: torch.cat([g[n].flatten() for n in names])  # noqa: E731
             gr = cat(grads_r)
             err_e = float((cat(grads_e) - gr).norm() / gr.norm().clamp_min(1e-12))
@@ -105,12 +101,8 @@ def test_compiled_blocks_match_eager_on_cuda(precision, seed):
     # input flip some codes, so gradients legitimately differ by tens of percent
     # (CPU: ~40%). Per top-level module, the compiled gradient must still point
     # the same way at about the same size; a zeroed gradient fails both.
-    groups = {}
-    for n in grads_e:
-        key = ".".join(n.split(".")[:2]) if n.startswith("layers.") else n.split(".")[0]
-        groups.setdefault(key, []).append(n)
     bad = {}
-    for key, names in groups.items():
+    for key, names in _by_module(grads_e).items():
         ge = torch.cat([grads_e[n].flatten() for n in names])
         gc = torch.cat([grads_c[n].flatten() for n in names])
         cos = float(F.cosine_similarity(gc, ge, dim=0))

@@ -18,12 +18,9 @@ pytestmark = [pytest.mark.gpu,
 
 
 @pytest.fixture(autouse=True)
-def exact_fp32():
-    # TF32 would blur the float32 comparisons below by ~1e-3
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+def _exact(exact_fp32):
+    # TF32 would blur the float32 comparisons below by ~1e-3 (tests/model/conftest.py)
     yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 @pytest.mark.parametrize("cfg", [{}, {"score": "sigmoid", "bias_balancing": True, "null_experts": 2},
