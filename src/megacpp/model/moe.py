@@ -343,7 +343,7 @@ class MoE(nn.Module):
         slot_order = self.routing != "expert_choice" and r.token.numel() == T * k and self._dropless()
         if slot_order:
             # The rows in expert order are a permutation of the T*k slots, so
-            # their backward needs no accumulating scatter (see _GatherSlots).
+            # their backward needs no accumulating scatter (see gather_slots).
             rows = gather_slots(xt, order, k)
         else:
             rows = torch.index_select(xt, 0, token)
