@@ -52,7 +52,9 @@ def main(sharding: str) -> None:
     torch.manual_seed(0)
     ref = Toy().double()
     model = copy.deepcopy(ref)
-    recipe = SimpleNamespace(policy=SimpleNamespace(precision=SimpleNamespace(params="fp32", compute="fp32")))
+    from megacpp.recipe.policy import ParallelSpec
+    recipe = SimpleNamespace(policy=SimpleNamespace(precision=SimpleNamespace(params="fp32", compute="fp32"),
+                                                    parallel=ParallelSpec()))
     if sharding == "fsdp2":
         model = model.float()
         ref = ref.float()

@@ -166,20 +166,38 @@ def test_sigterm_stops_every_rank_at_one_step_and_saves(snap, tmp_path):
     assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
 
-def test_fsdp2_bf16_compute_gathers_gemm_weights_in_bf16(snap, tmp_path):
-    """bf16 autocast over float32 weights: the layers' GEMM weights travel as bf16
-    (autocast would round them to bf16 anyway), everything else as float32, and
-    the run follows the one-process bf16 run."""
+@pytest.mark.parametrize("subgroups", [False, True])
+def test_fsdp2_bf16_compute_follows_one_process(snap, tmp_path, subgroups):
+    """bf16 autocast over float32 weights. By default each layer is one float32
+    group (the compiled graphs of one process); with policy.parallel.gemm_subgroups
+    the layers' GEMM weights travel as bf16 (autocast would round them to bf16
+    anyway), everything else as float32. Either way the run follows the
+    one-process bf16 run."""
     bf16 = {"policy.precision.compute": "bf16", "policy.patches.linear_ce": "off",
             "policy.steps": 3, "policy.eval_batches": 0}
     one, two = tmp_path / "one", tmp_path / "two"
     train(1, snap, one, **bf16)
-    train(2, snap, two, "fsdp2", **bf16)
+    train(2, snap, two, "fsdp2", **bf16, **{"policy.parallel.gemm_subgroups": str(subgroups).lower()})
     mp = manifest(two)["backend"]["layout"]["fsdp2_mixed_precision"]
-    assert mp["param_dtype"] == "float32" and mp["gemm_param_dtype"] == "bfloat16"
-    assert mp["gemm_groups"] == 12 and mp["gemm_params"] > 0  # every nam-tiny layer has GEMMs
+    assert mp["param_dtype"] == "float32"
+    if subgroups:
+        assert mp["gemm_param_dtype"] == "bfloat16"
+        assert mp["gemm_groups"] == 12 and mp["gemm_params"] > 0  # every nam-tiny layer has GEMMs
+    else:
+        assert mp["gemm_param_dtype"] is None and mp["gemm_groups"] == 0
     got, want = records(two), records(one)
     for s in range(3):
         # bf16 matmuls summed over another split of the batch: ~1e-3 apart; an
         # unreduced or mis-cast gradient would be 1e-2 or more off by step 2
         assert math.isclose(got[s]["loss"], want[s]["loss"], rel_tol=2e-3), (s, got[s]["loss"], want[s]["loss"])
+
+
+def test_fsdp2_grouped_layers_without_reshard_match_one_process(snap, one_process, tmp_path):
+    """Five layers to a group (12 layers: groups of 5, 5, 2) and the gathered
+    weights kept from forward to backward: the same fp32 trajectory."""
+    out = tmp_path / "grouped"
+    train(2, snap, out, "fsdp2", **{"policy.parallel.group_layers": 5,
+                                    "policy.parallel.reshard_after_forward": "false"})
+    assert_same(records(out), records(one_process), range(STEPS))
+    mp = manifest(out)["backend"]["layout"]["fsdp2_mixed_precision"]
+    assert mp["groups"] == 4 and mp["layers_per_group"] == 5 and mp["reshard_after_forward"] is False

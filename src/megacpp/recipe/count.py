@@ -197,8 +197,9 @@ def _device_memory(spec: ModelSpec, pol, rows, memory: dict, tokens: int, pbytes
     """One device's share under this recipe's layout and checkpointing policy.
 
     FSDP2 over N ranks keeps 1/N of weights, gradients and optimizer state,
-    plus the unsharded parameters of the layer running and of the one being
-    prefetched. A layer checkpointed (full or selective) keeps its input and
+    plus the unsharded parameters of the group of layers running and of the
+    one being prefetched (or of every group, policy.parallel.reshard_after_forward
+    false). A layer checkpointed (full or selective) keeps its input and
     rebuilds the rest during its backward: the largest such layer's
     activations are counted once on top.
     """
@@ -216,7 +217,13 @@ def _device_memory(spec: ModelSpec, pol, rows, memory: dict, tokens: int, pbytes
             kept += spec.hidden_size
             recompute = max(recompute, full)
     states = (memory["weights"] + memory["gradients"] + memory["optimizer"]) / world
-    gather = 2 * max(r.params for r in rows) * pbytes if sharded else 0.0
+    gather = 0.0
+    if sharded:  # gathered in the storage dtype (float32 unless policy.precision.params says otherwise)
+        k = max(1, pol.parallel.group_layers)
+        groups = [sum(r.params for r in rows[i:i + k]) for i in range(0, len(rows), k)]
+        # resharding after forward: the group running and the one prefetched;
+        # otherwise every group stays gathered from its forward to its backward
+        gather = (2 * max(groups) if pol.parallel.reshard_after_forward else sum(groups)) * pbytes
     act = (kept + recompute) * tokens * cbytes
     return {"device_states": states, "device_gather": float(gather), "device_activations": act,
             "device_estimate": states + gather + act + memory["logits_linear_ce"], "device_shards": world}

@@ -194,6 +194,12 @@ def translate(recipe: Recipe) -> Translation:
              "--expert-model-parallel-size", str(par.expert)]
     if par.sharding == "fsdp2":
         args += ["--use-torch-fsdp2"]
+        if not par.reshard_after_forward:
+            args += ["--torch-fsdp2-no-reshard-after-forward"]
+        if par.group_layers != 1:
+            issues.add(f"parallel.group_layers={par.group_layers}: Megatron shards each layer on its own")
+        if par.gemm_subgroups:
+            issues.add("parallel.gemm_subgroups (GEMM weights gathered in the compute dtype) has no Megatron flag")
     elif par.data > 1:
         args += ["--use-distributed-optimizer"]
     if recipe.layers.stage_boundaries and par.pipeline != len(recipe.layers.stage_boundaries) + 1:

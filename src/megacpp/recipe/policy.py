@@ -57,6 +57,20 @@ class CompileSpec:
 class ParallelSpec:
     data: int = 1                    # data-parallel degree (1: one device)
     sharding: str = "none"           # none | ddp | fsdp2
+    # fsdp2 only. Layers per fully_shard group: each group costs host time per
+    # step (hooks, one all-gather per dtype, one reduce-scatter), so fewer,
+    # larger groups trade peak memory for fewer host-side operations.
+    group_layers: int = 1
+    # fsdp2 only. False keeps each group's gathered weights from its forward
+    # to its backward (no second all-gather; ZeRO-2-like memory).
+    reshard_after_forward: bool = True
+    # fsdp2 only. True gathers each group's GEMM weights (plain Linear, MoE
+    # experts) in the compute dtype as a sub-group of its own: half the bytes
+    # under bf16/fp16 autocast, but the sub-group's hooks sit on modules
+    # inside the compiled layer, so each splits the layer's graph (measured:
+    # nam-tiny 4 -> 23 graphs, 26 breaks). Off by default: one float32
+    # gather per group, the same compiled graphs as one process.
+    gemm_subgroups: bool = False
     tensor: int = 1
     context: int = 1
     expert: int = 1

@@ -240,6 +240,9 @@ def validate_policy(p: RunPolicy) -> None:
     par = p.parallel
     _pos(par.data, f + "parallel.data", 1 << 16)
     _choice(par.sharding, IMPLEMENTED["parallel.sharding"], f + "parallel.sharding")
+    _pos(par.group_layers, f + "parallel.group_layers", 1 << 16)
+    if not isinstance(par.reshard_after_forward, bool):
+        _err(f + "parallel.reshard_after_forward", f"must be true or false, got {par.reshard_after_forward!r}")
     for dim in ("tensor", "context", "expert", "pipeline"):
         v = getattr(par, dim)
         _pos(v, f + f"parallel.{dim}", 1 << 16)

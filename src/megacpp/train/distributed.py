@@ -182,17 +182,24 @@ def gemm_modules(layer: torch.nn.Module, fp32_modules) -> list[torch.nn.Module]:
 
 
 def fsdp2(model: torch.nn.Module, recipe) -> dict:
-    """`fully_shard` each layer (and each MTP depth), then the root.
+    """`fully_shard` the layers (and MTP depths) in groups, then the root.
 
     Parameters are stored in policy.precision.params and the compute dtype
     comes from autocast, exactly as on one device. With float32 storage and
-    a bf16/fp16 compute dtype, each layer's GEMM weights (`gemm_modules`)
+    a bf16/fp16 compute dtype, each group's GEMM weights (`gemm_modules`)
     form their own FSDP group all-gathered in the compute dtype: half the
-    bytes of the largest collective, the same numbers. The rest of a layer
+    bytes of the largest collective, the same numbers. The rest of a group
     (norms, SSM A_log/D/dt_bias, routers, convs: the fp32_modules the
     precision policy keeps in float32) is all-gathered in float32: a bf16
-    all-gather would round them. Gradients are reduced in float32. Returns
-    the policy for the manifest.
+    all-gather would round them. Gradients are reduced in float32.
+
+    policy.parallel.group_layers consecutive layers share one group: every
+    group costs the host its pre/post forward and backward hooks and its
+    collectives each step, and a small model's step is short enough for that
+    host time to show. policy.parallel.reshard_after_forward=false keeps the
+    gathered weights until the backward (one all-gather per group and step,
+    not two); the last group never reshards, its backward runs right away.
+    Returns the policy for the manifest.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import DTensor
@@ -200,39 +207,51 @@ def fsdp2(model: torch.nn.Module, recipe) -> dict:
     from ..errors import MegacppError
     from .precision import DTYPES
 
-    prec = recipe.policy.precision
+    prec, par = recipe.policy.precision, recipe.policy.parallel
     stored, compute = DTYPES[prec.params], DTYPES[prec.compute]
     mp = MixedPrecisionPolicy(param_dtype=stored, reduce_dtype=torch.float32)
-    gemm_dtype = compute if (stored == torch.float32 and compute in (torch.bfloat16, torch.float16)) else None
+    gemm_dtype = compute if (par.gemm_subgroups and stored == torch.float32
+                             and compute in (torch.bfloat16, torch.float16)) else None
     gemm_mp = MixedPrecisionPolicy(param_dtype=gemm_dtype, reduce_dtype=torch.float32)
-    groups = list(model.layers) + list(getattr(model, "mtp", []))
+    k = max(1, par.group_layers)
+    layers = list(model.layers)
+    groups = [layers[i:i + k] for i in range(0, len(layers), k)] + [[m] for m in getattr(model, "mtp", [])]
     gemm_groups = gemm_params = 0
-    for name, module in [(f"layer {i}", m) for i, m in enumerate(groups)] + [("root", model)]:
-        if module is not model and gemm_dtype is not None:
-            gemms = gemm_modules(module, prec.fp32_modules)
+    for gi, group in enumerate(groups):
+        reshard = par.reshard_after_forward and gi < len(groups) - 1
+        if gemm_dtype is not None:
+            gemms = [m for layer in group for m in gemm_modules(layer, prec.fp32_modules)]
             if gemms:
-                fully_shard(gemms, mp_policy=gemm_mp)  # one group: one all-gather per layer
+                fully_shard(gemms, mp_policy=gemm_mp, reshard_after_forward=reshard)  # one all-gather
                 gemm_groups += 1
                 gemm_params += sum(p.numel() for m in gemms for p in m.parameters())
         # DTensors are already sharded, in a finer group
-        dtypes = {p.dtype for p in module.parameters() if p.requires_grad and not isinstance(p, DTensor)}
+        dtypes = {p.dtype for m in group for p in m.parameters() if p.requires_grad and not isinstance(p, DTensor)}
         if len(dtypes) > 1:
             raise MegacppError(
-                f"policy.parallel.sharding: fsdp2 shards each layer as one flat group of one dtype, "
-                f"but {name} holds {sorted(str(d).replace('torch.', '') for d in dtypes)} parameters "
-                f"(policy.precision.params={prec.params} keeps fp32_modules in "
+                f"policy.parallel.sharding: fsdp2 shards each group of layers as one flat group of one "
+                f"dtype, but group {gi} (layers {gi * k}..{gi * k + len(group) - 1}) holds "
+                f"{sorted(str(d).replace('torch.', '') for d in dtypes)} "
+                f"parameters (policy.precision.params={prec.params} keeps fp32_modules in "
                 f"float32); use ddp, or policy.precision.params=fp32")
-        if module is not model:
-            fully_shard(module, mp_policy=mp)
+        fully_shard(group if len(group) > 1 else group[0], mp_policy=mp, reshard_after_forward=reshard)
     # The root keeps embed, final norm and head; the head weight is read after
     # the forward by the LM loss, which FSDP2 allows since the root is not
     # resharded between its forward and backward.
+    dtypes = {p.dtype for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)}
+    if len(dtypes) > 1:
+        raise MegacppError(
+            f"policy.parallel.sharding: fsdp2 shards the root (embeddings, final norm, head) as one "
+            f"group of one dtype, but it holds {sorted(str(d).replace('torch.', '') for d in dtypes)} "
+            f"parameters; use ddp, or policy.precision.params=fp32")
     fully_shard(model, mp_policy=mp)
     name = lambda d: None if d is None else str(d).replace("torch.", "")  # noqa: E731
     return {"param_dtype": name(stored), "reduce_dtype": "float32",
             "compute": prec.compute + " (autocast)", "groups": len(groups) + 1,
+            "layers_per_group": k, "reshard_after_forward": par.reshard_after_forward,
             "gemm_param_dtype": name(gemm_dtype), "gemm_groups": gemm_groups,
             "gemm_params": gemm_params}
+
 
 
 def grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
