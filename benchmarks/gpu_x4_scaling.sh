@@ -7,12 +7,17 @@
 # Carry .whl-min (liger-kernel, tomli-w) and .gpudata/cpp-125m.
 #   bash benchmarks/gpu_x4_scaling.sh                 # rounds A..E
 #   ROUNDS="A P" bash benchmarks/gpu_x4_scaling.sh    # P: profiles at 1 and 2 GPUs
+#   ROUNDS="V T F G" ...                              # the sixth session's first call
+# V: issue 10's four 500-step precision curves, one card each (same data, seed, batch)
+# T, F, G, H: this session's FSDP2 layout variants (no-reshard, gather="compute")
+# with the CUDA tests next to them
 source benchmarks/gpu_session.sh
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 STEPS=${STEPS:-14}; SKIP=${SKIP:-4}; RT=${RUN_TIMEOUT:-200}; DEADLINE=${DEADLINE:-575}
 mkdir -p /root/sc; cp -r .gpudata/cpp-125m /root/cpp-125m
 S="python3 benchmarks/scaling.py --data /root/cpp-125m --steps $STEPS --skip $SKIP --sharding fsdp2 --timeout $RT"
 NR="--set policy.parallel.reshard_after_forward=false --tag no-reshard"
+NRC="--set policy.parallel.reshard_after_forward=false --set policy.parallel.gather=compute --tag nr+compute"
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'nccl', torch.cuda.nccl.version())"
 ROUNDS=${ROUNDS:-A B C D E}
@@ -34,6 +39,31 @@ if has C; then
 fi
 if has D; then run 125m_w4 0,1,2,3 --recipes nam-125m --worlds 4 --master-port 30100; wait; echo "round D done at ${SECONDS}s"; fi
 if has E; then run 1b_w4_nr 0,1,2,3 --recipes nam-1b --worlds 4 $NR --master-port 30200; wait; echo "round E done at ${SECONDS}s"; fi
+if has V; then  # ~3 min: each curve alone on its card, so every mode reaches step 500
+  g=0
+  for m in bf16 fp16 fp8 nvfp4_emulated; do
+    CUDA_VISIBLE_DEVICES=$g timeout 330 python3 benchmarks/precision_bench.py --part curves --steps 500 \
+      --micro-batch 8 --set policy.global_batch=8 --modes $m --data /root/cpp-125m \
+      --json $OUT/curve_$m.json > /root/sc/curve_$m.log 2>&1 &
+    g=$((g + 1))
+  done
+  wait; echo "round V done at ${SECONDS}s"; grep -h "\[curves\]" /root/sc/curve_*.log | tail -n 8
+fi
+if has T; then  # the CUDA tests beside nam-1b at 1 GPU and at 2 (no reshard, bf16 GEMM gather)
+  CUDA_VISIBLE_DEVICES=0 timeout $RT python3 -m pytest -q -p no:cacheprovider -p no:warnings -m gpu tests \
+    > /root/sc/gpu_tests.log 2>&1 &
+  run 1b_w1 1 --recipes nam-1b --worlds 1 --master-port 30300
+  run 1b_w2_nrc 2,3 --recipes nam-1b --worlds 2 $NRC --master-port 30400
+  wait; echo "round T done at ${SECONDS}s"; grep -E "passed|failed|^FAILED" /root/sc/gpu_tests.log | tail -n 12
+fi
+if has F; then run 1b_w4_nrc 0,1,2,3 --recipes nam-1b --worlds 4 $NRC --master-port 30500; wait; echo "round F done at ${SECONDS}s"; fi
+if has G; then run 1b_w4_nr 0,1,2,3 --recipes nam-1b --worlds 4 $NR --master-port 30600; wait; echo "round G done at ${SECONDS}s"; fi
+if has H; then
+  run 125m_w1 0 --recipes nam-125m --worlds 1 --master-port 30700
+  run 125m_w2_nrc 2,3 --recipes nam-125m --worlds 2 $NRC --master-port 30800
+  wait; echo "round H done at ${SECONDS}s"
+  run 125m_w4_nrc 0,1,2,3 --recipes nam-125m --worlds 4 $NRC --master-port 30900; wait; echo "round H4 done at ${SECONDS}s"
+fi
 if has P; then
   # where a 2-GPU step's time goes: nam-125m profiled (steps 10-12, rank 0) at 1 and 2 GPUs
   prof() {  # $1: GPUs, $2: world, $3: port

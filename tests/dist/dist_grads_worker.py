@@ -1,13 +1,17 @@
 """Run under torchrun (2 processes): gradient accumulation and grad norm through DistContext.
 
-    python -m torch.distributed.run --nproc_per_node 2 dist_grads_worker.py ddp|fsdp2
+    python -m torch.distributed.run --nproc_per_node 2 dist_grads_worker.py ddp|fsdp2|fsdp2-compute
 
 A toy stack of layers, wrapped like the trainer wraps HybridLM, takes two
 micro-batches per rank. Checks: no gradient communication on the first one
 (DDP: ranks' gradients still differ; FSDP2: nothing reduce-scattered yet),
 after the last one the gradients equal a one-process model's over the whole
 global batch, and grad_norm_ returns (and clips with) the global norm.
-Exits non-zero with a message on any mismatch.
+fsdp2-compute: policy.parallel.gather="compute" under bf16 autocast: the
+GEMM weights are gathered in bf16 and the LayerNorms are replicated; their
+gradients must be the average over the ranks after sync_replicated_grads,
+equal on every rank, and the grad norm must count sharded and replicated
+gradients alike. Exits non-zero with a message on any mismatch.
 """
 from __future__ import annotations
 
@@ -36,6 +40,15 @@ class Toy(torch.nn.Module):
         return x
 
 
+class ToyNorm(Toy):
+    """Layers with a LayerNorm: parameters gather="compute" leaves replicated."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(D, D), torch.nn.LayerNorm(D),
+                                                              torch.nn.Tanh()) for _ in range(3))
+
+
 def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
@@ -46,7 +59,49 @@ def check(ok: bool, what: str) -> None:
         sys.exit(1)
 
 
+def main_compute() -> None:
+    from megacpp.recipe.policy import ParallelSpec
+    from megacpp.train.distributed import DistContext
+
+    dist = from_env("fsdp2", "cpu")
+    W = dist.world_size
+    torch.manual_seed(0)
+    model = ToyNorm()
+    recipe = SimpleNamespace(policy=SimpleNamespace(
+        precision=SimpleNamespace(params="fp32", compute="bf16", fp32_modules=("norm",)),
+        parallel=ParallelSpec(gather="compute")))
+    wrapped = dist.wrap(model, recipe)
+    rep = dist.replicated
+    check(len(rep) == 6 and all(p.dim() == 1 for p in rep), f"replicated {[tuple(p.shape) for p in rep]}")
+    check(all(not hasattr(p, "full_tensor") for p in rep), "a replicated parameter is a DTensor")
+    check(all(hasattr(l[0].weight, "full_tensor") for l in model.layers), "a GEMM weight is not sharded")
+    data = torch.randn(W, ROWS, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = wrapped(data[dist.rank])
+    (out.float().pow(2).sum() * W / (W * ROWS)).backward()
+    local = [p.grad.clone() for p in rep]
+    every = dist.all_gather_object(local)
+    check(not all(torch.equal(a, b) for a, b in zip(every[0], every[1])), "replicated grads equal before sync")
+    DistContext.sync_replicated_grads(dist)
+    for i, p in enumerate(rep):
+        want = sum(e[i] for e in every) / W
+        check(torch.allclose(p.grad, want, rtol=1e-6, atol=1e-8), f"replicated gradient {i} is not the mean")
+    after = dist.all_gather_object([p.grad for p in rep])
+    check(all(torch.equal(a, b) for a, b in zip(after[0], after[1])), "replicated grads differ after sync")
+    grads = [full(p.grad) for p in model.parameters() if p.grad is not None]
+    want = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))
+    norm = grad_norm_(list(model.parameters()), float(want) / 2)
+    check(torch.allclose(norm, want, rtol=1e-5), f"mixed norm {float(norm)} != {float(want)}")
+    again = torch.linalg.vector_norm(torch.stack([full(p.grad).float().norm() for p in model.parameters()
+                                                  if p.grad is not None]))
+    check(abs(float(again) - float(want) / 2) < 1e-4 * float(want), "mixed gradients not clipped alike")
+    if dist.is_main:
+        print(f"ok fsdp2-compute world {W}")
+
+
 def main(sharding: str) -> None:
+    if sharding == "fsdp2-compute":
+        return main_compute()
     dist = from_env(sharding, "cpu")
     W = dist.world_size
     torch.manual_seed(0)

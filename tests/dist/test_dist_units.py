@@ -18,7 +18,7 @@ from dist_testutil import env, free_port, snapshot, tiny_sets
 HERE = Path(__file__).parent
 
 
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp2", "fsdp2-compute"])
 def test_accumulation_syncs_once_and_grad_norm_is_global(sharding):
     """Two ranks, two micro-batches each: see dist_grads_worker.py for the checks."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -140,6 +140,7 @@ def test_fsdp2_keeps_the_compiled_layer_graphs():
     groups whole layers, so the compiled graphs are those of one process."""
     plain = _graphs_under_fsdp2(None)
     sharded = _graphs_under_fsdp2(["policy.parallel.group_layers=2"])
-    sub = _graphs_under_fsdp2(["policy.parallel.gemm_subgroups=true"])
-    assert plain["breaks"] == 0 and sharded == plain, (plain, sharded)
+    compute = _graphs_under_fsdp2(["policy.parallel.gather=compute"])
+    sub = _graphs_under_fsdp2(["policy.parallel.gather=compute_subgroups"])
+    assert plain["breaks"] == 0 and sharded == plain and compute == plain, (plain, sharded, compute)
     assert sub["breaks"] > 0 and sub["graphs"] > plain["graphs"], sub  # the check can fail

@@ -198,8 +198,9 @@ def translate(recipe: Recipe) -> Translation:
             args += ["--torch-fsdp2-no-reshard-after-forward"]
         if par.group_layers != 1:
             issues.add(f"parallel.group_layers={par.group_layers}: Megatron shards each layer on its own")
-        if par.gemm_subgroups:
-            issues.add("parallel.gemm_subgroups (GEMM weights gathered in the compute dtype) has no Megatron flag")
+        if par.gather != "storage":
+            issues.add(f"parallel.gather={par.gather} (GEMM weights gathered in the compute dtype) has no "
+                       f"Megatron flag")
     elif par.data > 1:
         args += ["--use-distributed-optimizer"]
     if recipe.layers.stage_boundaries and par.pipeline != len(recipe.layers.stage_boundaries) + 1:

@@ -64,13 +64,21 @@ class ParallelSpec:
     # fsdp2 only. False keeps each group's gathered weights from its forward
     # to its backward (no second all-gather; ZeRO-2-like memory).
     reshard_after_forward: bool = True
-    # fsdp2 only. True gathers each group's GEMM weights (plain Linear, MoE
-    # experts) in the compute dtype as a sub-group of its own: half the bytes
-    # under bf16/fp16 autocast, but the sub-group's hooks sit on modules
-    # inside the compiled layer, so each splits the layer's graph (measured:
-    # nam-tiny 4 -> 23 graphs, 26 breaks). Off by default: one float32
-    # gather per group, the same compiled graphs as one process.
-    gemm_subgroups: bool = False
+    # fsdp2 only. What each group's all-gather carries under bf16/fp16 autocast
+    # over float32 storage:
+    #   storage  every parameter in its storage dtype (float32): exact, the most bytes
+    #   compute  the GEMM weights (plain Linear, MoE experts) in the compute
+    #            dtype, which autocast rounds them to anyway: the same numbers,
+    #            half the bytes; the layer's other parameters (norms, A_log, D,
+    #            dt_bias, routers, convs) are not sharded but replicated, their
+    #            gradients all-reduced once per step
+    #   compute_subgroups  the GEMM weights in the compute dtype as a sub-group
+    #            of their own: its hooks sit on modules inside the compiled
+    #            layer and split its graph (nam-tiny: 4 -> 23 graphs, 26 breaks)
+    gather: str = "storage"
+    # fsdp2 only. Groups whose all-gather is issued from the CPU when the group
+    # before them starts its forward (0: when their own forward starts)
+    prefetch_groups: int = 1
     tensor: int = 1
     context: int = 1
     expert: int = 1

@@ -30,6 +30,7 @@ IMPLEMENTED = {
     "compile.mode": {"none", "default", "reduce-overhead", "max-autotune"},
     "compile.scope": {"block", "model"},
     "parallel.sharding": {"none", "ddp", "fsdp2"},
+    "parallel.gather": {"storage", "compute", "compute_subgroups"},
     "ac": {"none", "full", "selective"},
     "patch_mode": {"required", "preferred", "off"},
     "stp.form": {"curvature", "span"},
@@ -241,6 +242,8 @@ def validate_policy(p: RunPolicy) -> None:
     _pos(par.data, f + "parallel.data", 1 << 16)
     _choice(par.sharding, IMPLEMENTED["parallel.sharding"], f + "parallel.sharding")
     _pos(par.group_layers, f + "parallel.group_layers", 1 << 16)
+    _choice(par.gather, IMPLEMENTED["parallel.gather"], f + "parallel.gather")
+    _nonneg(par.prefetch_groups, f + "parallel.prefetch_groups")
     if not isinstance(par.reshard_after_forward, bool):
         _err(f + "parallel.reshard_after_forward", f"must be true or false, got {par.reshard_after_forward!r}")
     for dim in ("tensor", "context", "expert", "pipeline"):

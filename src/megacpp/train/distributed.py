@@ -40,6 +40,9 @@ class DistContext:
     # checkpoint it resumes.
     checkpoint_format: str = "file"
     mixed_precision: dict | None = None
+    # parameters FSDP2 leaves unsharded (policy.parallel.gather="compute"):
+    # their gradients are all-reduced by sync_replicated_grads
+    replicated: list = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         if self.world_size > 1:
@@ -67,7 +70,7 @@ class DistContext:
             # Buffers (the MoE expert bias) are updated from all-reduced loads, so
             # they are already equal on every rank: no per-forward broadcast.
             return DDP(model, device_ids=ids, forward_sync_buffers=False)
-        self.mixed_precision = fsdp2(model, recipe)
+        self.mixed_precision, self.replicated = fsdp2(model, recipe)
         return model
 
     def no_sync(self, model, last: bool):
@@ -81,6 +84,17 @@ class DistContext:
         return contextlib.nullcontext()
 
     # ------------------------------------------------------------ collectives
+    def sync_replicated_grads(self) -> None:
+        """Average the gradients of the parameters FSDP2 replicates, as its
+        reduce-scatter averages the sharded ones: one flat all-reduce."""
+        grads = [p.grad for p in self.replicated if p.grad is not None]
+        if not self.active or not grads:
+            return
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
+        flat /= self.world_size
+        torch._foreach_copy_(grads, [v.view_as(g) for v, g in zip(flat.split([g.numel() for g in grads]), grads)])
+
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.active:
             t = t.clone()
@@ -181,25 +195,32 @@ def gemm_modules(layer: torch.nn.Module, fp32_modules) -> list[torch.nn.Module]:
     return out
 
 
-def fsdp2(model: torch.nn.Module, recipe) -> dict:
+def fsdp2(model: torch.nn.Module, recipe) -> tuple[dict, list[torch.nn.Parameter]]:
     """`fully_shard` the layers (and MTP depths) in groups, then the root.
 
     Parameters are stored in policy.precision.params and the compute dtype
-    comes from autocast, exactly as on one device. With float32 storage and
-    a bf16/fp16 compute dtype, each group's GEMM weights (`gemm_modules`)
-    form their own FSDP group all-gathered in the compute dtype: half the
-    bytes of the largest collective, the same numbers. The rest of a group
-    (norms, SSM A_log/D/dt_bias, routers, convs: the fp32_modules the
-    precision policy keeps in float32) is all-gathered in float32: a bf16
-    all-gather would round them. Gradients are reduced in float32.
+    comes from autocast, exactly as on one device. Gradients are reduced in
+    float32. Each group is whole layers (policy.parallel.group_layers of
+    them), so FSDP2's hooks sit on the modules the trainer compiles and the
+    compiled graphs are those of one process.
 
-    policy.parallel.group_layers consecutive layers share one group: every
-    group costs the host its pre/post forward and backward hooks and its
-    collectives each step, and a small model's step is short enough for that
-    host time to show. policy.parallel.reshard_after_forward=false keeps the
-    gathered weights until the backward (one all-gather per group and step,
-    not two); the last group never reshards, its backward runs right away.
-    Returns the policy for the manifest.
+    policy.parallel.gather (with float32 storage and bf16/fp16 compute):
+    - "storage": every parameter all-gathered in float32.
+    - "compute": the GEMM weights (`gemm_modules`) all-gathered in the compute
+      dtype, which autocast would round them to anyway (half the bytes, the
+      same numbers); the group's other parameters (norms, SSM A_log/D/dt_bias,
+      routers, convs: a bf16 gather would round them) are left out of FSDP,
+      replicated, and their gradients all-reduced by `sync_replicated_grads`.
+    - "compute_subgroups": the GEMM weights as a float-compute sub-group of
+      their own, the rest in float32; the sub-group's hooks split the
+      compiled layer graphs (kept to measure that).
+
+    Every group costs the host its hooks and collectives each step.
+    policy.parallel.reshard_after_forward=false keeps the gathered weights
+    until the backward (one all-gather per group and step, not two); the last
+    group never reshards, its backward runs right away. prefetch_groups: how
+    many groups ahead the forward all-gather is issued from the CPU.
+    Returns (the policy for the manifest, the replicated parameters).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import DTensor
@@ -210,23 +231,33 @@ def fsdp2(model: torch.nn.Module, recipe) -> dict:
     prec, par = recipe.policy.precision, recipe.policy.parallel
     stored, compute = DTYPES[prec.params], DTYPES[prec.compute]
     mp = MixedPrecisionPolicy(param_dtype=stored, reduce_dtype=torch.float32)
-    gemm_dtype = compute if (par.gemm_subgroups and stored == torch.float32
-                             and compute in (torch.bfloat16, torch.float16)) else None
-    gemm_mp = MixedPrecisionPolicy(param_dtype=gemm_dtype, reduce_dtype=torch.float32)
+    lowp = stored == torch.float32 and compute in (torch.bfloat16, torch.float16)
+    gemm_dtype = compute if (lowp and par.gather != "storage") else None
+    # cast_forward_inputs off: FSDP2 would otherwise round each layer's input
+    # (the residual stream) to the gather dtype; autocast rounds GEMM inputs itself
+    gemm_mp = MixedPrecisionPolicy(param_dtype=gemm_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     k = max(1, par.group_layers)
     layers = list(model.layers)
     groups = [layers[i:i + k] for i in range(0, len(layers), k)] + [[m] for m in getattr(model, "mtp", [])]
     gemm_groups = gemm_params = 0
+    replicated: list[torch.nn.Parameter] = []
+    handles = []
     for gi, group in enumerate(groups):
         reshard = par.reshard_after_forward and gi < len(groups) - 1
-        if gemm_dtype is not None:
-            gemms = [m for layer in group for m in gemm_modules(layer, prec.fp32_modules)]
-            if gemms:
-                fully_shard(gemms, mp_policy=gemm_mp, reshard_after_forward=reshard)  # one all-gather
-                gemm_groups += 1
-                gemm_params += sum(p.numel() for m in gemms for p in m.parameters())
+        gemms = [m for layer in group for m in gemm_modules(layer, prec.fp32_modules)] if gemm_dtype else []
+        if gemms:
+            gemm_groups += 1
+            gemm_params += sum(p.numel() for m in gemms for p in m.parameters())
+        if gemms and par.gather == "compute_subgroups":
+            fully_shard(gemms, mp_policy=gemm_mp, reshard_after_forward=reshard)  # one all-gather
+        ignored = None
+        if gemms and par.gather == "compute":
+            in_gemms = {id(p) for m in gemms for p in m.parameters()}
+            ignored = {p for m in group for p in m.parameters() if id(p) not in in_gemms}
+            replicated += [p for p in ignored if p.requires_grad]
         # DTensors are already sharded, in a finer group
-        dtypes = {p.dtype for m in group for p in m.parameters() if p.requires_grad and not isinstance(p, DTensor)}
+        dtypes = {p.dtype for m in group for p in m.parameters()
+                  if p.requires_grad and not isinstance(p, DTensor) and not (ignored and p in ignored)}
         if len(dtypes) > 1:
             raise MegacppError(
                 f"policy.parallel.sharding: fsdp2 shards each group of layers as one flat group of one "
@@ -234,24 +265,35 @@ def fsdp2(model: torch.nn.Module, recipe) -> dict:
                 f"{sorted(str(d).replace('torch.', '') for d in dtypes)} "
                 f"parameters (policy.precision.params={prec.params} keeps fp32_modules in "
                 f"float32); use ddp, or policy.precision.params=fp32")
-        fully_shard(group if len(group) > 1 else group[0], mp_policy=mp, reshard_after_forward=reshard)
+        target = group if len(group) > 1 else group[0]
+        if ignored is not None:
+            fully_shard(target, mp_policy=gemm_mp, reshard_after_forward=reshard, ignored_params=ignored)
+        else:
+            fully_shard(target, mp_policy=mp, reshard_after_forward=reshard)
+        handles.append(group[0])
+    for i, h in enumerate(handles):
+        ahead = handles[i + 1:i + 1 + par.prefetch_groups]
+        if ahead:
+            h.set_modules_to_forward_prefetch(ahead)
     # The root keeps embed, final norm and head; the head weight is read after
     # the forward by the LM loss, which FSDP2 allows since the root is not
     # resharded between its forward and backward.
-    dtypes = {p.dtype for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)}
+    rep = {id(p) for p in replicated}
+    dtypes = {p.dtype for p in model.parameters()
+              if p.requires_grad and not isinstance(p, DTensor) and id(p) not in rep}
     if len(dtypes) > 1:
         raise MegacppError(
             f"policy.parallel.sharding: fsdp2 shards the root (embeddings, final norm, head) as one "
             f"group of one dtype, but it holds {sorted(str(d).replace('torch.', '') for d in dtypes)} "
             f"parameters; use ddp, or policy.precision.params=fp32")
-    fully_shard(model, mp_policy=mp)
+    fully_shard(model, mp_policy=mp, ignored_params=set(replicated) or None)
     name = lambda d: None if d is None else str(d).replace("torch.", "")  # noqa: E731
     return {"param_dtype": name(stored), "reduce_dtype": "float32",
             "compute": prec.compute + " (autocast)", "groups": len(groups) + 1,
             "layers_per_group": k, "reshard_after_forward": par.reshard_after_forward,
+            "prefetch_groups": par.prefetch_groups, "gather": par.gather,
             "gemm_param_dtype": name(gemm_dtype), "gemm_groups": gemm_groups,
-            "gemm_params": gemm_params}
-
+            "gemm_params": gemm_params, "replicated_params": sum(p.numel() for p in replicated)}, replicated
 
 
 def grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -259,16 +301,26 @@ def grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tenso
 
     FSDP2 gradients are DTensor shards: their norm is a partial value that
     `full_tensor()` reduces over the ranks, so every rank sees (and clips
-    with) the same global norm.
+    with) the same global norm. Plain gradients next to them (the parameters
+    FSDP2 replicates) are whole on every rank and count once. The two kinds
+    are normed and clipped apart: one foreach call cannot mix them.
     """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    from torch.distributed.tensor import DTensor
+
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
         return torch.zeros(())
-    total = torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False, foreach=True)
-    if hasattr(total, "full_tensor"):
-        total = total.full_tensor()
+    kinds = [[p for p in with_grad if isinstance(p.grad, DTensor)],
+             [p for p in with_grad if not isinstance(p.grad, DTensor)]]
+    kinds = [k for k in kinds if k]
+    norms = []
+    for kind in kinds:
+        n = torch.nn.utils.get_total_norm([p.grad for p in kind], 2.0, error_if_nonfinite=False, foreach=True)
+        norms.append(n.full_tensor() if hasattr(n, "full_tensor") else n)
+    total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+        for kind in kinds:
+            torch.nn.utils.clip_grads_with_norm_(kind, max_norm, total, foreach=True)
     return total
 
 

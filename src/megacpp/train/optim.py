@@ -35,9 +35,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float, muon: bool = False
         else:
             decay.append(p)
             report["decay"] += p.numel()
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]], muon_params, report
+    groups = []
+    for params, wd in ((decay, weight_decay), (no_decay, 0.0)):
+        # FSDP2 shards (DTensor) and the parameters it replicates go in separate
+        # groups: a fused/foreach step cannot mix the two kinds in one call
+        for kind in _by_tensor_kind(params):
+            groups.append({"params": kind, "weight_decay": wd})
+    return groups, muon_params, report
+
+
+def _by_tensor_kind(params: list) -> list[list]:
+    from torch.distributed.tensor import DTensor
+
+    kinds = [[p for p in params if isinstance(p, DTensor)], [p for p in params if not isinstance(p, DTensor)]]
+    return [k for k in kinds if k]
 
 
 def _newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:

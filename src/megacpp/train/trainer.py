@@ -527,6 +527,7 @@ class Trainer:
             for k, v in terms.items():
                 sums[k] = sums[k] + v if k in sums else v.clone()
             tokens += batch["input_ids"].numel()
+        self.dist.sync_replicated_grads()  # FSDP2 gather="compute": the unsharded parameters
         if "_load" in sums:  # the global expert load: for the bias update and the log alike
             sums["_load"] = self.dist.all_reduce_sum(sums["_load"])
         self.precision.unscale_(self.opt.optimizers)
