@@ -56,6 +56,14 @@ if has T; then  # the CUDA tests beside nam-1b at 1 GPU and at 2 (no reshard, bf
   run 1b_w2_nrc 2,3 --recipes nam-1b --worlds 2 $NRC --master-port 30400
   wait; echo "round T done at ${SECONDS}s"; grep -E "passed|failed|^FAILED" /root/sc/gpu_tests.log | tail -n 12
 fi
+if has I; then  # the CUDA tests (SIGINT at the limit: pytest still prints its failures) beside both 1-GPU baselines
+  CUDA_VISIBLE_DEVICES=0 timeout -s INT ${TEST_LIMIT:-250} python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
+    -p no:warnings -m gpu tests > /root/sc/gpu_tests.log 2>&1 &
+  run 1b_w1 1 --recipes nam-1b --worlds 1 --master-port 31000
+  run 125m_w1 2 --recipes nam-125m --worlds 1 --master-port 31100
+  wait; echo "round I done at ${SECONDS}s"; grep -E "passed|failed|^FAILED|Error" /root/sc/gpu_tests.log | tail -n 15
+fi
+if has J; then run 125m_w4_nr 0,1,2,3 --recipes nam-125m --worlds 4 $NR --master-port 31200; wait; echo "round J done at ${SECONDS}s"; fi
 if has F; then run 1b_w4_nrc 0,1,2,3 --recipes nam-1b --worlds 4 $NRC --master-port 30500; wait; echo "round F done at ${SECONDS}s"; fi
 if has G; then run 1b_w4_nr 0,1,2,3 --recipes nam-1b --worlds 4 $NR --master-port 30600; wait; echo "round G done at ${SECONDS}s"; fi
 if has H; then
