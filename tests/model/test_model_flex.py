@@ -197,10 +197,13 @@ def _flex_vs_sdpa_gradients(spec):
                                          if p.grad is not None})
     attention.ATTENTION_BACKEND = old_backend
     (ref, g_ref), (out, g_out) = grads["sdpa"], grads["flex"]
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # float32 kernels that sum in another order: on an H200 (2026-11-28) one
+    # logit in 87,300 differed by 1.5e-5 at rtol/atol 1e-5. A mask fault (a
+    # token seeing another document) moves logits by 1e-2 or more.
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     assert g_ref.keys() == g_out.keys()
     for n in g_ref:
-        torch.testing.assert_close(g_out[n], g_ref[n], rtol=1e-5, atol=1e-5, msg=n)
+        torch.testing.assert_close(g_out[n], g_ref[n], rtol=1e-4, atol=1e-4, msg=n)
 
 
 def test_model_backend_follows_head_dims(monkeypatch):
