@@ -199,7 +199,8 @@ def _flex_vs_sdpa_gradients(spec):
     (ref, g_ref), (out, g_out) = grads["sdpa"], grads["flex"]
     # float32 kernels that sum in another order: on an H200 (2026-11-28) one
     # logit in 87,300 differed by 1.5e-5 at rtol/atol 1e-5. A mask fault (a
-    # token seeing another document) moves logits by 1e-2 or more.
+    # token seeing another document) changes its output by a share of the
+    # attention weights, far above 1e-4 at these sizes.
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     assert g_ref.keys() == g_out.keys()
     for n in g_ref:
