@@ -16,6 +16,9 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 STEPS=${STEPS:-14}; SKIP=${SKIP:-4}; RT=${RUN_TIMEOUT:-200}; DEADLINE=${DEADLINE:-575}
 mkdir -p /root/sc; cp -r .gpudata/cpp-125m /root/cpp-125m
 S="python3 benchmarks/scaling.py --data /root/cpp-125m --steps $STEPS --skip $SKIP --sharding fsdp2 --timeout $RT"
+# the layout is explicit in every multi-GPU run, whatever the presets' default
+# (since the sixth session the 125M/1B presets keep the weights, "no-reshard")
+RS="--set policy.parallel.reshard_after_forward=true --tag reshard"
 NR="--set policy.parallel.reshard_after_forward=false --tag no-reshard"
 NRC="--set policy.parallel.reshard_after_forward=false --set policy.parallel.gather=compute --tag nr+compute"
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
@@ -28,16 +31,16 @@ run() { local n=$1 g=$2; shift 2
 if has A; then  # both 1-GPU baselines and nam-1b at 2 GPUs, side by side
   run 1b_w1 0 --recipes nam-1b --worlds 1 --master-port 29500
   run 125m_w1 1 --recipes nam-125m --worlds 1 --master-port 29600
-  run 1b_w2 2,3 --recipes nam-1b --worlds 2 --master-port 29700
+  run 1b_w2 2,3 --recipes nam-1b --worlds 2 $RS --master-port 29700
   wait; echo "round A done at ${SECONDS}s"
 fi
-if has B; then run 1b_w4 0,1,2,3 --recipes nam-1b --worlds 4 --master-port 29800; wait; echo "round B done at ${SECONDS}s"; fi
+if has B; then run 1b_w4 0,1,2,3 --recipes nam-1b --worlds 4 $RS --master-port 29800; wait; echo "round B done at ${SECONDS}s"; fi
 if has C; then
-  run 125m_w2 0,1 --recipes nam-125m --worlds 2 --master-port 29900
+  run 125m_w2 0,1 --recipes nam-125m --worlds 2 $RS --master-port 29900
   run 1b_w2_nr 2,3 --recipes nam-1b --worlds 2 $NR --master-port 30000
   wait; echo "round C done at ${SECONDS}s"
 fi
-if has D; then run 125m_w4 0,1,2,3 --recipes nam-125m --worlds 4 --master-port 30100; wait; echo "round D done at ${SECONDS}s"; fi
+if has D; then run 125m_w4 0,1,2,3 --recipes nam-125m --worlds 4 $RS --master-port 30100; wait; echo "round D done at ${SECONDS}s"; fi
 if has E; then run 1b_w4_nr 0,1,2,3 --recipes nam-1b --worlds 4 $NR --master-port 30200; wait; echo "round E done at ${SECONDS}s"; fi
 if has V; then  # ~3 min: each curve alone on its card, so every mode reaches step 500
   g=0
@@ -73,17 +76,21 @@ if has H; then
   run 125m_w4_nrc 0,1,2,3 --recipes nam-125m --worlds 4 $NRC --master-port 30900; wait; echo "round H4 done at ${SECONDS}s"
 fi
 if has P; then
-  # where a 2-GPU step's time goes: nam-125m profiled (steps 10-12, rank 0) at 1 and 2 GPUs
+  # where a sharded step's time goes: PROF_RECIPE (default nam-125m) profiled
+  # (steps 10-12, rank 0) at 1 GPU and at PROF_WORLD (2: side by side; 4: after it)
+  PR=${PROF_RECIPE:-nam-125m}; PW=${PROF_WORLD:-2}
+  MB=$(python3 -c "import megacpp; print(megacpp.load_recipe('$PR').policy.micro_batch)")
   prof() {  # $1: GPUs, $2: world, $3: port
     CUDA_VISIBLE_DEVICES=$1 python3 -m torch.distributed.run --nproc_per_node "$2" --master_port "$3" \
-      -m megacpp train --recipe nam-125m --data /root/cpp-125m --out /root/sc/prof-w$2 --quiet \
+      -m megacpp train --recipe $PR --data /root/cpp-125m --out /root/sc/prof-w$2 --quiet \
       --max-steps 14 --profile 10:13 --set policy.parallel.data="$2" \
       --set policy.parallel.sharding=$([ "$2" = 1 ] && echo none || echo fsdp2) \
-      --set policy.global_batch=$((16 * $2)) --set policy.eval_batches=0 > /root/sc/prof-w$2.log 2>&1
-    cp /root/sc/prof-w$2/profile.txt "$OUT/profile_nam125m_w$2.txt"
+      --set policy.global_batch=$((MB * $2)) --set policy.eval_batches=0 > /root/sc/prof-w$2.log 2>&1
+    cp /root/sc/prof-w$2/profile.txt "$OUT/profile_${PR}_w$2.txt"
   }
-  prof 0 1 30300 & prof 2,3 2 30400 & wait
-  head -n 1 "$OUT"/profile_nam125m_w*.txt; echo "round P done at ${SECONDS}s"
+  if [ "$PW" = 2 ]; then prof 0 1 30300 & prof 2,3 2 30400 & wait
+  else prof 0 1 30300; prof 0,1,2,3 "$PW" 30400; fi
+  head -n 1 "$OUT"/profile_*_w*.txt; echo "round P done at ${SECONDS}s"
 fi
 grep -h -A3 "^recipe" /root/sc/*.log | grep -v "^--" | sort -u | head -n 40
 tar czf $OUT/sc_logs.tar.gz -C /root/sc $(cd /root/sc && ls *.log)

@@ -84,6 +84,10 @@ _SMALL_GPU_POLICY = {
     "schedule": {"kind": "cosine", "warmup_steps": 200},
     "precision": {"compute": "bf16"},
     "compile": {"mode": "default"},
+    # under FSDP2, keep the gathered weights from forward to backward: one
+    # all-gather per step instead of two (nam-1b, 2x H200: 0.82 -> 0.90 of
+    # one GPU's tokens/s per GPU); at these sizes the memory is there
+    "parallel": {"reshard_after_forward": False},
     "eval_interval": 250, "checkpoint_interval": 1000,
 }
 
