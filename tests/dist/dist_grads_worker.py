@@ -1,12 +1,15 @@
 """Run under torchrun (2 processes): gradient accumulation and grad norm through DistContext.
 
-    python -m torch.distributed.run --nproc_per_node 2 dist_grads_worker.py ddp|fsdp2|fsdp2-compute
+    python -m torch.distributed.run --nproc_per_node 2 dist_grads_worker.py ddp|fsdp2|fsdp2-keep|fsdp2-compute
 
 A toy stack of layers, wrapped like the trainer wraps HybridLM, takes two
 micro-batches per rank. Checks: no gradient communication on the first one
 (DDP: ranks' gradients still differ; FSDP2: nothing reduce-scattered yet),
 after the last one the gradients equal a one-process model's over the whole
 global batch, and grad_norm_ returns (and clips with) the global norm.
+fsdp2-keep: reshard_after_forward false: the weights gathered for the first
+micro-batch stay gathered into the second (no all-gather per micro-batch),
+and the gradients are still those of one process.
 fsdp2-compute: policy.parallel.gather="compute" under bf16 autocast: the
 GEMM weights are gathered in bf16 and the LayerNorms are replicated; their
 gradients must be the average over the ranks after sync_replicated_grads,
@@ -102,14 +105,18 @@ def main_compute() -> None:
 def main(sharding: str) -> None:
     if sharding == "fsdp2-compute":
         return main_compute()
+    from torch.distributed.tensor import DTensor
+
+    from megacpp.recipe.policy import ParallelSpec
+    keep = sharding == "fsdp2-keep"
+    sharding = "fsdp2" if keep else sharding
     dist = from_env(sharding, "cpu")
     W = dist.world_size
     torch.manual_seed(0)
     ref = Toy().double()
     model = copy.deepcopy(ref)
-    from megacpp.recipe.policy import ParallelSpec
     recipe = SimpleNamespace(policy=SimpleNamespace(precision=SimpleNamespace(params="fp32", compute="fp32"),
-                                                    parallel=ParallelSpec()))
+                                                    parallel=ParallelSpec(reshard_after_forward=not keep)))
     if sharding == "fsdp2":
         model = model.float()
         ref = ref.float()
@@ -127,8 +134,13 @@ def main(sharding: str) -> None:
             both = dist.all_gather_object(mine)
             check(not torch.allclose(both[0], both[1]), "DDP all-reduced a non-final micro-batch")
         if j == 0 and sharding == "fsdp2":
-            check(all(p.grad is None for p in model.parameters()),
-                  "FSDP2 reduce-scattered a non-final micro-batch")
+            # not reduce-scattered: no sharded gradient yet (kept gathered: the
+            # unsharded weights hold this rank's unreduced gradient)
+            check(all((p.grad is not None and not isinstance(p.grad, DTensor)) if keep else p.grad is None
+                      for p in model.parameters()), "FSDP2 reduce-scattered a non-final micro-batch")
+            gathered = not isinstance(model.layers[0][0].weight, DTensor)
+            check(gathered == keep, f"after a non-final backward the weights are "
+                                    f"{'gathered' if gathered else 'sharded'} (keep_gathered={keep})")
     ref(data.reshape(-1, D)).pow(2).sum().div(n_global).backward()
     tol = dict(rtol=1e-5, atol=1e-7)
     for (name, p), r in zip(model.named_parameters(), ref.parameters()):
@@ -146,8 +158,10 @@ def main(sharding: str) -> None:
         check(torch.allclose(full(p.grad), r.grad * coef, **tol), f"clipped gradient of {name}")
     after = grad_norm_(params, 0.0)
     check(abs(float(after) - clip) < 1e-4 * clip, f"norm after clipping {float(after)} != {clip}")
+    if sharding == "fsdp2":  # the last backward resharded, kept or not
+        check(isinstance(model.layers[0][0].weight, DTensor), "the weights stayed gathered after the step")
     if dist.is_main:
-        print(f"ok {sharding} world {W}")
+        print(f"ok {'fsdp2-keep' if keep else sharding} world {W}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from dist_testutil import env, free_port, snapshot, tiny_sets
 HERE = Path(__file__).parent
 
 
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp2", "fsdp2-compute"])
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp2", "fsdp2-keep", "fsdp2-compute"])
 def test_accumulation_syncs_once_and_grad_norm_is_global(sharding):
     """Two ranks, two micro-batches each: see dist_grads_worker.py for the checks."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

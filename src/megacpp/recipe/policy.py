@@ -62,7 +62,8 @@ class ParallelSpec:
     # larger groups trade peak memory for fewer host-side operations.
     group_layers: int = 1
     # fsdp2 only. False keeps each group's gathered weights from its forward
-    # to its backward (no second all-gather; ZeRO-2-like memory).
+    # to its backward and across a step's micro-batches (one all-gather per
+    # step; ZeRO-2-like memory).
     reshard_after_forward: bool = True
     # fsdp2 only. What each group's all-gather carries under bf16/fp16 autocast
     # over float32 storage:

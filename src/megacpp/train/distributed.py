@@ -43,6 +43,10 @@ class DistContext:
     # parameters FSDP2 leaves unsharded (policy.parallel.gather="compute"):
     # their gradients are all-reduced by sync_replicated_grads
     replicated: list = dataclasses.field(default_factory=list)
+    # FSDP2 with reshard_after_forward false: the gathered weights also stay
+    # from one micro-batch's backward to the next one's forward (one
+    # all-gather per step, not one per micro-batch)
+    keep_gathered: bool = False
 
     def __post_init__(self):
         if self.world_size > 1:
@@ -71,6 +75,7 @@ class DistContext:
             # they are already equal on every rank: no per-forward broadcast.
             return DDP(model, device_ids=ids, forward_sync_buffers=False)
         self.mixed_precision, self.replicated = fsdp2(model, recipe)
+        self.keep_gathered = not recipe.policy.parallel.reshard_after_forward
         return model
 
     def no_sync(self, model, last: bool):
@@ -80,7 +85,7 @@ class DistContext:
         if hasattr(model, "no_sync"):  # DDP
             return model.no_sync()
         if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-            return _fsdp_no_sync(model)
+            return _fsdp_no_sync(model, keep_gathered=self.keep_gathered)
         return contextlib.nullcontext()
 
     # ------------------------------------------------------------ collectives
@@ -152,6 +157,7 @@ class DistContext:
                            "non-final micro-batches)") if self.active else None}
         if self.mixed_precision is not None:
             d["fsdp2_mixed_precision"] = dict(self.mixed_precision)
+            d["fsdp2_keep_gathered_across_micro_batches"] = self.keep_gathered
         return d
 
 
@@ -163,12 +169,16 @@ def nccl_version() -> str | None:
 
 
 @contextlib.contextmanager
-def _fsdp_no_sync(model):
+def _fsdp_no_sync(model, keep_gathered: bool = False):
     model.set_requires_gradient_sync(False)
+    if keep_gathered:
+        model.set_reshard_after_backward(False)
     try:
         yield
     finally:
         model.set_requires_gradient_sync(True)
+        if keep_gathered:
+            model.set_reshard_after_backward(True)
 
 
 def gemm_modules(layer: torch.nn.Module, fp32_modules) -> list[torch.nn.Module]:
