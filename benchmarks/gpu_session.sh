@@ -8,6 +8,12 @@ WHL=${WHL:-.whl}
 # The marker names the wheel set: a later call on the same warm machine with
 # another folder (.whl after .whl-min) must install, not find an old marker.
 MARK=/tmp/site/.done-$(ls "$WHL" 2>/dev/null | md5sum | cut -c1-12)
+# A marker without the packages behind it has been seen (2026-11-28: tomli_w
+# missing on a fresh 1-GPU machine): check an import, not only the marker.
+if [ -f "$MARK" ] && ! PYTHONPATH=/tmp/site python3 -c "import tomli_w" 2>/dev/null; then
+  echo "gpu_session: $MARK present but tomli_w not importable: reinstalling" >&2
+  rm -f "$MARK"
+fi
 if [ -d "$WHL" ] && [ ! -f "$MARK" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl \
     && touch "$MARK"
