@@ -67,7 +67,7 @@ def run_one(recipe: str, world: int, args, out_root: Path) -> dict:
             "variant": args.tag or "", "sets": list(args.set or []),
             "fsdp2": (backend.get("layout") or {}).get("fsdp2_mixed_precision"),
             # a sharded run must compile the graphs of one process (see
-            # tests/dist/test_dist_units.py::test_fsdp2_keeps_the_compiled_layer_graphs)
+            # tests/distributed/test_dist_units.py::test_fsdp2_keeps_the_compiled_layer_graphs)
             "compile_graphs": comp.get("unique_graphs"), "graph_breaks": comp.get("graph_breaks"),
             "recompiles": comp.get("recompiles"),
             "data_seconds_median": statistics.median(x.get("data_seconds", 0.0) for x in train)}
