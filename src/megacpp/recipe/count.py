@@ -218,12 +218,15 @@ def _device_memory(spec: ModelSpec, pol, rows, memory: dict, tokens: int, pbytes
             recompute = max(recompute, full)
     states = (memory["weights"] + memory["gradients"] + memory["optimizer"]) / world
     gather = 0.0
-    if sharded:  # gathered in the storage dtype (float32 unless policy.precision.params says otherwise)
+    if sharded:
+        # gathered in the storage dtype, or (gather "compute"/"compute_subgroups")
+        # mostly in the compute dtype: the GEMM weights are nearly all of a layer
+        gbytes = pbytes if pol.parallel.gather == "storage" else min(pbytes, cbytes)
         k = max(1, pol.parallel.group_layers)
         groups = [sum(r.params for r in rows[i:i + k]) for i in range(0, len(rows), k)]
         # resharding after forward: the group running and the one prefetched;
         # otherwise every group stays gathered from its forward to its backward
-        gather = (2 * max(groups) if pol.parallel.reshard_after_forward else sum(groups)) * pbytes
+        gather = (2 * max(groups) if pol.parallel.reshard_after_forward else sum(groups)) * gbytes
     act = (kept + recompute) * tokens * cbytes
     return {"device_states": states, "device_gather": float(gather), "device_activations": act,
             "device_estimate": states + gather + act + memory["logits_linear_ce"], "device_shards": world}
