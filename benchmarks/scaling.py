@@ -64,8 +64,7 @@ def run_one(recipe: str, world: int, args, out_root: Path) -> dict:
             "device": backend.get("name") or backend.get("device"), "layout": backend.get("layout"),
             "ssd_backend": backend.get("ssd_backend"), "attention_backend": backend.get("attention_backend"),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "variant": args.tag or "", "sets": list(args.set or []),
-            "fsdp2": (backend.get("layout") or {}).get("fsdp2_mixed_precision"),
+            "variant": args.tag or "", "sets": list(args.set or []),  # the FSDP2 policy: layout.fsdp2_mixed_precision
             # a sharded run must compile the graphs of one process (see
             # tests/distributed/test_dist_units.py::test_fsdp2_keeps_the_compiled_layer_graphs)
             "compile_graphs": comp.get("unique_graphs"), "graph_breaks": comp.get("graph_breaks"),
