@@ -46,15 +46,19 @@ def main() -> int:
     B, T = args.batch or r.policy.micro_batch, r.policy.seq_len
     ids = torch.randint(0, m.vocab_size, (B, T), device="cuda")
     torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(args.warmup + args.steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
+
+    def one_step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = fwd(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    times = []
+    for i in range(args.warmup + args.steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        one_step()
         torch.cuda.synchronize()
         if i >= args.warmup:
             times.append((time.perf_counter() - t0) * 1e3)
@@ -66,9 +70,13 @@ def main() -> int:
            "mfu_6n": tps * 6 * params / 989e12, "mfu_6n_nonemb": tps * 6 * nonemb / 989e12,
            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
            "compiled": not args.no_compile, "device": torch.cuda.get_device_name()}
+    from megacpp.train.kernel_profile import profile_kernels, profile_text
+    prof = profile_kernels(one_step, 2, torch.device("cuda"), top=25)
+    res["step_profile"] = prof.to_dict()
     print(f"hf-llama peer of {args.recipe}: {depth} layers, {params / 1e6:.1f}M params, batch {B}x{T}: "
           f"{med:.1f} ms/step, {tps:,.0f} tokens/s, MFU(6N) {res['mfu_6n'] * 100:.1f}%, "
           f"peak {res['peak_memory_gib']:.1f} GiB")
+    print("\n".join(profile_text("hf-llama profiled step", prof)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

@@ -172,16 +172,21 @@ def time_peer(model, args, B: int, T: int, vocab: int) -> dict:
     inp, labels = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
     torch.cuda.reset_peak_memory_stats(dev)
     times, first_loss = [], None
-    for i in range(args.warmup + args.steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(dev)
-        start.record()
+
+    def one_step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = fwd(inp).logits
             loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss
+
+    for i in range(args.warmup + args.steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(dev)
+        start.record()
+        loss = one_step()
         end.record()
         torch.cuda.synchronize(dev)
         if i == 0:
@@ -189,7 +194,10 @@ def time_peer(model, args, B: int, T: int, vocab: int) -> dict:
         if i >= args.warmup:
             times.append(start.elapsed_time(end))
     med = statistics.median(times)
-    return {"step_ms_median": med, "step_ms_all": times, "tokens_per_s": B * T / (med / 1e3),
+    from megacpp.train.kernel_profile import profile_kernels, profile_text
+    prof = profile_kernels(one_step, 2, dev, top=25)
+    print("\n".join(profile_text("mamba_ssm profiled step", prof)), flush=True)
+    return {"step_profile": prof.to_dict(), "step_ms_median": med, "step_ms_all": times, "tokens_per_s": B * T / (med / 1e3),
             "peak_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30,
             "first_loss": first_loss, "compiled": bool(args.compile)}
 

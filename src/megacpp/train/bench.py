@@ -7,7 +7,10 @@ attention and the scans take the document-masked path that real data takes.
 Reports the median step time, tokens/s, MFU by the model-FLOPs counter
 (`megacpp describe`), peak memory, and the time of one isolated forward +
 backward of each block family (times its layer count), measured with CUDA
-events (or the host clock on CPU).
+events (or the host clock on CPU). On CUDA, `kernels=True` also profiles
+two whole steps and each family's isolated forward + backward with
+torch.profiler (train/kernel_profile.py): GPU busy time against wall time,
+time by kernel kind, and the largest kernels.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from ..recipe.pattern import FAMILY
 from .activation import apply_activation_checkpointing
 from .compile import apply_compile, compile_stats
 from .device import device_facts, peak_flops, pick_device
+from .kernel_profile import KernelProfile, profile_kernels, profile_text
 from .optim import Optimizers
 from .precision import Precision
 
@@ -55,6 +59,10 @@ class BenchResult:
     # the kernels the step took (as the trainer's manifest records them)
     attention_backend: str = ""
     delta_rule_backend: str = ""
+    # torch.profiler on CUDA (kernels=True): the whole step, and per family
+    # {"layers": n, "per_layer": KernelProfile} of one layer's isolated fwd + bwd
+    step_profile: dict = field(default_factory=dict)
+    family_profile: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,38 +90,50 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _family_times(model, recipe: Recipe, batch: dict, precision: Precision, device, reps: int = 5) -> dict:
-    """Isolated fwd+bwd of one layer of each letter, times its count (ms per step)."""
+def _family_times(model, recipe: Recipe, batch: dict, precision: Precision, device, reps: int = 5,
+                  kernels: bool = False) -> tuple[dict, dict]:
+    """Isolated fwd+bwd of one layer of each letter, times its count (ms per step);
+    with kernels, also that layer's kernel profile (per layer, unscaled)."""
     from ..model.context import SeqContext
 
     letters = recipe.layers.letters
     out: dict[str, float] = {}
+    prof: dict[str, dict] = {}
     b, t = batch["input_ids"].shape
     d = recipe.model.hidden_size
     ctx = SeqContext(b, t, device, batch["doc_ids"], batch["positions"])
+    model._precompute_context(ctx)  # as the model's forward does (the same memo keys, no recompiles)
     for letter in dict.fromkeys(letters):
         idx = letters.index(letter)
         layer = model.layers[idx]
         x = torch.randn(b, t, d, device=device, requires_grad=True)
+
+        def fwd_bwd():
+            with precision.autocast():
+                y, _, _ = layer(x, ctx)
+            y.float().square().mean().backward()
+
         times = []
         for i in range(reps + 2):
             _sync(device)
             t0 = time.perf_counter()
-            with precision.autocast():
-                y, _, _ = layer(x, ctx)
-            y.float().square().mean().backward()
+            fwd_bwd()
             _sync(device)
             if i >= 2:
                 times.append((time.perf_counter() - t0) * 1e3)
-        model.zero_grad(set_to_none=True)
         fam = FAMILY[letter] + ("" if letter not in "D" else "+dsa")
         out[fam] = out.get(fam, 0.0) + statistics.median(times) * letters.count(letter)
-    return out
+        if kernels:
+            p = profile_kernels(fwd_bwd, 3, device, top=8)
+            if p is not None:
+                prof[f"{fam}:{letter}"] = {"layers": letters.count(letter), "per_layer": p.to_dict()}
+        model.zero_grad(set_to_none=True)
+    return out, prof
 
 
 def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | None = None,
               family_times: bool = True, micro_batch: int | None = None,
-              data: str | None = None) -> BenchResult:
+              data: str | None = None, kernels: bool = True) -> BenchResult:
     """data: a snapshot directory; each step then takes a fresh batch from its
     train split through the trainer's loader (prefetch thread, pinned memory),
     inside the timed step, instead of one synthetic batch reused."""
@@ -148,12 +168,12 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
         batches = iter(PackedLoader(snap, "train", B, seed=pol.seed, pin_memory=dev.type == "cuda"))
     moe_w, z_w = pol.aux.moe.weight if pol.aux.moe.enabled else 0.0, pol.aux.moe.z_loss_weight
     E = spec.moe.num_experts
-    times = []
-    for i in range(warmup + steps):
-        _sync(dev)
-        t0 = time.perf_counter()
+    state = {"batch": batch}
+
+    def one_step():
         if batches is not None:
-            batch = {k: v.to(dev, non_blocking=True) for k, v in next(batches).items()}
+            state["batch"] = {k: v.to(dev, non_blocking=True) for k, v in next(batches).items()}
+        batch = state["batch"]
         with precision.autocast():
             out = model(batch["input_ids"], doc_ids=batch["doc_ids"], positions=batch["positions"],
                         return_hidden_only=True)
@@ -168,15 +188,24 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
             torch.nn.utils.clip_grad_norm_(model.parameters(), pol.optimizer.grad_clip, foreach=True)
         precision.step(opt.optimizers)
         opt.zero_grad()
+
+    times = []
+    for i in range(warmup + steps):
+        _sync(dev)
+        t0 = time.perf_counter()
+        one_step()
         _sync(dev)
         if i >= warmup:
             times.append((time.perf_counter() - t0) * 1e3)
     peak_mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0
+    step_prof = profile_kernels(one_step, 2, dev, top=25) if kernels else None
+    batch = state["batch"]
     s = summarize(recipe)
     med = statistics.median(times)
     tps = B * pol.seq_len / (med / 1e3)
     peak = peak_flops(dev)
-    fam = _family_times(model, recipe, batch, precision, dev) if family_times else {}
+    fam, fam_prof = (_family_times(model, recipe, batch, precision, dev, kernels=kernels) if family_times
+                     else ({}, {}))
     return BenchResult(
         recipe=spec.name, recipe_hash=recipe.hash, device=device_facts(dev).get("name", str(dev)),
         batch=B, seq_len=pol.seq_len, steps=steps, step_ms_median=med, step_ms_all=times,
@@ -189,7 +218,8 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
                                            else f"+{pol.precision.low_precision}"),
         data=data_id, ssd_backend=_ssd_backend(dev, precision.dtype),
         attention_backend=_attention_backend(model, dev),
-        delta_rule_backend=_delta_rule_backend(model, dev, precision.dtype)["backend"] or "")
+        delta_rule_backend=_delta_rule_backend(model, dev, precision.dtype)["backend"] or "",
+        step_profile=step_prof.to_dict() if step_prof is not None else {}, family_profile=fam_prof)
 
 
 def _ssd_backend(dev, dtype) -> str:
@@ -212,4 +242,9 @@ def bench_text(r: BenchResult) -> str:
         tot = sum(r.family_ms.values())
         lines.append("  isolated fwd+bwd per family (ms/step, share): " + ", ".join(
             f"{k} {v:.1f} ({v / tot * 100:.0f}%)" for k, v in sorted(r.family_ms.items(), key=lambda kv: -kv[1])))
+    if r.step_profile:
+        lines += profile_text("profiled step", KernelProfile(**r.step_profile))
+    for key, fp in r.family_profile.items():
+        lines += profile_text(f"{key} x{fp['layers']} (isolated fwd+bwd, all its layers)",
+                              KernelProfile(**fp["per_layer"]), scale=fp["layers"])
     return "\n".join(lines)

@@ -1,0 +1,130 @@
+"""Where a step's GPU time goes: kernels read off torch.profiler.
+
+`profile_kernels(fn, reps)` runs `fn` `reps` times under the profiler and
+returns a `KernelProfile`: the wall time, the summed kernel time, the time
+the GPU was busy at all (the union of kernel intervals, so overlapping
+streams count once) and the kernels grouped by name and by kind. A GPU
+busy well below the wall means the host, not the kernels, sets the pace
+(launch overhead: what CUDA graphs remove); kernel time well above the busy
+time means streams overlapped.
+
+Kinds, from the kernel's name:
+  gemm        cuBLAS / CUTLASS / cuDNN matmuls (nvjet, xmma, gemm, wgmma)
+  attention   flash / cuDNN attention and FlexAttention's Triton templates
+  megacpp     this project's Triton kernels (ops/*: `_name_kernel`)
+  fused       inductor's generated elementwise / reduction kernels
+  other       aten's own kernels: copies, sorts, index ops, reductions
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+KINDS = ("gemm", "attention", "megacpp", "fused", "other")
+
+_GEMM = re.compile(r"gemm|nvjet|xmma|cutlass|wgmma|cublas|sm90_|sm80_|_mm_|splitk", re.I)
+_ATTN = re.compile(r"flash|fmha|flex_attention|attention|sdpa|cudnn", re.I)
+_FUSED = re.compile(r"^triton_(poi|red|per)_")
+_OURS = re.compile(r"^_\w+_kernel$")
+
+
+def kernel_kind(name: str) -> str:
+    if name.startswith("triton_tem_"):  # inductor templates: flex attention or a matmul
+        return "attention" if _ATTN.search(name) else "gemm"
+    if _FUSED.match(name):
+        return "fused"
+    if _ATTN.search(name):
+        return "attention"
+    if _GEMM.search(name):
+        return "gemm"
+    if _OURS.match(name):
+        return "megacpp"
+    return "other"
+
+
+def busy_union(intervals: list[tuple[float, float]]) -> float:
+    """Total length covered by the (start, end) intervals (overlaps counted once)."""
+    total, cur_s, cur_e = 0.0, None, None
+    for s, e in sorted(intervals):
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                total += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    if cur_e is not None:
+        total += cur_e - cur_s
+    return total
+
+
+@dataclass
+class KernelProfile:
+    """Per repetition of the profiled function, in ms."""
+    wall_ms: float
+    kernel_ms: float
+    busy_ms: float
+    kinds_ms: dict[str, float] = field(default_factory=dict)
+    top: list[dict] = field(default_factory=list)   # {name, kind, calls, ms}, largest first
+    kernels: int = 0                                  # kernel launches per repetition
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def summarize(events: list[tuple[str, float, float]], reps: int, wall_ms: float, top: int = 10) -> KernelProfile:
+    """events: (kernel name, start µs, end µs) of `reps` repetitions."""
+    by_name: dict[str, list[float]] = {}
+    kinds = dict.fromkeys(KINDS, 0.0)
+    for name, s, e in events:
+        by_name.setdefault(name, []).append(e - s)
+        kinds[kernel_kind(name)] += (e - s) / 1e3 / reps
+    rows = sorted(({"name": n[:120], "kind": kernel_kind(n), "calls": len(d) / reps, "ms": sum(d) / 1e3 / reps}
+                   for n, d in by_name.items()), key=lambda r: -r["ms"])
+    return KernelProfile(
+        wall_ms=wall_ms / reps,
+        kernel_ms=sum(e - s for _, s, e in events) / 1e3 / reps,
+        busy_ms=busy_union([(s, e) for _, s, e in events]) / 1e3 / reps,
+        kinds_ms={k: v for k, v in kinds.items() if v > 0},
+        top=rows[:top],
+        kernels=round(len(events) / reps))
+
+
+def device_events(prof) -> list[tuple[str, float, float]]:
+    """(name, start µs, end µs) of every kernel / device-side event the profiler saw."""
+    from torch.autograd import DeviceType
+
+    out = []
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False):
+            out.append((e.name, float(e.time_range.start), float(e.time_range.end)))
+    return out
+
+
+def profile_kernels(fn, reps: int, device, top: int = 10) -> KernelProfile | None:
+    """Run fn() `reps` times under torch.profiler; None where there is no CUDA device."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    # CUDA activity only: recording every host-side op would slow the host
+    # and make the GPU look idler than it is
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize(device)
+        wall = (time.perf_counter() - t0) * 1e3
+    return summarize(device_events(prof), reps, wall, top)
+
+
+def profile_text(title: str, p: KernelProfile, scale: float = 1.0) -> list[str]:
+    """A few lines for one profile; `scale` multiplies every time (a family's layer count)."""
+    kinds = ", ".join(f"{k} {v * scale:.1f}" for k, v in sorted(p.kinds_ms.items(), key=lambda kv: -kv[1]))
+    lines = [f"  {title}: wall {p.wall_ms * scale:.1f} ms, GPU busy {p.busy_ms * scale:.1f} ms "
+             f"({p.busy_ms / p.wall_ms * 100:.0f}%), {p.kernels} kernels; by kind: {kinds}"]
+    for r in p.top:
+        lines.append(f"      {r['ms'] * scale:7.2f} ms  {r['calls']:5.1f}x  {r['kind']:9} {r['name'][:90]}")
+    return lines
