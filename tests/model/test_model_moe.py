@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from megacpp.model.moe import MoE, capacity, gather_slots, grouped_mm_available, moe_reference
+from megacpp.model.moe import (MoE, capacity, gather_slots, grouped_mm_available, inverse_permutation,
+                               moe_reference, permute_rows)
 
 from model_testutil import make_spec
 
@@ -175,3 +177,61 @@ def test_dropless_moe_gathers_through_the_permutation(seed, monkeypatch):
     xs = torch.randn(9, 4, requires_grad=True)
     rows = gather_slots(xs, order, 2)
     assert type(rows.grad_fn).__name__.startswith("IndexPut")
+
+
+class _RecordOps(TorchDispatchMode):
+    """Every aten op dispatched (forward and autograd's backward), with its arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.calls.append((func, args, kwargs))
+        return func(*args, **kwargs)
+
+
+def _accumulating(calls) -> list[str]:
+    """The ops that add into repeated rows: index_put(accumulate=True), index_add."""
+    aten = torch.ops.aten
+    bad = []
+    for func, args, kwargs in calls:
+        if func in (aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default):
+            if (args[3] if len(args) > 3 else kwargs.get("accumulate", False)):
+                bad.append(str(func))
+        elif func.overloadpacket in (aten.index_add, aten.index_add_):
+            bad.append(str(func))
+    return bad
+
+
+@pytest.mark.parametrize("cfg", [{}, {"shared_ffn": 0}, {"score": "sigmoid", "bias_balancing": True}])
+def test_dropless_moe_has_no_accumulating_index_op(cfg, seed):
+    """No op of a dropless MoE's forward or backward adds into repeated rows:
+    on CUDA those are sort-based or atomic kernels (the gates' x[order]
+    backward was 12% of a nam-125m step). The gathers of the expert rows and
+    of the gates are scatters to unique rows instead; the routing's own
+    index_add (count_per_row) has no gradient and is the one allowed."""
+    moe = make_moe(cfg)
+    assert moe._dropless()
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    with _RecordOps() as fwd:
+        y, stats, _ = moe(x)
+    with _RecordOps() as bwd:
+        (y.square().sum() + stats.probs.sum()).backward()
+    assert _accumulating(bwd.calls) == []
+    # forward: only the load counts (int64, no grad) use index_add
+    assert all("index_add" in b for b in _accumulating(fwd.calls))
+    assert len(_accumulating(fwd.calls)) == 2   # load and counts
+
+
+def test_permute_rows_equals_indexing(seed):
+    v = torch.randn(40, 3, dtype=torch.float64)
+    order = torch.randperm(40)
+    a, b = v.clone().requires_grad_(True), v.clone().requires_grad_(True)
+    pa, pb = permute_rows(a, inverse_permutation(order)), b[order]
+    assert torch.equal(pa, pb)
+    g = torch.randn_like(pa)
+    pa.backward(g)
+    pb.backward(g)
+    assert torch.equal(a.grad, b.grad)

@@ -99,7 +99,24 @@ class _ContiguousGrad(torch.autograd.Function):
         return g.contiguous()
 
 
-def gather_slots(x: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """inverse[order[j]] = j for a permutation `order` of 0..n-1."""
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return inverse
+
+
+def permute_rows(v: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """v[order] for the permutation whose inverse is `inverse`, written as a
+    scatter to unique rows. Autograd's backward of v[order] is an index_put
+    with accumulate (a sort and a serial pass per index on CUDA: 1.7 ms a
+    layer for nam-125m's 65k gates on an H200, BENCHMARKS.md); this one's
+    backward is a gather."""
+    return v.new_empty(v.shape).index_put((inverse,), v)
+
+
+def gather_slots(x: torch.Tensor, order: torch.Tensor, k: int,
+                 inverse: torch.Tensor | None = None) -> torch.Tensor:
     """x (T, d) -> (T*k, d): row j holds token order[j] // k, for a permutation
     `order` of the T*k slots (slot s belongs to token s // k).
 
@@ -113,10 +130,9 @@ def gather_slots(x: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
     T, d = x.shape
     if order.numel() != T * k:
         raise ValueError(f"gather_slots: order has {order.numel()} slots, expected T*k = {T * k}")
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    slots = x.unsqueeze(1).expand(T, k, d).reshape(T * k, d)
-    return x.new_empty(T * k, d).index_put((inverse,), slots)
+    if inverse is None:
+        inverse = inverse_permutation(order)
+    return permute_rows(x.unsqueeze(1).expand(T, k, d).reshape(T * k, d), inverse)
 
 
 _GROUPED_MM_OK: dict = {}
@@ -334,7 +350,9 @@ class MoE(nn.Module):
         xt = x.reshape(-1, shape[-1])
         r = self.route(xt)
         order = torch.sort(r.expert, stable=True).indices
-        token, gate = r.token[order], r.gate[order]
+        inverse = inverse_permutation(order)
+        # the gates in expert order; order is a permutation, so no accumulating backward
+        token, gate = r.token[order], permute_rows(r.gate, inverse)
         counts = count_per_row(r.expert, self.num_experts)
         dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
@@ -344,7 +362,7 @@ class MoE(nn.Module):
         if slot_order:
             # The rows in expert order are a permutation of the T*k slots, so
             # their backward needs no accumulating scatter (see gather_slots).
-            rows = gather_slots(xt, order, k)
+            rows = gather_slots(xt, order, k, inverse)
         else:
             rows = torch.index_select(xt, 0, token)
         out = self.experts(rows, counts, self.activation, self.impl, dtype)
