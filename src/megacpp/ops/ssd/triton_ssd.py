@@ -69,7 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_util import INTERPRET  # noqa: F401  (the kernels' mode, as before)
+from .._triton_util import INTERPRET
 from .._triton_util import blk as _blk
 from .._triton_util import device_ctx as _device_ctx
 from .._triton_util import dot_dtype as _dot_dtype
@@ -534,17 +534,42 @@ def _warps(*tiles: int) -> int:
     return 8 if max(tiles) >= 4096 else 4
 
 
+# Launch parameters per kernel (block sizes, num_warps, num_stages) that
+# override the shape-derived defaults in the launch helpers below. Empty:
+# the defaults. benchmarks/ssd_tune.py sweeps them on a GPU (checking every
+# variant's outputs against the defaults') and sets entries here for its
+# timing runs; TUNED holds what a sweep chose (BENCHMARKS.md).
+KERNELS = ("cb", "state_fwd", "scan_fwd", "state_bwd", "dx", "dcb", "dbc")
+TUNED: dict[str, dict] = {k: {} for k in KERNELS}
+LAUNCH: dict[str, dict] = {k: {} for k in KERNELS}
+# The block sizes a launch may not change: they must cover a whole dimension.
+_FIXED = {"dx": ("BP",), "dcb": ("BQ", "BP"), "dbc": ("BP", "BN")}
+
+
+def _launch(name: str, **default) -> dict:
+    """The launch keywords of kernel `name`: defaults, then TUNED, then LAUNCH.
+    Under the interpreter (CPU tests) only the defaults: every variant is
+    checked against them on the GPU instead."""
+    cfg = dict(default)
+    if not INTERPRET:
+        for over in (TUNED[name], LAUNCH[name]):
+            bad = set(over) & set(_FIXED.get(name, ()))
+            if bad:
+                raise ValueError(f"ssd_triton: {name}'s {sorted(bad)} cover a whole dimension and cannot be set")
+            cfg.update(over)
+    return cfg
+
+
 def _cb(prep: _Prep, B, C):
     q, g = prep.q, prep.g
     cb = torch.empty(prep.b, prep.nc, g, q, q, device=B.device, dtype=torch.float32)
-    bm = _blk(q, 64)
-    bk = _blk(prep.n, 64)
-    grid = (triton.cdiv(q, bm) ** 2, prep.b * prep.nc * g)
+    cfg = _launch("cb", BM=_blk(q, 64), BN=_blk(q, 64), BK=_blk(prep.n, 64), num_warps=4)
+    grid = (triton.cdiv(q, cfg["BM"]) * triton.cdiv(q, cfg["BN"]), prep.b * prep.nc * g)
     # (blocks strictly above the diagonal are computed too and never read)
     _cb_kernel[grid](
         C, B, cb, prep.l, q, prep.nc, g, prep.n,
         *C.stride(), *B.stride(),
-        BM=bm, BN=bm, BK=bk, DOT=prep.dot, IEEE=prep.ieee, num_warps=4,
+        DOT=prep.dot, IEEE=prep.ieee, **cfg,
     )
     return cb
 
@@ -553,15 +578,15 @@ def _states_fwd(prep: _Prep, x, B, initial_state):
     b, h, p, n, nc = prep.b, prep.h, prep.p, prep.n, prep.nc
     states = torch.empty(b, nc, h, p, n, device=x.device, dtype=torch.float32)
     final = torch.empty(b, h, p, n, device=x.device, dtype=torch.float32)
-    bp, bn, bk = _blk(p, 64), _blk(n, 64), _blk(prep.q, 64)
+    cfg = _launch("state_fwd", BP=_blk(p, 64), BN=_blk(n, 64), BK=_blk(prep.q, 64), num_warps=4)
     init = initial_state if initial_state is not None else final
-    grid = (triton.cdiv(p, bp) * triton.cdiv(n, bn), b * h)
+    grid = (triton.cdiv(p, cfg["BP"]) * triton.cdiv(n, cfg["BN"]), b * h)
     _state_fwd_kernel[grid](
         x, B, prep.dt, prep.cum, init, states, final,
         prep.l, prep.q, nc, h, prep.hpg, p, n,
         *x.stride(), *B.stride(), *init.stride(),
         HAS_INIT=initial_state is not None,
-        BP=bp, BN=bn, BK=bk, DOT=prep.dot, IEEE=prep.ieee, num_warps=4,
+        DOT=prep.dot, IEEE=prep.ieee, **cfg,
     )
     return states, final
 
@@ -572,16 +597,15 @@ def _forward(x, dt, A, B, C, D, initial_state, chunk_size):
     states, final = _states_fwd(prep, x, B, initial_state)
     b, h, p, n, q = prep.b, prep.h, prep.p, prep.n, prep.q
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    bm, bk = _blk(q, 64), _blk(q, 64)
-    bp, bn = _blk(p, 64), _blk(n, 64)
+    cfg = _launch("scan_fwd", BM=_blk(q, 64), BK=_blk(q, 64), BP=_blk(p, 64), BN=_blk(n, 64), num_warps=4)
     Dc = D.to(torch.float32).contiguous() if D is not None else prep.A
-    grid = (prep.nc * triton.cdiv(q, bm), b * h, triton.cdiv(p, bp))
+    grid = (prep.nc * triton.cdiv(q, cfg["BM"]), b * h, triton.cdiv(p, cfg["BP"]))
     _scan_fwd_kernel[grid](
         x, C, prep.dt, prep.cum, cb, states, Dc, y,
         prep.l, q, prep.nc, h, prep.hpg, p, n,
         *x.stride(), *C.stride(), *y.stride(),
         HAS_D=D is not None,
-        BM=bm, BP=bp, BN=bn, BK=bk, DOT=prep.dot, IEEE=prep.ieee, num_warps=4,
+        DOT=prep.dot, IEEE=prep.ieee, **cfg,
     )
     return y, final.to(x.dtype)
 
@@ -598,8 +622,8 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size):
     # reverse scan across chunks
     dstates = torch.empty_like(states)
     dinit = torch.empty(b, h, p, n, device=dev, dtype=torch.float32)
-    bp, bn, bk = _blk(p, 64), _blk(n, 64), _blk(q, 64)
-    npn = triton.cdiv(p, bp) * triton.cdiv(n, bn)
+    cfg = _launch("state_bwd", BP=_blk(p, 64), BN=_blk(n, 64), BK=_blk(q, 64), num_warps=4)
+    npn = triton.cdiv(p, cfg["BP"]) * triton.cdiv(n, cfg["BN"])
     dcl = torch.empty(b * h, nc, npn, device=dev, dtype=torch.float32)
     df = dfinal if dfinal is not None else dinit
     _state_bwd_kernel[(npn, b * h)](
@@ -607,7 +631,7 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size):
         l, q, nc, h, prep.hpg, p, n,
         *dy.stride(), *C.stride(), *df.stride(),
         HAS_DFINAL=dfinal is not None,
-        BP=bp, BN=bn, BK=bk, num_warps=4, **kw,
+        **kw, **cfg,
     )
 
     # dx, direct d(dt), chunk-state part of d(cum), partial dD
@@ -618,7 +642,8 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size):
     bpf = _blk(p, 256)
     if bpf < p:
         raise ValueError(f"headdim {p} > 256 is not supported by the Triton SSD")
-    grid = (nc * triton.cdiv(q, bj), b * h)
+    cfg = _launch("dx", BJ=bj, BI=bj, BP=bpf, BN=_blk(n, 64), num_warps=_warps(bj * bpf))
+    grid = (nc * triton.cdiv(q, cfg["BJ"]), b * h)
     dD_part = torch.zeros(b * h, grid[0], device=dev, dtype=torch.float32)
     Dc = D.to(torch.float32).contiguous() if D is not None else prep.A
     _dx_kernel[grid](
@@ -627,20 +652,21 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size):
         l, q, nc, h, prep.hpg, p, n,
         *x.stride(), *B.stride(), *dy.stride(), *dx.stride(),
         HAS_D=D is not None,
-        BJ=bj, BI=bj, BP=bpf, BN=bn, num_warps=_warps(bj * bpf), **kw,
+        **kw, **cfg,
     )
 
     # d(CB) summed over the heads of a group; intra-chunk part of d(a)
     dcb = torch.empty_like(cb)
     bq = _blk(q, 1 << 16)
     bi = max(16, min(_p2(q), 4096 // bq if bq <= 256 else 16, 64))
-    nbi = triton.cdiv(q, bi)
+    cfg = _launch("dcb", BI=bi, BQ=bq, BP=bpf, num_warps=_warps(bi * bq))
+    nbi = triton.cdiv(q, cfg["BI"])
     da_intra = torch.empty(b, h, nc, nbi, q, device=dev, dtype=torch.float32)
     _dcb_kernel[(nc * nbi, b * g)](
         x, dy, prep.dt, prep.cum, cb, dcb, da_intra,
         l, q, nc, h, prep.hpg, p,
         *x.stride(), *dy.stride(),
-        BI=bi, BQ=bq, BP=bpf, num_warps=_warps(bi * bq), **kw,
+        **kw, **cfg,
     )
 
     # dB, dC and the state part of d(cum)
@@ -649,12 +675,13 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size):
     dcum_state = torch.empty(b, h, lp, device=dev, dtype=torch.float32)
     bnf = _blk(n, 1 << 16)
     br = 32 if bnf >= 128 else _blk(q, 64)
-    _dbc_kernel[(nc * triton.cdiv(q, br), b * g)](
+    cfg = _launch("dbc", BR=br, BK=_blk(q, 32), BP=bpf, BN=bnf, num_warps=_warps(br * bnf))
+    _dbc_kernel[(nc * triton.cdiv(q, cfg["BR"]), b * g)](
         x, B, C, dy, prep.dt, prep.cum, states, dstates, dcb,
         dB, dC, dcum_state,
         l, q, nc, h, prep.hpg, p, n,
         *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *dB.stride(), *dC.stride(),
-        BR=br, BK=_blk(q, 32), BP=bpf, BN=bnf, num_warps=_warps(br * bnf), **kw,
+        **kw, **cfg,
     )
 
     # glue: d(a_k) = sum of the d(cum) terms of the pairs whose decay spans k
