@@ -208,10 +208,10 @@ def _accumulating(calls) -> list[str]:
 @pytest.mark.parametrize("cfg", [{}, {"shared_ffn": 0}, {"score": "sigmoid", "bias_balancing": True}])
 def test_dropless_moe_has_no_accumulating_index_op(cfg, seed):
     """No op of a dropless MoE's forward or backward adds into repeated rows:
-    on CUDA those are sort-based or atomic kernels (the gates' x[order]
-    backward was 12% of a nam-125m step). The gathers of the expert rows and
-    of the gates are scatters to unique rows instead; the routing's own
-    index_add (count_per_row) has no gradient and is the one allowed."""
+    on CUDA those are sort-based or atomic kernels. The gathers of the expert
+    rows and of the gates are scatters to unique rows, and the load counts a
+    one-hot sum (inductor handed count_per_row's int64 index_add to aten's
+    sort-based accumulate: 12% of a compiled nam-125m step on an H200)."""
     moe = make_moe(cfg)
     assert moe._dropless()
     x = torch.randn(2, 9, 32, requires_grad=True)
@@ -219,10 +219,8 @@ def test_dropless_moe_has_no_accumulating_index_op(cfg, seed):
         y, stats, _ = moe(x)
     with _RecordOps() as bwd:
         (y.square().sum() + stats.probs.sum()).backward()
+    assert _accumulating(fwd.calls) == []
     assert _accumulating(bwd.calls) == []
-    # forward: only the load counts (int64, no grad) use index_add
-    assert all("index_add" in b for b in _accumulating(fwd.calls))
-    assert len(_accumulating(fwd.calls)) == 2   # load and counts
 
 
 def test_permute_rows_equals_indexing(seed):

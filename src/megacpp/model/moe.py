@@ -108,10 +108,9 @@ def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
 
 def permute_rows(v: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """v[order] for the permutation whose inverse is `inverse`, written as a
-    scatter to unique rows. Autograd's backward of v[order] is an index_put
-    with accumulate (a sort and a serial pass per index on CUDA: 1.7 ms a
-    layer for nam-125m's 65k gates on an H200, BENCHMARKS.md); this one's
-    backward is a gather."""
+    scatter to unique rows. Autograd's backward of v[order] adds into rows
+    that may repeat (an accumulating index_put: sort-based in eager CUDA,
+    atomic adds under inductor); this one's backward is a plain gather."""
     return v.new_empty(v.shape).index_put((inverse,), v)
 
 
@@ -192,13 +191,28 @@ def grouped_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out
     return out[expert, pos]
 
 
+ONE_HOT_LIMIT = 1 << 26  # (assignment, row) pairs count_per_row compares at once
+
+
 def count_per_row(idx: torch.Tensor, n: int) -> torch.Tensor:
     """How often each of 0..n-1 occurs in idx, as int64 (n,).
 
     Unlike torch.bincount, the output size does not depend on idx's values,
     so CUDA needs no host sync to size it and compile sees a static shape.
+
+    A one-hot sum, not an index_add: inductor hands an int64 index_add to
+    aten's sort-based index_put(accumulate=True), which walks each row's
+    repeats serially (65k assignments into 8 rows: 1.7 ms a layer for
+    nam-125m on an H200, BENCHMARKS.md). The compare-and-sum is one fused
+    reduction; past ONE_HOT_LIMIT (assignment, row) pairs it counts in
+    chunks, so eager mode never holds a larger one-hot.
     """
-    return torch.zeros(n, dtype=torch.long, device=idx.device).index_add_(0, idx, torch.ones_like(idx))
+    flat = idx.reshape(-1, 1)
+    rows = torch.arange(n, device=idx.device)
+    step = max(1, ONE_HOT_LIMIT // max(n, 1))
+    if flat.shape[0] <= step:
+        return (flat == rows).sum(0)
+    return sum((part == rows).sum(0) for part in flat.split(step))
 
 
 def capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> int:
