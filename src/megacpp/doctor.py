@@ -52,6 +52,15 @@ def rows(device: torch.device) -> list[dict]:
                 "runs": "Triton chunked scan (ops.ssd.triton_ssd)" if not ssd_why
                 else "chunked pure-torch reference (ops.ssd)",
                 "why_not": f"Triton SSD: {ssd_why}" if ssd_why else ""})
+    from .ops.causal_conv import conv_backend_reason
+    try:
+        conv_why = conv_backend_reason(device, torch.bfloat16 if cuda else None)
+    except ValueError as e:  # a bad MEGACPP_CONV value
+        conv_why = str(e)
+    out.append({"path": "short causal conv (M, R)",
+                "runs": "Triton conv, SiLU fused (ops.causal_conv.triton_conv)" if not conv_why
+                else "pure-torch reference (ops.causal_conv)",
+                "why_not": f"Triton conv: {conv_why}" if conv_why else ""})
     from .ops.delta_rule.dispatch import fla_reason
     try:
         why = fla_reason(device)

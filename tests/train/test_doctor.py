@@ -17,7 +17,8 @@ def _by_path(device="cpu"):
 def test_cpu_rows_name_every_hot_path_and_why(monkeypatch):
     monkeypatch.delenv("MEGACPP_ATTENTION", raising=False)
     rows = _by_path()
-    for path in ("SSD scan (Mamba-2/3)", "gated delta rule (R)", "attention (packed documents)", "FP8 (torchao)"):
+    for path in ("SSD scan (Mamba-2/3)", "short causal conv (M, R)", "gated delta rule (R)",
+                 "attention (packed documents)", "FP8 (torchao)"):
         assert path in rows, path
     assert "no CUDA" in rows["SSD scan (Mamba-2/3)"]["why_not"]
     packed = rows["attention (packed documents)"]

@@ -106,13 +106,8 @@ class SeqContext:
         """(batch, seqlen) bool: token t-k exists and is in t's document."""
         key = ("same_doc", k)
         if key not in self._memo:
-            d = self.doc_ids
-            m = torch.zeros_like(d, dtype=torch.bool)
-            if k == 0:
-                m[:] = True
-            elif k < self.seqlen:
-                m[:, k:] = d[:, k:] == d[:, :-k]
-            self._memo[key] = m
+            from ..ops.causal_conv.reference import same_doc_mask
+            self._memo[key] = same_doc_mask(self.doc_ids, k)
         return self._memo[key]
 
     def attn_mask(self) -> torch.Tensor | None:
@@ -179,34 +174,16 @@ def reset_log_decay(log_decay: torch.Tensor, ctx: SeqContext) -> torch.Tensor:
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  ctx: SeqContext) -> torch.Tensor:
-    """Depthwise causal conv over time. x (batch, seqlen, channels); weight (channels, 1, K).
+                  ctx: SeqContext, activation: str | None = None) -> torch.Tensor:
+    """Depthwise causal conv over time (then `activation`, None or "silu"), with
+    the taps that reach into an earlier document dropped. x (batch, seqlen,
+    channels); weight (channels, 1, K). See ops.causal_conv.reference for the
+    definition and its rounding; this takes the Triton kernels on CUDA and
+    the reference (with this context's memoised masks) elsewhere."""
+    from ..ops.causal_conv import causal_conv1d_fast
 
-    y_t = bias + sum_k weight[:, 0, K-1-k] * x_{t-k}. In packed rows the taps
-    that reach into an earlier document are dropped, so each document sees
-    the zero left padding it would see alone.
-
-    The result has x's dtype, as autocast's conv1d would give: the taps
-    accumulate in the weights' dtype (float32), and the sum is rounded once.
-    A float32 result would hand the Mamba and delta-rule scans float32
-    operands, which their Triton kernels (custom ops, outside autocast) then
-    multiply on CUDA cores instead of tensor cores (4-10x slower).
-    """
-    b, t, c = x.shape
-    K = weight.shape[-1]
-    if ctx.doc_ids is None:
-        y = F.conv1d(x.transpose(1, 2).to(weight.dtype), weight, bias, padding=K - 1, groups=c)[..., :t]
-        return y.transpose(1, 2).to(x.dtype)
-    w = weight[:, 0, :]  # (c, K); tap K-1 multiplies x_t
-    y = x * w[:, K - 1]
-    for k in range(1, K):
-        if k >= t:
-            break
-        shifted = F.pad(x[:, :-k], (0, 0, k, 0))
-        y = y + shifted * ctx.same_doc(k)[..., None].to(x.dtype) * w[:, K - 1 - k]
-    if bias is not None:
-        y = y + bias
-    return y.to(x.dtype)
+    return causal_conv1d_fast(x, weight, bias, ctx.doc_ids, activation,
+                              same_doc=ctx.same_doc if ctx.doc_ids is not None else None)
 
 
 def conv_tail(x: torch.Tensor, K: int) -> torch.Tensor:

@@ -156,7 +156,7 @@ class Mamba2(_MambaBase):
     def forward(self, u: torch.Tensor, ctx: SeqContext):
         b, t, _ = u.shape
         z, xbc_in, dt_raw = self._split(self.in_proj(u))
-        xbc = F.silu(causal_conv1d(xbc_in, self.conv1d.weight, self.conv1d.bias, ctx))
+        xbc = causal_conv1d(xbc_in, self.conv1d.weight, self.conv1d.bias, ctx, activation="silu")
         x, B, C = self._xbc(xbc)
         dt, A = self._dt_A(dt_raw)
         y, final = ssd_with_resets(x, dt, A, B, C, self.chunk_size, ctx.starts)

@@ -89,9 +89,9 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: SeqContext):
         qi, ki, vi = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = F.silu(causal_conv1d(qi, self.q_conv.weight, None, ctx))
-        k = F.silu(causal_conv1d(ki, self.k_conv.weight, None, ctx))
-        v = F.silu(causal_conv1d(vi, self.v_conv.weight, None, ctx))
+        q = causal_conv1d(qi, self.q_conv.weight, None, ctx, activation="silu")
+        k = causal_conv1d(ki, self.k_conv.weight, None, ctx, activation="silu")
+        v = causal_conv1d(vi, self.v_conv.weight, None, ctx, activation="silu")
         q, k, v = self._heads(q, k, v)
         g, beta = self._gates(x)
         g = reset_log_decay(g, ctx)

@@ -56,6 +56,7 @@ class BenchResult:
     # "synthetic", or the snapshot id whose train split fed one fresh batch per step
     data: str = "synthetic"
     ssd_backend: str = ""
+    conv_backend: str = ""
     # the kernels the step took (as the trainer's manifest records them)
     attention_backend: str = ""
     delta_rule_backend: str = ""
@@ -217,9 +218,15 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
         precision=pol.precision.compute + ("" if pol.precision.low_precision == "none"
                                            else f"+{pol.precision.low_precision}"),
         data=data_id, ssd_backend=_ssd_backend(dev, precision.dtype),
+        conv_backend=_conv_backend(dev, precision.dtype),
         attention_backend=_attention_backend(model, dev),
         delta_rule_backend=_delta_rule_backend(model, dev, precision.dtype)["backend"] or "",
         step_profile=step_prof.to_dict() if step_prof is not None else {}, family_profile=fam_prof)
+
+
+def _conv_backend(dev, dtype) -> str:
+    from ..ops.causal_conv import conv_backend
+    return conv_backend(dev, dtype)
 
 
 def _ssd_backend(dev, dtype) -> str:
@@ -236,7 +243,8 @@ def bench_text(r: BenchResult) -> str:
              f"  peak memory {r.peak_memory_gib:.2f} GiB; {r.flops_per_token / 1e9:.3f} GFLOP/token; "
              f"params {r.total_params / 1e6:.1f}M total, {r.active_params / 1e6:.1f}M active",
              "  patches: " + ", ".join(f"{p['name']}={p['backend'] or 'off'}" for p in r.patches)
-             + f"; SSD scan: {r.ssd_backend or '?'}; delta rule: {r.delta_rule_backend or '-'}"
+             + f"; SSD scan: {r.ssd_backend or '?'}; causal conv: {r.conv_backend or '?'}"
+             + f"; delta rule: {r.delta_rule_backend or '-'}"
              + f"; packed attention: {r.attention_backend or '?'}; data: {r.data}"]
     if r.family_ms:
         tot = sum(r.family_ms.values())

@@ -350,6 +350,7 @@ class Trainer:
             "precision": self.precision.describe(),
             "attention_backend": _attention_backend(self.model, self.device),
             "ssd_backend": _ssd_backend(self.device, self.precision.dtype),
+            "conv_backend": _conv_backend(self.device, self.precision.dtype),
             "delta_rule_backend": _delta_rule_backend(self.model, self.device, self.precision.dtype),
             "compile": {**self.compile_info, **compile_stats()},
             "activation_checkpointing": {"policy": dict(pol.activation_checkpointing),
@@ -728,6 +729,13 @@ def _ssd_backend(device, dtype) -> dict:
     from ..ops.ssd import ssd_backend, ssd_backend_reason
     return _kernel_choice("Mamba SSD scan", lambda: {"backend": ssd_backend(device, dtype),
                                                      "reason": ssd_backend_reason(device, dtype)})
+
+
+def _conv_backend(device, dtype) -> dict:
+    """Which short causal conv the M and R layers take (triton or the torch reference), and why."""
+    from ..ops.causal_conv import conv_backend, conv_backend_reason
+    return _kernel_choice("causal conv", lambda: {"backend": conv_backend(device, dtype),
+                                                  "reason": conv_backend_reason(device, dtype)})
 
 
 def _delta_rule_backend(model, device, dtype) -> dict:

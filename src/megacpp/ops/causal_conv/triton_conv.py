@@ -1,0 +1,246 @@
+"""Triton depthwise causal conv with document masking, forward and backward.
+
+Same signature and result as `reference.causal_conv1d` (without its
+`same_doc` memo: the kernels read doc_ids directly):
+
+    causal_conv1d_triton(x, weight, bias=None, doc_ids=None, activation=None) -> y
+
+One program per (block of BT time steps, block of BC channels, row).
+Forward: the K taps of each output are read straight from x (a tap is
+dropped where t-k < 0 or doc_ids differ), summed in float32 with the bias,
+rounded to x's dtype as the reference rounds it, then the SiLU (if any).
+Backward: the gradient of the pre-activation at t and at the K-1 outputs
+that read x_t is recomputed from x (K * K tile loads, all from cache), so
+nothing but the inputs is saved; dx is summed in float32 and rounded once;
+d(weight) and d(bias) are per-program float32 partial sums over the
+program's time steps, added up in torch.
+
+Precision against the reference under bf16: the reference rounds the
+pre-activation's gradient to bf16 (F.silu's backward on a bf16 tensor) and
+so do these kernels; it then rounds each tap's share of dx to bf16 before
+adding them, where the kernels round the sum once.
+
+torch.compile: forward and backward are torch.library custom ops with fake
+implementations and register_autograd, as in ops/ssd/triton_ssd.py.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .._triton_util import device_ctx as _device_ctx
+from .reference import check as _check
+
+
+@triton.jit
+def _pre(x_ptr, w_ptr, bias_ptr, doc_ptr, b, t, c, vc, L,
+         s_xb, s_xl, s_xc, s_db, s_dl,
+         K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOC: tl.constexpr,
+         BT: tl.constexpr, BC: tl.constexpr):
+    """float32 pre-activation (bias + taps) at time steps t (BT,), channels c (BC,); 0 where t is outside."""
+    vt = (t >= 0) & (t < L)
+    x_base = x_ptr + b.to(tl.int64) * s_xb
+    d_base = doc_ptr + b.to(tl.int64) * s_db
+    if HAS_DOC:
+        d_t = tl.load(d_base + t * s_dl, mask=vt, other=-1)
+    acc = tl.zeros((BT, BC), dtype=tl.float32)
+    for k in tl.static_range(K):
+        ts = t - k
+        ok = vt & (ts >= 0)
+        if HAS_DOC:
+            ok = ok & (tl.load(d_base + ts * s_dl, mask=ok, other=-2) == d_t)
+        xv = tl.load(x_base + ts[:, None] * s_xl + c[None, :] * s_xc, mask=ok[:, None] & vc[None, :], other=0.0)
+        wk = tl.load(w_ptr + c * K + (K - 1 - k), mask=vc, other=0.0)
+        acc += xv.to(tl.float32) * wk.to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + c, mask=vc, other=0.0).to(tl.float32)[None, :]
+    return tl.where(vt[:, None], acc, 0.0)
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, doc_ptr, y_ptr,
+    L, CH,
+    s_xb, s_xl, s_xc, s_db, s_dl, s_yb, s_yl, s_yc,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOC: tl.constexpr, SILU: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2)
+    t = pid_t * BT + tl.arange(0, BT)
+    c = pid_c * BC + tl.arange(0, BC)
+    vc = c < CH
+    pre = _pre(x_ptr, w_ptr, bias_ptr, doc_ptr, b, t, c, vc, L, s_xb, s_xl, s_xc, s_db, s_dl,
+               K, HAS_BIAS, HAS_DOC, BT, BC)
+    y = pre.to(y_ptr.dtype.element_ty)   # the reference's rounding before the activation
+    if SILU:
+        yf = y.to(tl.float32)
+        y = (yf * tl.sigmoid(yf)).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + b.to(tl.int64) * s_yb + t[:, None] * s_yl + c[None, :] * s_yc, y,
+             mask=(t < L)[:, None] & vc[None, :])
+
+
+@triton.jit
+def _dpre(x_ptr, w_ptr, bias_ptr, doc_ptr, dy_ptr, b, t, c, vc, L,
+          s_xb, s_xl, s_xc, s_db, s_dl, s_gb, s_gl, s_gc,
+          K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOC: tl.constexpr, SILU: tl.constexpr,
+          BT: tl.constexpr, BC: tl.constexpr):
+    """Gradient of the pre-activation at time steps t, in x's dtype's precision (as float32); 0 outside."""
+    vt = (t >= 0) & (t < L)
+    g = tl.load(dy_ptr + b.to(tl.int64) * s_gb + t[:, None] * s_gl + c[None, :] * s_gc,
+                mask=vt[:, None] & vc[None, :], other=0.0)
+    if SILU:
+        pre = _pre(x_ptr, w_ptr, bias_ptr, doc_ptr, b, t, c, vc, L, s_xb, s_xl, s_xc, s_db, s_dl,
+                   K, HAS_BIAS, HAS_DOC, BT, BC)
+        p = pre.to(g.dtype).to(tl.float32)
+        sg = tl.sigmoid(p)
+        g = (g.to(tl.float32) * sg * (1.0 + p * (1.0 - sg))).to(g.dtype)
+    return g.to(tl.float32)
+
+
+@triton.jit
+def _conv_bwd_kernel(
+    x_ptr, w_ptr, bias_ptr, doc_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr,
+    L, CH,
+    s_xb, s_xl, s_xc, s_db, s_dl, s_gb, s_gl, s_gc, s_ob, s_ol, s_oc,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOC: tl.constexpr, SILU: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2)
+    t = pid_t * BT + tl.arange(0, BT)
+    c = pid_c * BC + tl.arange(0, BC)
+    vt = t < L
+    vc = c < CH
+    d_base = doc_ptr + b.to(tl.int64) * s_db
+    if HAS_DOC:
+        d_t = tl.load(d_base + t * s_dl, mask=vt, other=-1)
+    # x_t reaches output t+s through tap K-1-s, when t+s is in t's document
+    g0 = _dpre(x_ptr, w_ptr, bias_ptr, doc_ptr, dy_ptr, b, t, c, vc, L, s_xb, s_xl, s_xc, s_db, s_dl,
+               s_gb, s_gl, s_gc, K, HAS_BIAS, HAS_DOC, SILU, BT, BC)
+    dx = g0 * tl.load(w_ptr + c * K + (K - 1), mask=vc, other=0.0).to(tl.float32)[None, :]
+    for s in tl.static_range(1, K):
+        ts = t + s
+        ok = vt & (ts < L)
+        if HAS_DOC:
+            ok = ok & (tl.load(d_base + ts * s_dl, mask=ok, other=-2) == d_t)
+        gs = _dpre(x_ptr, w_ptr, bias_ptr, doc_ptr, dy_ptr, b, ts, c, vc, L, s_xb, s_xl, s_xc, s_db, s_dl,
+                   s_gb, s_gl, s_gc, K, HAS_BIAS, HAS_DOC, SILU, BT, BC)
+        ws = tl.load(w_ptr + c * K + (K - 1 - s), mask=vc, other=0.0).to(tl.float32)
+        dx += tl.where(ok[:, None], gs, 0.0) * ws[None, :]
+    tl.store(dx_ptr + b.to(tl.int64) * s_ob + t[:, None] * s_ol + c[None, :] * s_oc,
+             dx.to(dx_ptr.dtype.element_ty), mask=vt[:, None] & vc[None, :])
+
+    # per-program partial sums of d(weight)[c, K-1-k] = sum_t g0_t x_{t-k} and d(bias)
+    part = (b * tl.num_programs(0) + pid_t).to(tl.int64)
+    x_base = x_ptr + b.to(tl.int64) * s_xb
+    for k in tl.static_range(K):
+        ts = t - k
+        ok = vt & (ts >= 0)
+        if HAS_DOC:
+            ok = ok & (tl.load(d_base + ts * s_dl, mask=ok, other=-2) == d_t)
+        xv = tl.load(x_base + ts[:, None] * s_xl + c[None, :] * s_xc, mask=ok[:, None] & vc[None, :], other=0.0)
+        tl.store(dw_ptr + (part * CH + c) * K + (K - 1 - k), tl.sum(g0 * xv.to(tl.float32), axis=0), mask=vc)
+    if HAS_BIAS:
+        tl.store(db_ptr + part * CH + c, tl.sum(g0, axis=0), mask=vc)
+
+
+BT, BC = 64, 128
+
+
+def _launch_args(x, weight, doc_ids):
+    b, l, ch = x.shape
+    K = weight.shape[-1]
+    w = weight.reshape(ch, K)
+    if not w.is_contiguous():
+        w = w.contiguous()
+    doc = doc_ids if doc_ids is not None else x.new_empty(1, 1, dtype=torch.int32)
+    grid = (triton.cdiv(l, BT), triton.cdiv(ch, BC), b)
+    return b, l, ch, K, w, doc, grid
+
+
+def _forward(x, weight, bias, doc_ids, silu):
+    b, l, ch, K, w, doc, grid = _launch_args(x, weight, doc_ids)
+    y = torch.empty(b, l, ch, device=x.device, dtype=x.dtype)
+    _conv_fwd_kernel[grid](
+        x, w, bias if bias is not None else w, doc, y, l, ch,
+        *x.stride(), *doc.stride(), *y.stride(),
+        K=K, HAS_BIAS=bias is not None, HAS_DOC=doc_ids is not None, SILU=silu,
+        BT=BT, BC=BC, num_warps=4,
+    )
+    return y
+
+
+def _backward(dy, x, weight, bias, doc_ids, silu):
+    b, l, ch, K, w, doc, grid = _launch_args(x, weight, doc_ids)
+    dx = torch.empty(b, l, ch, device=x.device, dtype=x.dtype)
+    parts = b * grid[0]
+    dw = torch.empty(parts, ch, K, device=x.device, dtype=torch.float32)
+    db = torch.empty(parts, ch, device=x.device, dtype=torch.float32) if bias is not None else dw
+    _conv_bwd_kernel[grid](
+        x, w, bias if bias is not None else w, doc, dy, dx, dw, db, l, ch,
+        *x.stride(), *doc.stride(), *dy.stride(), *dx.stride(),
+        K=K, HAS_BIAS=bias is not None, HAS_DOC=doc_ids is not None, SILU=silu,
+        BT=BT, BC=BC, num_warps=4,
+    )
+    dw = dw.sum(0).reshape(weight.shape).to(weight.dtype)
+    db = db.sum(0).to(bias.dtype) if bias is not None else None
+    return dx, dw, db
+
+
+@torch.library.custom_op("megacpp::causal_conv_fwd", mutates_args=())
+def _conv_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 doc_ids: Optional[torch.Tensor], silu: bool) -> torch.Tensor:
+    with _device_ctx(x):
+        return _forward(x, weight, bias, doc_ids, silu)
+
+
+@_conv_fwd_op.register_fake
+def _(x, weight, bias, doc_ids, silu):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("megacpp::causal_conv_bwd", mutates_args=())
+def _conv_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 doc_ids: Optional[torch.Tensor], silu: bool) -> list[torch.Tensor]:
+    with _device_ctx(x):
+        dx, dw, db = _backward(dy, x, weight, bias, doc_ids, silu)
+    return [dx, dw, db if db is not None else x.new_empty(0)]
+
+
+@_conv_bwd_op.register_fake
+def _(dy, x, weight, bias, doc_ids, silu):
+    return [x.new_empty(x.shape), torch.empty_like(weight),
+            torch.empty_like(bias) if bias is not None else x.new_empty(0)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, doc_ids, silu = inputs
+    ctx.save_for_backward(x, weight, bias, doc_ids)
+    ctx.silu = silu
+    ctx.has_bias = bias is not None
+
+
+def _backward_fn(ctx, dy):
+    x, weight, bias, doc_ids = ctx.saved_tensors
+    dx, dw, db = _conv_bwd_op(dy, x, weight, bias if ctx.has_bias else None, doc_ids, ctx.silu)
+    return dx, dw, db if ctx.has_bias else None, None, None
+
+
+_conv_fwd_op.register_autograd(_backward_fn, setup_context=_setup_context)
+
+
+def causal_conv1d_triton(x, weight, bias=None, doc_ids=None, activation=None):
+    """reference.causal_conv1d in Triton (see the module doc)."""
+    _check(x, weight, bias, doc_ids, activation)
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"causal_conv1d_triton: {name} is {t.dtype}; float64 goes to the reference")
+    if x.shape[1] == 0 or x.shape[0] == 0:
+        return x.new_empty(x.shape)
+    return _conv_fwd_op(x, weight, bias, doc_ids, activation == "silu")
