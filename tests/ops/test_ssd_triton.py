@@ -237,3 +237,25 @@ def test_cpu_interp_custom_op_and_compile(seed, gen):
 @pytest.mark.skipif(CHILD, reason="this is the parent")
 def test_triton_interpreter_on_cpu():
     run_interpreter_child(__file__, "MEGACPP_SSD_INTERP_CHILD", len(INTERP_CASES) + 1)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@pytest.mark.skipif(CHILD, reason="the parent process (INTERPRET unset)")
+def test_launch_table_applies_tuned_to_half_operands_only(monkeypatch):
+    """TUNED (swept in bf16) applies to half-precision operands only; float32
+    (IEEE) launches keep the defaults; LAUNCH overrides both; a block size
+    that must cover a whole dimension cannot be set."""
+    from megacpp.ops.ssd import triton_ssd as T
+    monkeypatch.setattr(T, "INTERPRET", False)
+    monkeypatch.setitem(T.TUNED, "scan_fwd", {"BK": 16, "num_stages": 1})
+    monkeypatch.setitem(T.LAUNCH, "scan_fwd", {})
+    assert T._launch("scan_fwd", False, BM=64, BK=64, num_warps=4) == {"BM": 64, "BK": 16, "num_warps": 4,
+                                                                       "num_stages": 1}
+    assert T._launch("scan_fwd", True, BM=64, BK=64, num_warps=4) == {"BM": 64, "BK": 64, "num_warps": 4}
+    monkeypatch.setitem(T.LAUNCH, "scan_fwd", {"BM": 32})
+    assert T._launch("scan_fwd", True, BM=64, BK=64)["BM"] == 32
+    monkeypatch.setitem(T.LAUNCH, "dx", {"BP": 32})
+    with pytest.raises(ValueError, match="BP"):
+        T._launch("dx", False, BJ=64, BP=64)
+    monkeypatch.setattr(T, "INTERPRET", True)     # the interpreter: defaults only
+    assert T._launch("scan_fwd", False, BM=64, BK=64) == {"BM": 64, "BK": 64}
