@@ -28,6 +28,15 @@ def _triton() -> str | None:
         return None
 
 
+def _kernel_row(path: str, title: str, reason, fast: str, reference: str) -> dict:
+    """One op's row: its Triton kernels when `reason()` is '' (a bad MEGACPP_... value reads as the reason)."""
+    try:
+        why = reason()
+    except ValueError as e:
+        why = str(e)
+    return {"path": path, "runs": reference if why else fast, "why_not": f"{title}: {why}" if why else ""}
+
+
 def rows(device: torch.device) -> list[dict]:
     from .model.moe import grouped_mm_available
     from .patches.registry import all_patches
@@ -43,24 +52,14 @@ def rows(device: torch.device) -> list[dict]:
         out.append({"path": f"patch {name}", "runs": best.name if best else "plain path",
                     "why_not": "; ".join(f"{b.name}: {b.reason}" for b in backs if not b.available)})
 
-    from .ops.ssd import ssd_backend_reason
-    try:
-        ssd_why = ssd_backend_reason(device, torch.bfloat16 if cuda else None)
-    except ValueError as e:  # a bad MEGACPP_SSD value
-        ssd_why = str(e)
-    out.append({"path": "SSD scan (Mamba-2/3)",
-                "runs": "Triton chunked scan (ops.ssd.triton_ssd)" if not ssd_why
-                else "chunked pure-torch reference (ops.ssd)",
-                "why_not": f"Triton SSD: {ssd_why}" if ssd_why else ""})
     from .ops.causal_conv import conv_backend_reason
-    try:
-        conv_why = conv_backend_reason(device, torch.bfloat16 if cuda else None)
-    except ValueError as e:  # a bad MEGACPP_CONV value
-        conv_why = str(e)
-    out.append({"path": "short causal conv (M, R)",
-                "runs": "Triton conv, SiLU fused (ops.causal_conv.triton_conv)" if not conv_why
-                else "pure-torch reference (ops.causal_conv)",
-                "why_not": f"Triton conv: {conv_why}" if conv_why else ""})
+    from .ops.ssd import ssd_backend_reason
+    dt = torch.bfloat16 if cuda else None
+    out.append(_kernel_row("SSD scan (Mamba-2/3)", "Triton SSD", lambda: ssd_backend_reason(device, dt),
+                           "Triton chunked scan (ops.ssd.triton_ssd)", "chunked pure-torch reference (ops.ssd)"))
+    out.append(_kernel_row("short causal conv (M, R)", "Triton conv", lambda: conv_backend_reason(device, dt),
+                           "Triton conv, SiLU fused (ops.causal_conv.triton_conv)",
+                           "pure-torch reference (ops.causal_conv)"))
     from .ops.delta_rule.dispatch import fla_reason
     try:
         why = fla_reason(device)

@@ -38,6 +38,23 @@ from .reference import check as _check
 
 
 @triton.jit
+def _doc_of(d_base, t, vt, s_dl, HAS_DOC: tl.constexpr):
+    """The doc id at time steps t (-1 outside; 0 when unpacked)."""
+    d = tl.zeros_like(t)
+    if HAS_DOC:
+        d = tl.load(d_base + t * s_dl, mask=vt, other=-1)
+    return d
+
+
+@triton.jit
+def _in_doc(ok, d_base, ts, d_t, s_dl, HAS_DOC: tl.constexpr):
+    """ok, kept only where time step ts is in the document d_t (when packed)."""
+    if HAS_DOC:
+        ok = ok & (tl.load(d_base + ts * s_dl, mask=ok, other=-2) == d_t)
+    return ok
+
+
+@triton.jit
 def _pre(x_ptr, w_ptr, bias_ptr, doc_ptr, b, t, c, vc, L,
          s_xb, s_xl, s_xc, s_db, s_dl,
          K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOC: tl.constexpr,
@@ -46,14 +63,11 @@ def _pre(x_ptr, w_ptr, bias_ptr, doc_ptr, b, t, c, vc, L,
     vt = (t >= 0) & (t < L)
     x_base = x_ptr + b.to(tl.int64) * s_xb
     d_base = doc_ptr + b.to(tl.int64) * s_db
-    if HAS_DOC:
-        d_t = tl.load(d_base + t * s_dl, mask=vt, other=-1)
+    d_t = _doc_of(d_base, t, vt, s_dl, HAS_DOC)
     acc = tl.zeros((BT, BC), dtype=tl.float32)
     for k in tl.static_range(K):
         ts = t - k
-        ok = vt & (ts >= 0)
-        if HAS_DOC:
-            ok = ok & (tl.load(d_base + ts * s_dl, mask=ok, other=-2) == d_t)
+        ok = _in_doc(vt & (ts >= 0), d_base, ts, d_t, s_dl, HAS_DOC)
         xv = tl.load(x_base + ts[:, None] * s_xl + c[None, :] * s_xc, mask=ok[:, None] & vc[None, :], other=0.0)
         wk = tl.load(w_ptr + c * K + (K - 1 - k), mask=vc, other=0.0)
         acc += xv.to(tl.float32) * wk.to(tl.float32)[None, :]
@@ -129,13 +143,10 @@ def _conv_dpre_kernel(
     part = (b * tl.num_programs(0) + pid_t).to(tl.int64)
     x_base = x_ptr + b.to(tl.int64) * s_xb
     d_base = doc_ptr + b.to(tl.int64) * s_db
-    if HAS_DOC:
-        d_t = tl.load(d_base + t * s_dl, mask=vt, other=-1)
+    d_t = _doc_of(d_base, t, vt, s_dl, HAS_DOC)
     for k in tl.static_range(K):
         ts = t - k
-        ok = vt & (ts >= 0)
-        if HAS_DOC:
-            ok = ok & (tl.load(d_base + ts * s_dl, mask=ok, other=-2) == d_t)
+        ok = _in_doc(vt & (ts >= 0), d_base, ts, d_t, s_dl, HAS_DOC)
         xv = tl.load(x_base + ts[:, None] * s_xl + c[None, :] * s_xc, mask=ok[:, None] & vc[None, :], other=0.0)
         tl.store(dw_ptr + (part * CH + c) * K + (K - 1 - k), tl.sum(g * xv.to(tl.float32), axis=0), mask=vc)
     if HAS_BIAS:
@@ -159,14 +170,11 @@ def _conv_dx_kernel(
     vc = c < CH
     g_base = g_ptr + b.to(tl.int64) * s_gb
     d_base = doc_ptr + b.to(tl.int64) * s_db
-    if HAS_DOC:
-        d_t = tl.load(d_base + t * s_dl, mask=vt, other=-1)
+    d_t = _doc_of(d_base, t, vt, s_dl, HAS_DOC)
     dx = tl.zeros((BT, BC), dtype=tl.float32)
     for s in tl.static_range(K):
         ts = t + s
-        ok = vt & (ts < L)
-        if HAS_DOC:
-            ok = ok & (tl.load(d_base + ts * s_dl, mask=ok, other=-2) == d_t)
+        ok = _in_doc(vt & (ts < L), d_base, ts, d_t, s_dl, HAS_DOC)
         gs = tl.load(g_base + ts[:, None] * s_gl + c[None, :] * s_gc, mask=ok[:, None] & vc[None, :], other=0.0)
         ws = tl.load(w_ptr + c * K + (K - 1 - s), mask=vc, other=0.0).to(tl.float32)
         dx += gs.to(tl.float32) * ws[None, :]
