@@ -241,6 +241,11 @@ def validate_policy(p: RunPolicy) -> None:
     par = p.parallel
     _pos(par.data, f + "parallel.data", 1 << 16)
     _choice(par.sharding, IMPLEMENTED["parallel.sharding"], f + "parallel.sharding")
+    if p.compile.mode == "reduce-overhead" and par.sharding != "none":
+        # FSDP2 gathers each layer's weights into fresh storage every step (cudagraph
+        # trees would re-record), and neither DDP nor FSDP2 has run with CUDA graphs here
+        _err(f + "compile.mode", f"\"reduce-overhead\" (CUDA graphs) runs on one device only; with "
+             f"policy.parallel.sharding = {par.sharding!r} set policy.compile.mode = \"default\"")
     _pos(par.group_layers, f + "parallel.group_layers", 1 << 16)
     _choice(par.gather, IMPLEMENTED["parallel.gather"], f + "parallel.gather")
     _nonneg(par.prefetch_groups, f + "parallel.prefetch_groups")
