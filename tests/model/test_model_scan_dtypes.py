@@ -140,3 +140,28 @@ def test_delta_rule_dispatcher_casts_the_kernel_operands_under_autocast(seed, mo
     with torch.autocast("cpu", dtype=torch.bfloat16):
         delta_dispatch.gated_delta_rule_fast(q, k, v, gate, beta, chunk_size=8)
     assert ref_seen["ref"] == [torch.float32] * 3
+
+
+@pytest.mark.parametrize("family,calls", [("mamba2", 1), ("gated_deltanet", 3)])
+def test_layers_take_the_conv_dispatcher_with_the_silu_fused(family, calls, seed, monkeypatch):
+    """On CUDA the M and R layers' convs go to the Triton op with the SiLU
+    fused and the packed rows' doc ids; a stand-in kernel module records the
+    calls and answers with the reference, so the model's output must not move."""
+    from megacpp.ops.causal_conv import dispatch as conv_dispatch
+    from megacpp.ops.causal_conv.reference import causal_conv1d as conv_reference
+
+    model = build(FAMILY_SPECS[family], torch.float32)
+    ids = torch.randint(0, 97, (2, 20))
+    doc_ids = torch.tensor([[0] * 9 + [1] * 11, [0] * 20])
+    want = model(ids, doc_ids=doc_ids).logits
+    seen = []
+
+    def fake(x, w, bias, docs, activation):
+        seen.append((activation, docs is doc_ids))
+        return conv_reference(x, w, bias, docs, activation)
+
+    _stand_in(monkeypatch, "megacpp.ops.causal_conv.triton_conv", "causal_conv1d_triton", {}, fake, ())
+    monkeypatch.setattr(conv_dispatch, "conv_backend", lambda device, dtype=None: "triton")
+    got = model(ids, doc_ids=doc_ids).logits
+    assert seen == [("silu", True)] * calls * len(model.layers)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
