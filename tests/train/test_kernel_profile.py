@@ -17,8 +17,8 @@ from megacpp.train.kernel_profile import busy_union, kernel_kind, profile_kernel
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "attention"),
     ("triton_poi_fused__to_copy_add_mul_silu_7", "fused"),
     ("triton_red_fused_mean_pow_rsqrt_2", "fused"),
-    ("_dx_kernel", "megacpp"),
-    ("_state_fwd_kernel", "megacpp"),
+    ("_dx_kernel", "triton"),
+    ("_state_fwd_kernel", "triton"),
     ("void at::native::elementwise_kernel<128, 2>(int, ...)", "other"),
     ("Memcpy DtoD (Device -> Device)", "other"),
 ])

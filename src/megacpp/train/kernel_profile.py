@@ -11,7 +11,8 @@ time means streams overlapped.
 Kinds, from the kernel's name:
   gemm        cuBLAS / CUTLASS / cuDNN matmuls (nvjet, xmma, gemm, wgmma)
   attention   flash / cuDNN attention and FlexAttention's Triton templates
-  megacpp     this project's Triton kernels (ops/*: `_name_kernel`)
+  triton      hand-written Triton kernels, named `_name_kernel`: this
+              project's ops (ops/*), or a peer's (mamba_ssm's SSD and norms)
   fused       inductor's generated elementwise / reduction kernels
   other       aten's own kernels: copies, sorts, index ops, reductions
 """
@@ -21,7 +22,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 
-KINDS = ("gemm", "attention", "megacpp", "fused", "other")
+KINDS = ("gemm", "attention", "triton", "fused", "other")
 
 _GEMM = re.compile(r"gemm|nvjet|xmma|cutlass|wgmma|cublas|sm90_|sm80_|_mm_|splitk", re.I)
 _ATTN = re.compile(r"flash|fmha|flex_attention|attention|sdpa|cudnn", re.I)
@@ -39,7 +40,7 @@ def kernel_kind(name: str) -> str:
     if _GEMM.search(name):
         return "gemm"
     if _OURS.match(name):
-        return "megacpp"
+        return "triton"
     return "other"
 
 
