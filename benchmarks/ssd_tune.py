@@ -25,7 +25,7 @@ import sys
 import torch
 
 from megacpp.ops.ssd import triton_ssd as T
-from megacpp.train.kernel_profile import device_events
+from tune_util import coordinate_descent, kernel_ms, rel
 
 OPTIONS = {
     "cb": {"BM": [32, 64, 128], "BN": [32, 64, 128], "BK": [32, 64, 128], "num_warps": [2, 4, 8],
@@ -76,20 +76,8 @@ def fwd_bwd(inputs, chunk=128):
     return [y.detach(), final.detach()] + [t.grad for t in leaves]
 
 
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def kernel_ms(inputs, name, reps=5) -> float:
-    from torch.profiler import ProfilerActivity, profile
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fwd_bwd(inputs)
-        torch.cuda.synchronize()
-    want = KERNEL_NAME[name]
-    return sum(e - s for n, s, e in device_events(prof) if n == want) / 1e3 / reps
+def kernel_ms_of(inputs, name, reps=5) -> float:
+    return kernel_ms(lambda: fwd_bwd(inputs), KERNEL_NAME[name], reps)
 
 
 def total_ms(inputs, reps=20) -> float:
@@ -112,34 +100,14 @@ def try_config(inputs, ref, name, cfg, tol):
     try:
         out = fwd_bwd(inputs)
         torch.cuda.synchronize()
+        err = max(rel(o, r) for o, r in zip(out, ref))
+        if not err <= tol:
+            return None, f"mismatch {err:.2e}"
+        return kernel_ms_of(inputs, name), err
     except Exception as e:  # noqa: BLE001 - a variant that does not compile or launch is dropped
-        T.LAUNCH[name] = {}
         return None, f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
-    err = max(rel(o, r) for o, r in zip(out, ref))
-    if not err <= tol:
+    finally:
         T.LAUNCH[name] = {}
-        return None, f"mismatch {err:.2e}"
-    ms = kernel_ms(inputs, name)
-    T.LAUNCH[name] = {}
-    return ms, err
-
-
-def tune_kernel(inputs, ref, name, tol, log) -> dict:
-    best: dict = {}
-    best_ms, _ = try_config(inputs, ref, name, best, tol)
-    log.append({"kernel": name, "config": {}, "ms": best_ms, "note": "default"})
-    for _pass in range(2):
-        for key, values in OPTIONS[name].items():
-            for v in values:
-                cfg = {**best, key: v}
-                if cfg == best:
-                    continue
-                ms, note = try_config(inputs, ref, name, cfg, tol)
-                log.append({"kernel": name, "config": cfg, "ms": ms,
-                            "note": note if ms is None else f"err {note:.1e}"})
-                if ms is not None and ms < best_ms * 0.98:
-                    best, best_ms = cfg, ms
-    return {"config": best, "ms": best_ms}
 
 
 def main(argv=None) -> int:
@@ -161,10 +129,13 @@ def main(argv=None) -> int:
     log: list = []
     chosen = {}
     for name in args.kernels:
-        res = tune_kernel(inputs, ref, name, args.tol, log)
-        default_ms = next(r["ms"] for r in log if r["kernel"] == name and r["note"] == "default")
+        res = coordinate_descent(OPTIONS[name], lambda cfg: try_config(inputs, ref, name, cfg, args.tol),
+                                 log, name)
         chosen[name] = res
-        print(f"{name:10} default {default_ms:7.3f} ms -> {res['ms']:7.3f} ms  {res['config']}", flush=True)
+        if res["ms"] is None:
+            print(f"{name:10} the default launch failed: {log[-1]['note']}", flush=True)
+            continue
+        print(f"{name:10} default {res['default_ms']:7.3f} ms -> {res['ms']:7.3f} ms  {res['config']}", flush=True)
     rows = []
     for s in args.shapes:
         shape = parse_shape(s)

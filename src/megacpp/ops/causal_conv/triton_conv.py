@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._triton_util import INTERPRET
 from .._triton_util import device_ctx as _device_ctx
 from .reference import check as _check
 
@@ -182,47 +183,65 @@ def _conv_dx_kernel(
              dx.to(dx_ptr.dtype.element_ty), mask=vt[:, None] & vc[None, :])
 
 
-BT, BC = 64, 128
+# Launch parameters per kernel (BT time steps x BC channels a program,
+# num_warps, num_stages): DEFAULT, then TUNED, then LAUNCH, as in
+# ops/ssd/triton_ssd.py; benchmarks/conv_tune.py sweeps them on a GPU.
+# Under the interpreter (CPU tests) only DEFAULT.
+KERNELS = ("fwd", "dpre", "dx")
+DEFAULT = {"BT": 64, "BC": 128, "num_warps": 4}
+TUNED: dict[str, dict] = {k: {} for k in KERNELS}
+LAUNCH: dict[str, dict] = {k: {} for k in KERNELS}
 
 
-def _launch_args(x, weight, doc_ids):
-    b, l, ch = x.shape
-    K = weight.shape[-1]
+def _launch(name: str, b: int, l: int, ch: int) -> tuple[dict, tuple]:
+    """(launch keywords, grid) of kernel `name` for (b, l, ch)."""
+    cfg = dict(DEFAULT)
+    if not INTERPRET:
+        cfg.update(TUNED[name])
+        cfg.update(LAUNCH[name])
+    return cfg, (triton.cdiv(l, cfg["BT"]), triton.cdiv(ch, cfg["BC"]), b)
+
+
+def _operands(x, weight, doc_ids):
+    ch, K = x.shape[-1], weight.shape[-1]
     w = weight.reshape(ch, K)
     if not w.is_contiguous():
         w = w.contiguous()
     doc = doc_ids if doc_ids is not None else x.new_empty(1, 1, dtype=torch.int32)
-    grid = (triton.cdiv(l, BT), triton.cdiv(ch, BC), b)
-    return b, l, ch, K, w, doc, grid
+    return K, w, doc
 
 
 def _forward(x, weight, bias, doc_ids, silu):
-    b, l, ch, K, w, doc, grid = _launch_args(x, weight, doc_ids)
+    b, l, ch = x.shape
+    K, w, doc = _operands(x, weight, doc_ids)
+    cfg, grid = _launch("fwd", b, l, ch)
     y = torch.empty(b, l, ch, device=x.device, dtype=x.dtype)
     _conv_fwd_kernel[grid](
         x, w, bias if bias is not None else w, doc, y, l, ch,
         *x.stride(), *doc.stride(), *y.stride(),
-        K=K, HAS_BIAS=bias is not None, HAS_DOC=doc_ids is not None, SILU=silu,
-        BT=BT, BC=BC, num_warps=4,
+        K=K, HAS_BIAS=bias is not None, HAS_DOC=doc_ids is not None, SILU=silu, **cfg,
     )
     return y
 
 
 def _backward(dy, x, weight, bias, doc_ids, silu):
-    b, l, ch, K, w, doc, grid = _launch_args(x, weight, doc_ids)
+    b, l, ch = x.shape
+    K, w, doc = _operands(x, weight, doc_ids)
     dy = dy.contiguous()
     g = torch.empty_like(dy) if silu else dy
+    cfg, grid = _launch("dpre", b, l, ch)
     parts = b * grid[0]
     dw = torch.empty(parts, ch, K, device=x.device, dtype=torch.float32)
     db = torch.empty(parts, ch, device=x.device, dtype=torch.float32) if bias is not None else dw
-    flags = dict(K=K, HAS_DOC=doc_ids is not None, BT=BT, BC=BC, num_warps=4)
     _conv_dpre_kernel[grid](
         x, w, bias if bias is not None else w, doc, dy, g, dw, db, l, ch,
         *x.stride(), *doc.stride(), *dy.stride(),
-        HAS_BIAS=bias is not None, SILU=silu, **flags,
+        K=K, HAS_BIAS=bias is not None, HAS_DOC=doc_ids is not None, SILU=silu, **cfg,
     )
     dx = torch.empty(b, l, ch, device=x.device, dtype=x.dtype)
-    _conv_dx_kernel[grid](g, w, doc, dx, l, ch, *g.stride(), *doc.stride(), *dx.stride(), **flags)
+    cfg, grid = _launch("dx", b, l, ch)
+    _conv_dx_kernel[grid](g, w, doc, dx, l, ch, *g.stride(), *doc.stride(), *dx.stride(),
+                          K=K, HAS_DOC=doc_ids is not None, **cfg)
     dw = dw.sum(0).reshape(weight.shape).to(weight.dtype)
     db = db.sum(0).to(bias.dtype) if bias is not None else None
     return dx, dw, db
