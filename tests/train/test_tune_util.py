@@ -4,6 +4,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import tune_util  # noqa: E402
 
@@ -39,3 +41,42 @@ def test_small_gains_are_not_taken():
     # 1% faster is inside the 2% noise margin: keep the defaults
     res = tune_util.coordinate_descent({"BT": [32]}, lambda cfg: (0.99 if cfg else 1.0, 0.0), log, "k")
     assert res["config"] == {}
+
+
+def test_sweep_drops_mismatching_variants_times_the_choice_and_resets_the_tables(tmp_path, capsys):
+    """The driver on a stand-in module (CPU): kernel a is fastest at X = 2 and
+    gives wrong outputs at X = 3 (dropped, though faster); kernel b keeps its
+    defaults; the end-to-end rows compare defaults with the choice; LAUNCH is
+    back to {} afterwards and the JSON holds the log."""
+    import json
+    import types
+
+    import torch
+
+    mod = types.SimpleNamespace(KERNELS=("a", "b"), TUNED={"a": {"X": 9}, "b": {}}, LAUNCH={"a": {}, "b": {}})
+    speed = {None: 4.0, 1: 3.0, 2: 2.0, 3: 1.0}
+
+    def fwd_bwd(inputs):
+        wrong = mod.LAUNCH["a"].get("X") == 3
+        return [inputs * (2.0 if wrong else 1.0)]
+
+    def timer(fn, kname):
+        fn()
+        return speed[mod.LAUNCH["a"].get("X")] if kname == "ka" else 5.0
+
+    def total(fn):
+        fn()
+        return speed[mod.LAUNCH["a"].get("X")] + 5.0
+
+    t = tune_util.Target("stand-in", "n", mod, {"a": {"X": [1, 2, 3]}, "b": {"Y": [7]}}, {"a": "ka", "b": "kb"},
+                         lambda shape, seed: torch.ones(shape), fwd_bwd)
+    with pytest.raises(SystemExit, match="expected n"):
+        t.parse_shape("4,5")
+    out = tune_util.sweep(t, "4", ["4", "8"], ["a", "b"], tol=1e-6, json_path=str(tmp_path / "s.json"),
+                          timer=timer, total=total)
+    assert out["chosen"]["a"]["config"] == {"X": 2} and out["chosen"]["b"]["config"] == {}
+    assert any(r["config"] == {"X": 3} and "mismatch" in r["note"] for r in out["log"])
+    assert [r["speedup"] for r in out["rows"]] == [9.0 / 7.0] * 2
+    assert mod.LAUNCH == {"a": {}, "b": {}} and mod.TUNED == {"a": {}, "b": {}}
+    assert json.loads((tmp_path / "s.json").read_text())["chosen"]["a"]["config"] == {"X": 2}
+    assert 'TUNED = {"a": {"X": 2}, "b": {}}' in capsys.readouterr().out
