@@ -64,8 +64,8 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("conv_tune: needs a CUDA GPU", file=sys.stderr)
         return 2
-    target = Target("causal conv fwd+bwd (bf16, packed, SiLU)", "batch,seqlen,channels,K", T, OPTIONS, KERNEL_NAME, make_inputs,
-                    fwd_bwd)
+    target = Target("causal conv fwd+bwd (bf16, packed, SiLU)", "batch,seqlen,channels,K",
+                    T, OPTIONS, KERNEL_NAME, make_inputs, fwd_bwd)
     sweep(target, args.tune_shape, args.shapes, list(T.KERNELS), args.tol, args.json)
     return 0
 

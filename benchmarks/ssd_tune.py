@@ -79,8 +79,8 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("ssd_tune: needs a CUDA GPU", file=sys.stderr)
         return 2
-    target = Target("SSD fwd+bwd (bf16, chunk 128)", "batch,seqlen,heads,headdim,groups,state", T, OPTIONS, KERNEL_NAME, make_inputs,
-                    fwd_bwd)
+    target = Target("SSD fwd+bwd (bf16, chunk 128)", "batch,seqlen,heads,headdim,groups,state",
+                    T, OPTIONS, KERNEL_NAME, make_inputs, fwd_bwd)
     sweep(target, args.tune_shape, args.shapes, args.kernels, args.tol, args.json)
     return 0
 
