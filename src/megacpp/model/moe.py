@@ -385,9 +385,9 @@ class MoE(nn.Module):
             # Every token holds exactly k slots (flat slot j = token j // k): put
             # each row back in its slot and sum a token's k rows. The scatter has
             # unique targets, so unlike index_add it needs no atomics, and its
-            # backward is a gather.
-            slots = torch.empty_like(out)
-            slots[order] = out
+            # backward is a gather. (order is the inverse of inverse: this puts
+            # row j at slot order[j].)
+            slots = permute_rows(out, order)
             y = slots.view(T, k, -1).sum(dim=1).to(x.dtype)
         else:
             y = torch.zeros_like(xt).index_add(0, token, out.to(x.dtype))
