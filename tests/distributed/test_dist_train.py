@@ -166,19 +166,38 @@ def test_sigterm_stops_every_rank_at_one_step_and_saves(snap, tmp_path):
     assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
 
+BF16 = {"policy.precision.compute": "bf16", "policy.patches.linear_ce": "off",
+        "policy.steps": 3, "policy.eval_batches": 0}
+
+
+@pytest.fixture(scope="module")
+def one_bf16(snap, tmp_path_factory) -> Path:
+    """One process, bf16 autocast over float32 weights, 3 steps."""
+    out = tmp_path_factory.mktemp("one_bf16") / "run"
+    train(1, snap, out, **BF16)
+    return out
+
+
+def assert_follows_bf16(got: dict[int, dict], want: dict[int, dict]):
+    # step 0's forward is the same arithmetic split over ranks (a gather that
+    # rounded anything autocast does not, e.g. the residual stream, moves it ~1e-5)
+    assert math.isclose(got[0]["loss"], want[0]["loss"], rel_tol=1e-6), (got[0]["loss"], want[0]["loss"])
+    for s in range(3):
+        # bf16 matmuls summed over another split of the batch: ~1e-3 apart; an
+        # unreduced or mis-cast gradient would be 1e-2 or more off by step 2
+        assert math.isclose(got[s]["loss"], want[s]["loss"], rel_tol=2e-3), (s, got[s]["loss"], want[s]["loss"])
+
+
 @pytest.mark.parametrize("gather", ["storage", "compute", "compute_subgroups"])
-def test_fsdp2_bf16_compute_follows_one_process(snap, tmp_path, gather):
+def test_fsdp2_bf16_compute_follows_one_process(snap, one_bf16, tmp_path, gather):
     """bf16 autocast over float32 weights. By default each layer is one float32
     group (the compiled graphs of one process); with policy.parallel.gather
     "compute" the layers' GEMM weights travel as bf16 (autocast would round
     them to bf16 anyway) and the rest is replicated; "compute_subgroups"
     gathers the rest in float32. Every way the run follows the one-process
     bf16 run."""
-    bf16 = {"policy.precision.compute": "bf16", "policy.patches.linear_ce": "off",
-            "policy.steps": 3, "policy.eval_batches": 0}
-    one, two = tmp_path / "one", tmp_path / "two"
-    train(1, snap, one, **bf16)
-    train(2, snap, two, "fsdp2", **bf16, **{"policy.parallel.gather": gather})
+    two = tmp_path / "two"
+    train(2, snap, two, "fsdp2", **BF16, **{"policy.parallel.gather": gather})
     mp = manifest(two)["backend"]["layout"]["fsdp2_mixed_precision"]
     assert mp["param_dtype"] == "float32" and mp["gather"] == gather
     if gather == "storage":
@@ -188,14 +207,22 @@ def test_fsdp2_bf16_compute_follows_one_process(snap, tmp_path, gather):
         assert mp["gemm_groups"] == 12 and mp["gemm_params"] > 0  # every nam-tiny layer has GEMMs
         # the norms, SSM scalars, routers and convs: replicated only when gathering "compute"
         assert (mp["replicated_params"] > 0) == (gather == "compute")
-    got, want = records(two), records(one)
-    # step 0's forward is the same arithmetic split over ranks (a gather that
-    # rounded anything autocast does not, e.g. the residual stream, moves it ~1e-5)
-    assert math.isclose(got[0]["loss"], want[0]["loss"], rel_tol=1e-6), (got[0]["loss"], want[0]["loss"])
-    for s in range(3):
-        # bf16 matmuls summed over another split of the batch: ~1e-3 apart; an
-        # unreduced or mis-cast gradient would be 1e-2 or more off by step 2
-        assert math.isclose(got[s]["loss"], want[s]["loss"], rel_tol=2e-3), (s, got[s]["loss"], want[s]["loss"])
+    assert manifest(two)["backend"]["layout"]["grad_reduce_dtype"] == "float32"
+    assert_follows_bf16(records(two), records(one_bf16))
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp2"])
+def test_bf16_gradient_reduce_follows_one_process(snap, one_bf16, tmp_path, sharding):
+    """policy.parallel.reduce = "compute": gradients averaged over the ranks in
+    bf16 (FSDP2's reduce dtype; DDP's bf16 compression hook), recorded in the
+    manifest, and the run still follows the one-process bf16 run."""
+    out = tmp_path / "run"
+    train(2, snap, out, sharding, **BF16, **{"policy.parallel.reduce": "compute"})
+    layout = manifest(out)["backend"]["layout"]
+    assert layout["grad_reduce_dtype"] == "bfloat16"
+    if sharding == "fsdp2":
+        assert layout["fsdp2_mixed_precision"]["reduce_dtype"] == "bfloat16"
+    assert_follows_bf16(records(out), records(one_bf16))
 
 
 def test_fsdp2_grouped_layers_without_reshard_match_one_process(snap, one_process, tmp_path):

@@ -257,3 +257,19 @@ def test_device_memory_follows_sharding_and_checkpointing():
     # checkpointing every family keeps one hidden vector per layer and token, plus one layer rebuilt
     assert four_ac["device_activations"] == one["activations_checkpointed"]
     assert four_ac["device_estimate"] < 80 * 2**30 < one["device_estimate"]  # fits an 80 GB card only so
+
+
+def test_bf16_gradient_reduce_needs_bf16_compute_and_translates():
+    """policy.parallel.reduce = "compute" reduces gradients in bf16: refused
+    under fp32/fp16 compute (naming the field), and Megatron's flag otherwise."""
+    from megacpp.recipe.megatron import translate
+
+    with pytest.raises(RecipeError) as e:
+        load_recipe("nam-tiny", ["policy.parallel.reduce=compute"])  # nam-tiny computes in fp32
+    assert e.value.field == "policy.parallel.reduce" and "bf16" in str(e.value)
+    with pytest.raises(RecipeError) as e:
+        load_recipe("nam-tiny", ["policy.parallel.reduce=bf16"])
+    assert e.value.field == "policy.parallel.reduce"
+    r = load_recipe("nam-125m", ["policy.parallel.reduce=compute"])
+    assert "--grad-reduce-in-bf16" in translate(r).args
+    assert "--grad-reduce-in-bf16" not in translate(load_recipe("nam-125m")).args

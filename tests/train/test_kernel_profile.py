@@ -21,6 +21,8 @@ from megacpp.train.kernel_profile import busy_union, kernel_kind, profile_kernel
     ("_state_fwd_kernel", "triton"),
     ("void at::native::elementwise_kernel<128, 2>(int, ...)", "other"),
     ("Memcpy DtoD (Device -> Device)", "other"),
+    ("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "comm"),
+    ("ncclDevKernel_ReduceScatter_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "comm"),
 ])
 def test_kernel_kind(name, kind):
     assert kernel_kind(name) == kind
@@ -65,3 +67,12 @@ def test_summarize_is_per_repetition_and_sorted():
 
 def test_profile_kernels_is_none_without_cuda():
     assert profile_kernels(lambda: None, 2, torch.device("cpu")) is None
+
+
+def test_communication_only_time_is_what_compute_does_not_cover():
+    # one rep: compute 0-10 µs, a collective 5-14 µs (4 µs of it alone), idle 14-20
+    ev = [("nvjet_gemm", 0.0, 10.0), ("ncclDevKernel_AllGather_RING_LL", 5.0, 14.0)]
+    p = summarize(ev, reps=1, wall_ms=20e-3)
+    assert p.busy_ms == pytest.approx(14e-3) and p.compute_busy_ms == pytest.approx(10e-3)
+    assert p.comm_only_ms == pytest.approx(4e-3) and p.kinds_ms["comm"] == pytest.approx(9e-3)
+    assert summarize([("nvjet_gemm", 0.0, 10.0)], 1, 20e-3).comm_only_ms == 0.0

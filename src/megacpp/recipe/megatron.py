@@ -203,6 +203,8 @@ def translate(recipe: Recipe) -> Translation:
                        f"Megatron flag")
     elif par.data > 1:
         args += ["--use-distributed-optimizer"]
+    if par.reduce == "compute":
+        args += ["--grad-reduce-in-bf16"]
     if recipe.layers.stage_boundaries and par.pipeline != len(recipe.layers.stage_boundaries) + 1:
         issues.add(f"pattern has {len(recipe.layers.stage_boundaries) + 1} pipeline stages but "
                    f"parallel.pipeline is {par.pipeline}")

@@ -80,6 +80,10 @@ class ParallelSpec:
     # fsdp2 only. Groups whose all-gather is issued from the CPU when the group
     # before them starts its forward (0: when their own forward starts)
     prefetch_groups: int = 1
+    # ddp and fsdp2. The dtype gradients are averaged over the ranks in:
+    # "float32", or "compute" (bf16 compute only: half the bytes; each rank's
+    # gradient is rounded to bf16 before the sum, then stored in float32)
+    reduce: str = "float32"
     tensor: int = 1
     context: int = 1
     expert: int = 1

@@ -31,6 +31,7 @@ IMPLEMENTED = {
     "compile.scope": {"block", "model"},
     "parallel.sharding": {"none", "ddp", "fsdp2"},
     "parallel.gather": {"storage", "compute", "compute_subgroups"},
+    "parallel.reduce": {"float32", "compute"},
     "ac": {"none", "full", "selective"},
     "patch_mode": {"required", "preferred", "off"},
     "stp.form": {"curvature", "span"},
@@ -249,6 +250,11 @@ def validate_policy(p: RunPolicy) -> None:
     _pos(par.group_layers, f + "parallel.group_layers", 1 << 16)
     _choice(par.gather, IMPLEMENTED["parallel.gather"], f + "parallel.gather")
     _nonneg(par.prefetch_groups, f + "parallel.prefetch_groups")
+    _choice(par.reduce, IMPLEMENTED["parallel.reduce"], f + "parallel.reduce")
+    if par.reduce == "compute" and pr.compute != "bf16":
+        # fp16 gradients carry the loss scale: a sum in fp16 overflows where float32 does not
+        _err(f + "parallel.reduce", f"\"compute\" reduces gradients in bf16 and needs "
+             f"policy.precision.compute = \"bf16\" (it is {pr.compute!r}); use \"float32\"")
     if not isinstance(par.reshard_after_forward, bool):
         _err(f + "parallel.reshard_after_forward", f"must be true or false, got {par.reshard_after_forward!r}")
     for dim in ("tensor", "context", "expert", "pipeline"):

@@ -47,6 +47,8 @@ class DistContext:
     # from one micro-batch's backward to the next one's forward (one
     # all-gather per step, not one per micro-batch)
     keep_gathered: bool = False
+    # what the gradients are averaged over the ranks in (policy.parallel.reduce)
+    reduce_dtype: str = "float32"
 
     def __post_init__(self):
         if self.world_size > 1:
@@ -73,8 +75,13 @@ class DistContext:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # Buffers (the MoE expert bias) are updated from all-reduced loads, so
             # they are already equal on every rank: no per-forward broadcast.
-            return DDP(model, device_ids=ids, forward_sync_buffers=False)
+            ddp = DDP(model, device_ids=ids, forward_sync_buffers=False)
+            if recipe.policy.parallel.reduce == "compute":  # validated: bf16 compute
+                ddp.register_comm_hook(self.world_size, _bf16_mean_hook)
+                self.reduce_dtype = "bfloat16"
+            return ddp
         self.mixed_precision, self.replicated = fsdp2(model, recipe)
+        self.reduce_dtype = self.mixed_precision["reduce_dtype"]
         self.keep_gathered = not recipe.policy.parallel.reshard_after_forward
         return model
 
@@ -106,10 +113,17 @@ class DistContext:
             tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
         return t
 
-    def all_true(self, flag: bool) -> bool:
-        if not self.active:
+    def all_true(self, flag) -> bool:
+        """flag (a bool, or a bool tensor still on the device) set on every rank.
+        A tensor costs one host sync in all, after the all-reduce."""
+        if isinstance(flag, torch.Tensor):
+            if not self.active:
+                return bool(flag)
+            t = (~flag).float().reshape(1)
+        elif not self.active:
             return flag
-        t = torch.tensor([0.0 if flag else 1.0], device=self.device)
+        else:
+            t = torch.tensor([0.0 if flag else 1.0], device=self.device)
         tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
         return float(t) == 0.0
 
@@ -153,12 +167,26 @@ class DistContext:
              "launcher": "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else
                          ("env" if self.active else None),
              "checkpoint_format": self.checkpoint_format,
+             "grad_reduce_dtype": self.reduce_dtype if self.active else None,
              "grad_sync": ("once per step (no_sync / set_requires_gradient_sync(False) on "
                            "non-final micro-batches)") if self.active else None}
         if self.mixed_precision is not None:
             d["fsdp2_mixed_precision"] = dict(self.mixed_precision)
             d["fsdp2_keep_gathered_across_micro_batches"] = self.keep_gathered
         return d
+
+
+def _bf16_mean_hook(world_size: int, bucket):
+    """DDP comm hook: average a gradient bucket over the ranks in bf16, back
+    into the float32 bucket. (torch's own bf16 hook refuses gloo.)"""
+    buf = bucket.buffer()
+    half = buf.to(torch.bfloat16).div_(world_size)
+    fut = tdist.all_reduce(half, async_op=True).get_future()
+
+    def unpack(f):
+        buf.copy_(f.value()[0])
+        return buf
+    return fut.then(unpack)
 
 
 def nccl_version() -> str | None:
@@ -240,12 +268,13 @@ def fsdp2(model: torch.nn.Module, recipe) -> tuple[dict, list[torch.nn.Parameter
 
     prec, par = recipe.policy.precision, recipe.policy.parallel
     stored, compute = DTYPES[prec.params], DTYPES[prec.compute]
-    mp = MixedPrecisionPolicy(param_dtype=stored, reduce_dtype=torch.float32)
+    reduce = compute if par.reduce == "compute" else torch.float32
+    mp = MixedPrecisionPolicy(param_dtype=stored, reduce_dtype=reduce)
     lowp = stored == torch.float32 and compute in (torch.bfloat16, torch.float16)
     gemm_dtype = compute if (lowp and par.gather != "storage") else None
     # cast_forward_inputs off: FSDP2 would otherwise round each layer's input
     # (the residual stream) to the gather dtype; autocast rounds GEMM inputs itself
-    gemm_mp = MixedPrecisionPolicy(param_dtype=gemm_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    gemm_mp = MixedPrecisionPolicy(param_dtype=gemm_dtype, reduce_dtype=reduce, cast_forward_inputs=False)
     k = max(1, par.group_layers)
     layers = list(model.layers)
     groups = [layers[i:i + k] for i in range(0, len(layers), k)] + [[m] for m in getattr(model, "mtp", [])]
@@ -298,7 +327,7 @@ def fsdp2(model: torch.nn.Module, recipe) -> tuple[dict, list[torch.nn.Parameter
             f"parameters; use ddp, or policy.precision.params=fp32")
     fully_shard(model, mp_policy=mp, ignored_params=set(replicated) or None)
     name = lambda d: None if d is None else str(d).replace("torch.", "")  # noqa: E731
-    return {"param_dtype": name(stored), "reduce_dtype": "float32",
+    return {"param_dtype": name(stored), "reduce_dtype": name(reduce),
             "compute": prec.compute + " (autocast)", "groups": len(groups) + 1,
             "layers_per_group": k, "reshard_after_forward": par.reshard_after_forward,
             "prefetch_groups": par.prefetch_groups, "gather": par.gather,

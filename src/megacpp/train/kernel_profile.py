@@ -14,7 +14,13 @@ Kinds, from the kernel's name:
   triton      hand-written Triton kernels, named `_name_kernel`: this
               project's ops (ops/*), or a peer's (mamba_ssm's SSD and norms)
   fused       inductor's generated elementwise / reduction kernels
+  comm        NCCL collectives (all-gather, reduce-scatter, all-reduce)
   other       aten's own kernels: copies, sorts, index ops, reductions
+
+Under data parallelism the collectives run on their own streams beside the
+compute: `compute_busy_ms` is the busy time without them, so `busy_ms -
+compute_busy_ms` is the time only communication ran (exposed, not hidden
+behind compute), and `wall_ms - busy_ms` the time the GPU did nothing.
 """
 from __future__ import annotations
 
@@ -22,15 +28,18 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 
-KINDS = ("gemm", "attention", "triton", "fused", "other")
+KINDS = ("gemm", "attention", "triton", "fused", "comm", "other")
 
 _GEMM = re.compile(r"gemm|nvjet|xmma|cutlass|wgmma|cublas|sm90_|sm80_|_mm_|splitk", re.I)
 _ATTN = re.compile(r"flash|fmha|flex_attention|attention|sdpa|cudnn", re.I)
 _FUSED = re.compile(r"^triton_(poi|red|per)_")
 _OURS = re.compile(r"^_\w+_kernel$")
+_COMM = re.compile(r"nccl", re.I)
 
 
 def kernel_kind(name: str) -> str:
+    if _COMM.search(name):
+        return "comm"
     if name.startswith("triton_tem_"):  # inductor templates: flex attention or a matmul
         return "attention" if _ATTN.search(name) else "gemm"
     if _FUSED.match(name):
@@ -68,6 +77,12 @@ class KernelProfile:
     kinds_ms: dict[str, float] = field(default_factory=dict)
     top: list[dict] = field(default_factory=list)   # {name, kind, calls, ms}, largest first
     kernels: int = 0                                  # kernel launches per repetition
+    compute_busy_ms: float | None = None              # busy time of every kind but comm
+
+    @property
+    def comm_only_ms(self) -> float:
+        """Time only collectives ran: communication not hidden behind compute."""
+        return self.busy_ms - (self.busy_ms if self.compute_busy_ms is None else self.compute_busy_ms)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,7 +103,8 @@ def summarize(events: list[tuple[str, float, float]], reps: int, wall_ms: float,
         busy_ms=busy_union([(s, e) for _, s, e in events]) / 1e3 / reps,
         kinds_ms={k: v for k, v in kinds.items() if v > 0},
         top=rows[:top],
-        kernels=round(len(events) / reps))
+        kernels=round(len(events) / reps),
+        compute_busy_ms=busy_union([(s, e) for n, s, e in events if kernel_kind(n) != "comm"]) / 1e3 / reps)
 
 
 def device_events(prof) -> list[tuple[str, float, float]]:
@@ -126,6 +142,9 @@ def profile_text(title: str, p: KernelProfile, scale: float = 1.0) -> list[str]:
     kinds = ", ".join(f"{k} {v * scale:.1f}" for k, v in sorted(p.kinds_ms.items(), key=lambda kv: -kv[1]))
     lines = [f"  {title}: wall {p.wall_ms * scale:.1f} ms, GPU busy {p.busy_ms * scale:.1f} ms "
              f"({p.busy_ms / p.wall_ms * 100:.0f}%), {p.kernels} kernels; by kind: {kinds}"]
+    if p.kinds_ms.get("comm"):
+        lines.append(f"  communication only (not hidden behind compute): {p.comm_only_ms * scale:.1f} ms; "
+                     f"GPU idle: {(p.wall_ms - p.busy_ms) * scale:.1f} ms")
     for r in p.top:
         lines.append(f"      {r['ms'] * scale:7.2f} ms  {r['calls']:5.1f}x  {r['kind']:9} {r['name'][:90]}")
     return lines

@@ -11,6 +11,7 @@ applied from outside the model by train/distributed.py.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -541,8 +542,8 @@ class Trainer:
         lm_mean = logged["lm_sum"] / logged["lm_count"].clamp_min(1)
         per_micro = self.accum * self.dist.world_size
         loss_val = lm_mean + logged["aux_total"] / per_micro
-        finite = bool(torch.isfinite(loss_val)) and bool(torch.isfinite(gnorm))
-        finite = self.dist.all_true(finite)
+        # one host sync for the check, after the flags' all-reduce
+        finite = self.dist.all_true(torch.isfinite(loss_val) & torch.isfinite(gnorm.to(loss_val.device)))
         stepped = False
         if finite:
             stepped = self.precision.step(self.opt.optimizers)
@@ -600,6 +601,13 @@ class Trainer:
                 parts = [f"steps {self._prof_start}..{self.step - 1}, rank 0, {self.device}, "
                          f"wall {wall * 1e3:.1f} ms ({wall * 1e3 / max(1, self.step - self._prof_start):.1f} ms/step)"]
                 if self.device.type == "cuda":
+                    # per step: busy vs wall, compute vs exposed communication, kernels by kind
+                    # (the profiler's CPU recording slows the host: idle time reads high)
+                    from .kernel_profile import device_events, profile_text, summarize
+                    n = max(1, self.step - self._prof_start)
+                    kp = summarize(device_events(prof), n, wall * 1e3, top=25)
+                    parts += [""] + profile_text("per step", kp)
+                    (self.out / "profile_kernels.json").write_text(json.dumps(kp.to_dict(), indent=1) + "\n")
                     parts += ["", "by self CUDA time", ka.table(sort_by="self_cuda_time_total", row_limit=40)]
                 parts += ["", "by self CPU time", ka.table(sort_by="self_cpu_time_total", row_limit=40)]
                 (self.out / "profile.txt").write_text("\n".join(parts) + "\n")
