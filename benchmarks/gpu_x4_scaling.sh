@@ -9,8 +9,11 @@
 #   ROUNDS="A P" bash benchmarks/gpu_x4_scaling.sh    # P: profiles at 1 and 2 GPUs
 #   ROUNDS="V T F G" ...                              # the sixth session's first call
 # V: issue 10's four 500-step precision curves, one card each (same data, seed, batch)
-# T, F, G, H: this session's FSDP2 layout variants (no-reshard, gather="compute")
+# T, F, G, H: the sixth session's FSDP2 layout variants (no-reshard, gather="compute")
 # with the CUDA tests next to them
+#   PROF_RECIPE=nam-1b ROUNDS="K G Q R" ...            # the eighth session's first call
+# K: tests, nam-1b 1-GPU baseline and profile, conv sweep; Q: the 4-GPU profile;
+# R: nam-1b at 4 GPUs with bf16 GEMM gathers and a bf16 gradient reduce
 source benchmarks/gpu_session.sh
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 STEPS=${STEPS:-14}; SKIP=${SKIP:-4}; RT=${RUN_TIMEOUT:-200}; DEADLINE=${DEADLINE:-575}
@@ -75,22 +78,39 @@ if has H; then
   wait; echo "round H done at ${SECONDS}s"
   run 125m_w4_nrc 0,1,2,3 --recipes nam-125m --worlds 4 $NRC --master-port 30900; wait; echo "round H4 done at ${SECONDS}s"
 fi
-if has P; then
-  # where a sharded step's time goes: PROF_RECIPE (default nam-125m) profiled
-  # (steps 10-12, rank 0) at 1 GPU and at PROF_WORLD (2: side by side; 4: after it)
-  PR=${PROF_RECIPE:-nam-125m}; PW=${PROF_WORLD:-2}
-  MB=$(python3 -c "import megacpp; print(megacpp.load_recipe('$PR').policy.micro_batch)")
-  prof() {  # $1: GPUs, $2: world, $3: port
-    CUDA_VISIBLE_DEVICES=$1 python3 -m torch.distributed.run --nproc_per_node "$2" --master_port "$3" \
-      -m megacpp train --recipe $PR --data /root/cpp-125m --out /root/sc/prof-w$2 --quiet \
-      --max-steps 14 --profile 10:13 --set policy.parallel.data="$2" \
-      --set policy.parallel.sharding=$([ "$2" = 1 ] && echo none || echo fsdp2) \
-      --set policy.global_batch=$((MB * $2)) --set policy.eval_batches=0 > /root/sc/prof-w$2.log 2>&1
-    cp /root/sc/prof-w$2/profile.txt "$OUT/profile_${PR}_w$2.txt"
-  }
+# prof GPUS WORLD PORT: PROF_RECIPE (default nam-125m) profiled at steps 10-12 on
+# rank 0 (profile.txt: GPU busy, compute vs communication-only time, kernels)
+PR=${PROF_RECIPE:-nam-125m}
+prof() {
+  local mb; mb=$(python3 -c "import megacpp; print(megacpp.load_recipe('$PR').policy.micro_batch)")
+  CUDA_VISIBLE_DEVICES=$1 python3 -m torch.distributed.run --nproc_per_node "$2" --master_port "$3" \
+    -m megacpp train --recipe $PR --data /root/cpp-125m --out /root/sc/prof-w$2 --quiet \
+    --max-steps 14 --profile 10:13 --set policy.parallel.data="$2" \
+    --set policy.parallel.sharding=$([ "$2" = 1 ] && echo none || echo fsdp2) \
+    --set policy.global_batch=$((mb * $2)) --set policy.eval_batches=0 > /root/sc/prof-w$2.log 2>&1
+  cp /root/sc/prof-w$2/profile.txt "$OUT/profile_${PR}_w$2.txt"
+  cp /root/sc/prof-w$2/profile_kernels.json "$OUT/profile_${PR}_w$2.json" 2>/dev/null
+}
+if has P; then  # PROF_WORLD (2: beside the 1-GPU profile; 4: after it)
+  PW=${PROF_WORLD:-2}
   if [ "$PW" = 2 ]; then prof 0 1 30300 & prof 2,3 2 30400 & wait
   else prof 0 1 30300; prof 0,1,2,3 "$PW" 30400; fi
   head -n 1 "$OUT"/profile_*_w*.txt; echo "round P done at ${SECONDS}s"
+fi
+if has K; then  # one card each: the CUDA tests, nam-1b's 1-GPU baseline, PROF_RECIPE's 1-GPU profile, the conv sweep
+  CUDA_VISIBLE_DEVICES=0 timeout -s INT ${TEST_LIMIT:-250} python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
+    -p no:warnings -m gpu tests > /root/sc/gpu_tests.log 2>&1 &
+  run 1b_w1 1 --recipes nam-1b --worlds 1 --master-port 31000
+  prof 2 1 31100 &
+  CUDA_VISIBLE_DEVICES=3 timeout 280 python3 benchmarks/conv_tune.py --json $OUT/conv_tune.json > /root/sc/conv_tune.log 2>&1 &
+  wait; echo "round K done at ${SECONDS}s"; grep -E "passed|failed|^FAILED|Error" /root/sc/gpu_tests.log | tail -n 15
+  tail -n 12 /root/sc/conv_tune.log
+fi
+if has Q; then prof 0,1,2,3 4 31200; sed -n 1,12p "$OUT/profile_${PR}_w4.txt"; echo "round Q done at ${SECONDS}s"; fi
+if has R; then  # nam-1b at 4 GPUs with every byte-saving knob: bf16 GEMM gather, bf16 gradient reduce
+  run 1b_w4_nrcr 0,1,2,3 --recipes nam-1b --worlds 4 $NRC --set policy.parallel.reduce=compute \
+    --tag nr+compute+bf16-reduce --master-port 31300
+  wait; echo "round R done at ${SECONDS}s"
 fi
 grep -h -A3 "^recipe" /root/sc/*.log | grep -v "^--" | sort -u | head -n 40
 tar czf $OUT/sc_logs.tar.gz -C /root/sc $(cd /root/sc && ls *.log)
