@@ -112,6 +112,22 @@ if has R; then  # nam-1b at 4 GPUs with every byte-saving knob: bf16 GEMM gather
     --tag nr+compute+bf16-reduce --master-port 31300
   wait; echo "round R done at ${SECONDS}s"
 fi
+# micro batch 16 (twice the compute per gathered byte): the baselines at both micro
+# batches and 2 GPUs side by side, then 4 GPUs plain, with the bf16 knobs, and with
+# two layers per FSDP2 group as well
+B16="--recipes nam-1b --micro-batch 16"
+RC="--set policy.parallel.gather=compute --set policy.parallel.reduce=compute"
+if has M; then
+  run 1b_w1 0 --recipes nam-1b --worlds 1 --master-port 31400
+  run 1b16_w1 1 $B16 --worlds 1 --master-port 31500
+  run 1b16_w2 2,3 $B16 --worlds 2 $NR --master-port 31600
+  wait; echo "round M done at ${SECONDS}s"
+fi
+if has N; then run 1b16_w4 0,1,2,3 $B16 --worlds 4 $NR --master-port 31700; wait; echo "round N done at ${SECONDS}s"; fi
+if has O; then run 1b16_w4_rc 0,1,2,3 $B16 --worlds 4 $NR $RC --tag nr+compute+bf16-reduce --master-port 31800
+  wait; echo "round O done at ${SECONDS}s"; fi
+if has U; then run 1b16_w4_rcg 0,1,2,3 $B16 --worlds 4 $NR $RC --set policy.parallel.group_layers=2 \
+  --tag nr+compute+bf16-reduce+2layers --master-port 31900; wait; echo "round U done at ${SECONDS}s"; fi
 grep -h -A3 "^recipe" /root/sc/*.log | grep -v "^--" | sort -u | head -n 40
 tar czf $OUT/sc_logs.tar.gz -C /root/sc $(cd /root/sc && ls *.log)
 python3 benchmarks/scaling.py --data none --merge $OUT/sc_*.json --json $OUT/scaling_table.json
