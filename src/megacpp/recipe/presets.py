@@ -139,7 +139,11 @@ NAM_1B = {
                 "score": "sigmoid", "bias_balancing": True},
         "recurrent": {"kind": "gated_deltanet", "num_heads": 16, "key_dim": 128, "value_dim": 128},
     },
-    "policy": deep_merge(_SMALL_GPU_POLICY, {"micro_batch": 8, "global_batch": 32,
+    # micro batch 16: twice the compute per byte FSDP2 moves. On 4x H200
+    # (2026-11-28, BENCHMARKS.md): 0.77 of one GPU's tokens/s per GPU at micro
+    # batch 8, 0.93 at 16 (one GPU: 30.5% -> 34.0% MFU); 49 GiB on one GPU.
+    # Global 64 = 16 x 4 GPUs, or 4 micro-batches on one.
+    "policy": deep_merge(_SMALL_GPU_POLICY, {"micro_batch": 16, "global_batch": 64,
                                              "optimizer": {"lr": 5e-4}}),
 }
 
