@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_testutil import TIMEOUT, env, manifest, records, snapshot, tiny_sets, train, train_cmd
+from dist_testutil import TIMEOUT, env, free_port, manifest, records, snapshot, tiny_sets, train, train_cmd
 
 STEPS = 6
 # fp32 sums taken in another order differ by ~1e-7 at step 0; Adam's first
@@ -234,3 +234,33 @@ def test_fsdp2_grouped_layers_without_reshard_match_one_process(snap, one_proces
     assert_same(records(out), records(one_process), range(STEPS))
     mp = manifest(out)["backend"]["layout"]["fsdp2_mixed_precision"]
     assert mp["groups"] == 4 and mp["layers_per_group"] == 5 and mp["reshard_after_forward"] is False
+
+
+def test_two_node_rendezvous_matches_one_process(snap, one_process, tmp_path):
+    """The README's multi-node launch: two torchrun agents (`--nnodes 2
+    --nproc_per_node 1`, c10d rendezvous), here both on this host and
+    writing to one --out as nodes on a shared filesystem would. FSDP2 over
+    the two "nodes" follows the one-process trajectory, and the manifest
+    records 2 nodes of 1 process."""
+    out = tmp_path / "two-nodes"
+    port = free_port()
+    sets = tiny_sets(**{"policy.parallel.data": 2, "policy.parallel.sharding": "fsdp2"})
+    cmd = train_cmd(1, snap, out, sets)
+    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+             "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "two-nodes",
+             "-m", "megacpp"] + cmd[3:]
+    procs = [subprocess.Popen(agent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
+             for _ in range(2)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=TIMEOUT)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    assert all(p.returncode == 0 for p in procs), "\n".join(l[-3000:] for l in logs)
+    assert_same(records(out), records(one_process), range(STEPS))
+    layout = manifest(out)["backend"]["layout"]
+    assert layout["nodes"] == 2 and layout["processes_per_node"] == 1 and layout["world_size"] == 2
+    assert layout["launcher"] == "torchrun"
