@@ -4,7 +4,11 @@
 # Usage: source benchmarks/gpu_session.sh
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests/model:$PWD/tests/ops
-WHL=${WHL:-.whl}
+# .whl unless WHL names another folder; a call that carried only .whl-min
+# gets .whl-min (twice a call was lost to sourcing this without WHL=.whl-min)
+if [ -z "$WHL" ]; then
+  if [ -d .whl ]; then WHL=.whl; elif [ -d .whl-min ]; then WHL=.whl-min; else WHL=.whl; fi
+fi
 # The marker names the wheel set: a later call on the same warm machine with
 # another folder (.whl after .whl-min) must install, not find an old marker.
 MARK=/tmp/site/.done-$(ls "$WHL" 2>/dev/null | md5sum | cut -c1-12)
