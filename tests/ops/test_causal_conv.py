@@ -178,7 +178,51 @@ def test_cpu_interp_custom_op_and_compile(seed, gen):
     assert_within(compare(f, x, w, bb, doc, "silu", gen), torch.float32)
 
 
+# the first backward pass stepping through its BT rows RT at a time (a launch
+# the sweep may pick), and with and without a bias; t is no multiple of BT
+DPRE_ROWS = [pytest.param({"BT": 32, "RT": 8, "BC": 16}, True, id="BT32-RT8-bias"),
+             pytest.param({"BT": 64, "RT": 16, "BC": 32}, False, id="BT64-RT16-nobias")]
+
+
+def _dpre_rows_case(launch, bias, dtype, device, gen):
+    from megacpp.ops.causal_conv import triton_conv as T
+    x, w, bb, doc = make(2, 70, 40, 4, dtype=dtype, device=device, bias=bias, gen=gen)
+    old = dict(T.LAUNCH["dpre"])
+    T.LAUNCH["dpre"] = dict(launch)
+    try:
+        return compare(T.causal_conv1d_triton, x, w, bb, doc, "silu", gen)
+    finally:
+        T.LAUNCH["dpre"] = old
+
+
+@interp_only
+@pytest.mark.parametrize("launch,bias", DPRE_ROWS)
+def test_cpu_interp_dpre_row_steps(launch, bias, seed, gen):
+    assert_within(_dpre_rows_case(launch, bias, torch.float32, "cpu", gen), torch.float32)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_dpre_rows_must_divide_its_block():
+    from megacpp.ops.causal_conv import triton_conv as T
+    old = dict(T.LAUNCH["dpre"])
+    T.LAUNCH["dpre"] = {"BT": 32, "RT": 12}
+    try:
+        with pytest.raises(ValueError, match="RT=12 must divide BT=32"):
+            T._launch("dpre", 1, 64, 16)
+    finally:
+        T.LAUNCH["dpre"] = old
+    assert T._launch("dpre", 1, 64, 16)[0]["RT"] == T._launch("dpre", 1, 64, 16)[0]["BT"]  # one pass by default
+
+
+@cuda_only
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("launch,bias", DPRE_ROWS)
+def test_cuda_dpre_row_steps(launch, bias, dtype, seed, gen):
+    assert_within(_dpre_rows_case(launch, bias, dtype, "cuda", gen), dtype)
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 @pytest.mark.skipif(CHILD, reason="this is the parent")
 def test_triton_interpreter_on_cpu():
-    run_interpreter_child(__file__, "MEGACPP_CONV_INTERP_CHILD", len(INTERP_CASES) + 1)
+    run_interpreter_child(__file__, "MEGACPP_CONV_INTERP_CHILD", len(INTERP_CASES) + 1 + len(DPRE_ROWS))

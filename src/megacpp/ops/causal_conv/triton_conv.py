@@ -124,34 +124,49 @@ def _conv_dpre_kernel(
     x_ptr, w_ptr, bias_ptr, doc_ptr, dy_ptr, g_ptr, dw_ptr, db_ptr,
     L, CH,
     s_xb, s_xl, s_xc, s_db, s_dl, s_gb, s_gl, s_gc,
-    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOC: tl.constexpr, SILU: tl.constexpr,
-    BT: tl.constexpr, BC: tl.constexpr,
+    K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOC: tl.constexpr, SILU: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, RT: tl.constexpr,
 ):
     """The pre-activation's gradient g (stored when SILU; else it is dy), and
-    per-program partial sums of d(weight)[c, K-1-k] = sum_t g_t x_{t-k} and d(bias)."""
+    per-program partial sums of d(weight)[c, K-1-k] = sum_t g_t x_{t-k} and d(bias).
+
+    A program covers BT time steps RT at a time (RT divides BT): the live
+    tiles are RT x BC, the d(weight) sums (KP >= K rows) carry over. RT = BT
+    is one pass with the same arithmetic as before the loop; smaller RT
+    trades the 2-D tiles' registers (255 and spills at 64 x 128 x 4 warps,
+    compiled offline for sm_90) for more reductions."""
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2)
-    t = pid_t * BT + tl.arange(0, BT)
     c = pid_c * BC + tl.arange(0, BC)
-    vt = t < L
     vc = c < CH
-    g = _dpre(x_ptr, w_ptr, bias_ptr, doc_ptr, dy_ptr, b, t, c, vc, L, s_xb, s_xl, s_xc, s_db, s_dl,
-              s_gb, s_gl, s_gc, K, HAS_BIAS, HAS_DOC, SILU, BT, BC)
-    if SILU:  # g has the same strides as dy (both contiguous (b, t, c))
-        tl.store(g_ptr + b.to(tl.int64) * s_gb + t[:, None] * s_gl + c[None, :] * s_gc,
-                 g.to(g_ptr.dtype.element_ty), mask=vt[:, None] & vc[None, :])
-    part = (b * tl.num_programs(0) + pid_t).to(tl.int64)
+    kk = tl.arange(0, KP)
     x_base = x_ptr + b.to(tl.int64) * s_xb
     d_base = doc_ptr + b.to(tl.int64) * s_db
-    d_t = _doc_of(d_base, t, vt, s_dl, HAS_DOC)
-    for k in tl.static_range(K):
-        ts = t - k
-        ok = _in_doc(vt & (ts >= 0), d_base, ts, d_t, s_dl, HAS_DOC)
-        xv = tl.load(x_base + ts[:, None] * s_xl + c[None, :] * s_xc, mask=ok[:, None] & vc[None, :], other=0.0)
-        tl.store(dw_ptr + (part * CH + c) * K + (K - 1 - k), tl.sum(g * xv.to(tl.float32), axis=0), mask=vc)
+    dw = tl.zeros((KP, BC), dtype=tl.float32)
+    db = tl.zeros((BC,), dtype=tl.float32)
+    for r0 in tl.static_range(0, BT, RT):
+        t = pid_t * BT + r0 + tl.arange(0, RT)
+        vt = t < L
+        g = _dpre(x_ptr, w_ptr, bias_ptr, doc_ptr, dy_ptr, b, t, c, vc, L, s_xb, s_xl, s_xc, s_db, s_dl,
+                  s_gb, s_gl, s_gc, K, HAS_BIAS, HAS_DOC, SILU, RT, BC)
+        if SILU:  # g has the same strides as dy (both contiguous (b, t, c))
+            tl.store(g_ptr + b.to(tl.int64) * s_gb + t[:, None] * s_gl + c[None, :] * s_gc,
+                     g.to(g_ptr.dtype.element_ty), mask=vt[:, None] & vc[None, :])
+        d_t = _doc_of(d_base, t, vt, s_dl, HAS_DOC)
+        for k in tl.static_range(K):
+            ts = t - k
+            ok = _in_doc(vt & (ts >= 0), d_base, ts, d_t, s_dl, HAS_DOC)
+            xv = tl.load(x_base + ts[:, None] * s_xl + c[None, :] * s_xc, mask=ok[:, None] & vc[None, :],
+                         other=0.0)
+            dw += tl.where(kk[:, None] == k, tl.sum(g * xv.to(tl.float32), axis=0)[None, :], 0.0)
+        if HAS_BIAS:
+            db += tl.sum(g, axis=0)
+    part = (b * tl.num_programs(0) + pid_t).to(tl.int64)
+    tl.store(dw_ptr + (part * CH + c[None, :]) * K + (K - 1 - kk[:, None]), dw,
+             mask=(kk[:, None] < K) & vc[None, :])
     if HAS_BIAS:
-        tl.store(db_ptr + part * CH + c, tl.sum(g, axis=0), mask=vc)
+        tl.store(db_ptr + part * CH + c, db, mask=vc)
 
 
 @triton.jit
@@ -184,9 +199,10 @@ def _conv_dx_kernel(
 
 
 # Launch parameters per kernel (BT time steps x BC channels a program,
-# num_warps, num_stages): DEFAULT, then TUNED, then LAUNCH, as in
-# ops/ssd/triton_ssd.py; benchmarks/conv_tune.py sweeps them on a GPU.
-# Under the interpreter (CPU tests) only DEFAULT.
+# num_warps, num_stages; dpre also RT, its rows per inner step, BT when
+# unset): DEFAULT, then TUNED, then LAUNCH, as in ops/ssd/triton_ssd.py;
+# benchmarks/conv_tune.py sweeps them on a GPU. Under the interpreter (CPU
+# tests) DEFAULT and LAUNCH (tests set LAUNCH to reach the other paths).
 KERNELS = ("fwd", "dpre", "dx")
 DEFAULT = {"BT": 64, "BC": 128, "num_warps": 4}
 TUNED: dict[str, dict] = {k: {} for k in KERNELS}
@@ -198,7 +214,11 @@ def _launch(name: str, b: int, l: int, ch: int) -> tuple[dict, tuple]:
     cfg = dict(DEFAULT)
     if not INTERPRET:
         cfg.update(TUNED[name])
-        cfg.update(LAUNCH[name])
+    cfg.update(LAUNCH[name])
+    if name == "dpre":
+        cfg.setdefault("RT", cfg["BT"])
+        if cfg["RT"] > cfg["BT"] or cfg["BT"] % cfg["RT"]:
+            raise ValueError(f"causal conv dpre launch: RT={cfg['RT']} must divide BT={cfg['BT']}")
     return cfg, (triton.cdiv(l, cfg["BT"]), triton.cdiv(ch, cfg["BC"]), b)
 
 
@@ -236,7 +256,8 @@ def _backward(dy, x, weight, bias, doc_ids, silu):
     _conv_dpre_kernel[grid](
         x, w, bias if bias is not None else w, doc, dy, g, dw, db, l, ch,
         *x.stride(), *doc.stride(), *dy.stride(),
-        K=K, HAS_BIAS=bias is not None, HAS_DOC=doc_ids is not None, SILU=silu, **cfg,
+        K=K, KP=triton.next_power_of_2(K), HAS_BIAS=bias is not None, HAS_DOC=doc_ids is not None,
+        SILU=silu, **cfg,
     )
     dx = torch.empty(b, l, ch, device=x.device, dtype=x.dtype)
     cfg, grid = _launch("dx", b, l, ch)
