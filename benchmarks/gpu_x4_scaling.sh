@@ -79,13 +79,14 @@ if has H; then
   run 125m_w4_nrc 0,1,2,3 --recipes nam-125m --worlds 4 $NRC --master-port 30900; wait; echo "round H4 done at ${SECONDS}s"
 fi
 # prof GPUS WORLD PORT: PROF_RECIPE (default nam-125m) profiled at steps 10-12 on
-# rank 0 (profile.txt: GPU busy, compute vs communication-only time, kernels)
+# rank 0 (profile.txt: GPU busy, compute vs communication-only time, kernels;
+# PROF_KERNELS_ONLY=1: the kernels alone, the host not slowed by recording its operators)
 PR=${PROF_RECIPE:-nam-125m}
 prof() {
   local mb; mb=$(python3 -c "import megacpp; print(megacpp.load_recipe('$PR').policy.micro_batch)")
   CUDA_VISIBLE_DEVICES=$1 python3 -m torch.distributed.run --nproc_per_node "$2" --master_port "$3" \
     -m megacpp train --recipe $PR --data /root/cpp-125m --out /root/sc/prof-w$2 --quiet \
-    --max-steps 14 --profile 10:13 --set policy.parallel.data="$2" \
+    --max-steps 14 --profile 10:13 ${PROF_KERNELS_ONLY:+--profile-kernels-only} --set policy.parallel.data="$2" \
     --set policy.parallel.sharding=$([ "$2" = 1 ] && echo none || echo fsdp2) \
     --set policy.global_batch=$((mb * $2)) --set policy.eval_batches=0 > /root/sc/prof-w$2.log 2>&1
   cp /root/sc/prof-w$2/profile.txt "$OUT/profile_${PR}_w$2.txt"

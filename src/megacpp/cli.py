@@ -114,8 +114,12 @@ def _cmd_train(args) -> int:
         if not 0 <= a < b:
             raise MegacppError(f"--profile: need 0 <= START < END, got {args.profile!r}")
         profile = (a, b)
+    if args.profile_kernels_only and profile is None:
+        from .errors import MegacppError
+        raise MegacppError("--profile-kernels-only: give the steps with --profile START:END")
     trainer = Trainer(recipe, args.out, args.data, args.resume, args.device, args.quiet, dist=dist,
-                      max_steps=args.max_steps, time_limit=args.time_limit, profile=profile)
+                      max_steps=args.max_steps, time_limit=args.time_limit, profile=profile,
+                      profile_host=not args.profile_kernels_only)
     result = trainer.run()
     if dist.is_main:
         o = result.manifest["outcome"]
@@ -381,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", metavar="START:END",
                    help="profile steps START..END-1 (torch.profiler, CPU and CUDA); the top operators by "
                         "self time go to RUN_DIR/profile.txt (rank 0)")
+    p.add_argument("--profile-kernels-only", action="store_true",
+                   help="with --profile on CUDA: record the GPU kernels only, not the host-side operators, "
+                        "which slow the host while recorded (GPU idle time then reads true)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_train)
 

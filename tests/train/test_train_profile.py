@@ -1,9 +1,13 @@
 """`megacpp train --profile START:END`: a profiler table of those steps in the run dir."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
+
+import pytest
+import torch
 
 import megacpp
 from megacpp.train.trainer import Trainer
@@ -27,3 +31,31 @@ def test_profile_bad_window_is_one_clear_error(tmp_path):
                         str(tmp_path / "r"), "--profile", "5"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "--profile: expected START:END" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_kernels_only_needs_a_window_and_cpu_runs_still_record_the_host(tiny_snapshot, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "megacpp", "train", "--recipe", "nam-tiny", "--out",
+                        str(tmp_path / "r"), "--profile-kernels-only"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--profile-kernels-only: give the steps with --profile" in p.stderr
+    recipe = megacpp.load_recipe("nam-tiny", tiny_sets(**{"policy.eval_batches": 0}))
+    Trainer(recipe, tmp_path / "run", tiny_snapshot, device="cpu", quiet=True, max_steps=3,
+            profile=(1, 3), profile_host=False).run()
+    text = (tmp_path / "run" / "profile.txt").read_text()
+    # no kernels on a CPU: the host operators are recorded whatever the flag says
+    assert "by self CPU time" in text and "aten::" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("host", [True, False])
+def test_cuda_profile_summary_with_and_without_the_host(tiny_snapshot, tmp_path, host):
+    """On a GPU the table opens with the per-step kernel summary (also as
+    profile_kernels.json); without the host's operators there is no CPU table."""
+    recipe = megacpp.load_recipe("nam-tiny", tiny_sets(**{"policy.eval_batches": 0}))
+    Trainer(recipe, tmp_path / "run", tiny_snapshot, device="cuda", quiet=True, max_steps=4,
+            profile=(2, 4), profile_host=host).run()
+    text = (tmp_path / "run" / "profile.txt").read_text()
+    assert "per step: wall" in text and "by self CUDA time" in text
+    assert ("by self CPU time" in text) == host
+    kp = json.loads((tmp_path / "run" / "profile_kernels.json").read_text())
+    assert 0 < kp["busy_ms"] <= kp["wall_ms"] * 1.05 and kp["kernels"] > 0

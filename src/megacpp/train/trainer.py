@@ -209,7 +209,7 @@ class Trainer:
     def __init__(self, recipe: Recipe, out_dir: str | Path, data_dir: str | Path | None = None,
                  resume: bool = False, device: str | None = None, quiet: bool = False,
                  dist=None, max_steps: int | None = None, time_limit: float | None = None,
-                 profile: tuple[int, int] | None = None):
+                 profile: tuple[int, int] | None = None, profile_host: bool = True):
         self.recipe = recipe
         self.pol = recipe.policy
         self.out = Path(out_dir)
@@ -219,6 +219,8 @@ class Trainer:
         self.max_steps = max_steps  # stop early without a final save (tests: an interrupted run)
         self.time_limit = time_limit  # seconds of this process; then save and stop like a signal
         self.profile = profile  # (start, end) steps under torch.profiler
+        # False: CUDA kernels only (recording host operators slows the host); CPU runs record the host anyway
+        self.profile_host = profile_host
         self._prof = None
         if dist is None:
             from .distributed import single_process
@@ -583,7 +585,9 @@ class Trainer:
         start, end = self.profile
         if self._prof is None and start <= self.step < end:
             from torch.profiler import ProfilerActivity, profile
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            cuda = self.device.type == "cuda"
+            acts = ([ProfilerActivity.CPU] if self.profile_host or not cuda else []) + \
+                ([ProfilerActivity.CUDA] if cuda else [])
             self._prof = profile(activities=acts)
             self._prof.__enter__()
             self._prof_start = self.step
@@ -602,14 +606,18 @@ class Trainer:
                          f"wall {wall * 1e3:.1f} ms ({wall * 1e3 / max(1, self.step - self._prof_start):.1f} ms/step)"]
                 if self.device.type == "cuda":
                     # per step: busy vs wall, compute vs exposed communication, kernels by kind
-                    # (the profiler's CPU recording slows the host: idle time reads high)
+                    # (recording host operators slows the host: idle time reads high unless
+                    # --profile-kernels-only)
                     from .kernel_profile import device_events, profile_text, summarize
                     n = max(1, self.step - self._prof_start)
                     kp = summarize(device_events(prof), n, wall * 1e3, top=25)
                     parts += [""] + profile_text("per step", kp)
                     (self.out / "profile_kernels.json").write_text(json.dumps(kp.to_dict(), indent=1) + "\n")
                     parts += ["", "by self CUDA time", ka.table(sort_by="self_cuda_time_total", row_limit=40)]
-                parts += ["", "by self CPU time", ka.table(sort_by="self_cpu_time_total", row_limit=40)]
+                if self.profile_host or self.device.type != "cuda":
+                    parts += ["", "by self CPU time", ka.table(sort_by="self_cpu_time_total", row_limit=40)]
+                else:
+                    parts += ["", "(host operators not recorded: --profile-kernels-only)"]
                 (self.out / "profile.txt").write_text("\n".join(parts) + "\n")
 
     def _dsa_dense_stage(self, step: int) -> bool:
