@@ -73,6 +73,12 @@ def test_layout_free_hash_ignores_only_the_split():
     assert base.hash != split.hash
     assert layout_free_hash(base) == layout_free_hash(split)
     assert layout_free_hash(base) != layout_free_hash(other)
+    # a bf16 gradient reduce rounds the gradients: not a mere split
+    bf16 = {"policy.precision.compute": "bf16"}
+    f32_reduce = load_recipe("nam-tiny", tiny_sets(**bf16, **{"policy.parallel.data": 2}))
+    bf16_reduce = load_recipe("nam-tiny", tiny_sets(**bf16, **{"policy.parallel.data": 2,
+                                                               "policy.parallel.reduce": "compute"}))
+    assert layout_free_hash(f32_reduce) != layout_free_hash(bf16_reduce)
 
 
 def test_fsdp2_refuses_mixed_dtype_layer():

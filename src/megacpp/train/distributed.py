@@ -238,7 +238,7 @@ def fsdp2(model: torch.nn.Module, recipe) -> tuple[dict, list[torch.nn.Parameter
 
     Parameters are stored in policy.precision.params and the compute dtype
     comes from autocast, exactly as on one device. Gradients are reduced in
-    float32. Each group is whole layers (policy.parallel.group_layers of
+    float32, or in bf16 with policy.parallel.reduce = "compute". Each group is whole layers (policy.parallel.group_layers of
     them), so FSDP2's hooks sit on the modules the trainer compiles and the
     compiled graphs are those of one process.
 
@@ -368,12 +368,13 @@ def layout_free_hash(recipe) -> str:
 
     The gradient of a step does not depend on how the global batch is split
     over ranks and micro-batches, so a checkpoint may resume under another
-    split when everything else is equal.
+    split when everything else is equal. The gradient reduce's dtype
+    (policy.parallel.reduce) stays: a bf16 reduce rounds the gradients.
     """
     from ..recipe import io
 
     pol = recipe.policy
-    blank = dataclasses.replace(pol, parallel=type(pol.parallel)(), micro_batch=0)
+    blank = dataclasses.replace(pol, parallel=type(pol.parallel)(reduce=pol.parallel.reduce), micro_batch=0)
     return io.canonical_hash({"model": recipe.model, "policy": blank})
 
 
