@@ -29,8 +29,8 @@ OPTIONS = {
     for name in T.KERNELS
 }
 # dpre's rows per inner step first: one pass over BT = 64 spills (255 registers and
-# 528 bytes of stack a thread on sm_90, benchmarks/conv_registers.py), 16 rows at a
-# time need 190 registers and no stack
+# 80 bytes of stack a thread on sm_90, benchmarks/triton_registers.py --ops conv),
+# 32 rows at a time need 204 registers and no stack
 OPTIONS["dpre"] = {"RT": [8, 16, 32], "BT": [32, 64, 128, 256], "BC": [32, 64, 128, 256],
                    "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]}
 KERNEL_NAME = {"fwd": "_conv_fwd_kernel", "dpre": "_conv_dpre_kernel", "dx": "_conv_dx_kernel"}

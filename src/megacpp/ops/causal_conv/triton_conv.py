@@ -133,8 +133,9 @@ def _conv_dpre_kernel(
     A program covers BT time steps RT at a time (RT divides BT): the live
     tiles are RT x BC, the d(weight) sums (KP >= K rows) carry over. RT = BT
     is one pass with the same arithmetic as before the loop; smaller RT
-    trades the 2-D tiles' registers (255 and spills at 64 x 128 x 4 warps,
-    compiled offline for sm_90) for more reductions."""
+    trades the 2-D tiles' registers (255 and 80 bytes of spills a thread at
+    64 x 128 x 4 warps compiled offline for sm_90, 204 and none at RT 32:
+    benchmarks/triton_registers.py) for more reductions."""
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2)

@@ -1,0 +1,35 @@
+"""benchmarks/triton_registers.py: launches recorded under the interpreter, compiled offline for sm_90."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _tools() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    import triton
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    return all(os.path.exists(os.path.join(bin_dir, t)) for t in ("ptxas", "cuobjdump"))
+
+
+@pytest.mark.skipif(not _tools(), reason="triton with its NVIDIA tools (ptxas, cuobjdump) not installed")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles for a GPU target")
+def test_conv_launches_are_recorded_and_rows_per_step_lower_dpre_registers():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import triton_registers
+
+    rows = {r["kernel"]: r for r in triton_registers.survey(["conv"])}
+    assert sorted(rows) == ["_conv_dpre_kernel", "_conv_dx_kernel", "_conv_fwd_kernel"]
+    for r in rows.values():
+        assert 0 < r["registers"] <= 255 and r["stack"] >= 0 and r["warps"] == 4
+    one_pass = rows["_conv_dpre_kernel"]
+    assert one_pass["blocks"]["RT"] == one_pass["blocks"]["BT"]  # the default launch: one pass
+    stepped = {r["kernel"]: r for r in triton_registers.survey(["conv"], sets=("dpre:RT=32",))}["_conv_dpre_kernel"]
+    assert stepped["blocks"]["RT"] == 32
+    # 32 rows at a time keep less live than all 64: fewer registers plus spills
+    assert stepped["registers"] + stepped["stack"] < one_pass["registers"] + one_pass["stack"]
