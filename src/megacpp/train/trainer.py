@@ -586,7 +586,8 @@ class Trainer:
         if self._prof is None and start <= self.step < end:
             from torch.profiler import ProfilerActivity, profile
             cuda = self.device.type == "cuda"
-            acts = ([ProfilerActivity.CPU] if self.profile_host or not cuda else []) + \
+            self._prof_records_host = self.profile_host or not cuda
+            acts = ([ProfilerActivity.CPU] if self._prof_records_host else []) + \
                 ([ProfilerActivity.CUDA] if cuda else [])
             self._prof = profile(activities=acts)
             self._prof.__enter__()
@@ -614,7 +615,7 @@ class Trainer:
                     parts += [""] + profile_text("per step", kp)
                     (self.out / "profile_kernels.json").write_text(json.dumps(kp.to_dict(), indent=1) + "\n")
                     parts += ["", "by self CUDA time", ka.table(sort_by="self_cuda_time_total", row_limit=40)]
-                if self.profile_host or self.device.type != "cuda":
+                if self._prof_records_host:
                     parts += ["", "by self CPU time", ka.table(sort_by="self_cpu_time_total", row_limit=40)]
                 else:
                     parts += ["", "(host operators not recorded: --profile-kernels-only)"]
