@@ -1,13 +1,16 @@
 """Sweep the Triton causal conv kernels' launch parameters on this GPU (issue 8).
 
-For each kernel of ops/causal_conv/triton_conv.py (fwd, dpre, dx),
-coordinate descent over BT, BC, num_warps and num_stages at one conv's
-shape (benchmarks/tune_util.py); every variant's outputs (y, dx, d(weight),
+For each kernel of ops/causal_conv/triton_conv.py on one path (--path
+walk: fwd_walk, bwd_walk, the default; --path tiles: fwd, dpre, dx),
+coordinate descent over its launch options at one conv's shape
+(benchmarks/tune_util.py); every variant's outputs (y, dx, d(weight),
 d(bias)) are checked against the default launch's. Then the chosen set and
 the defaults are timed end to end (fwd + bwd, CUDA events) at every
 --shapes entry, and a table is printed last with the TUNED line to paste.
+--paths first times the two paths' defaults against each other (and checks
+they agree) at every shape.
 
-    python benchmarks/conv_tune.py [--tune-shape 8,2048,1792,4] [--shapes ...] [--json OUT]
+    python benchmarks/conv_tune.py [--path walk|tiles] [--paths] [--tune-shape 8,2048,1792,4] [--shapes ...] [--json OUT]
 
 Shapes are batch,seqlen,channels,K: mamba2-130m's / nam-125m's M conv
 (1792 channels, bias), nam-125m's R convs (768, no bias) by default;
@@ -16,6 +19,7 @@ packed rows (random documents), bf16, SiLU fused.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import torch
@@ -33,7 +37,13 @@ OPTIONS = {
 # 32 rows at a time need 204 registers and no stack
 OPTIONS["dpre"] = {"RT": [8, 16, 32], "BT": [32, 64, 128, 256], "BC": [32, 64, 128, 256],
                    "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]}
-KERNEL_NAME = {"fwd": "_conv_fwd_kernel", "dpre": "_conv_dpre_kernel", "dx": "_conv_dx_kernel"}
+# the walks: rows a program walks (unrolled), channels a program, warps
+for _k in ("fwd_walk", "bwd_walk"):
+    OPTIONS[_k] = {"BT": [8, 16, 32, 64], "BC": [32, 64, 128, 256, 512], "num_warps": [1, 2, 4],
+                   "num_stages": [1, 2]}
+KERNEL_NAME = {"fwd": "_conv_fwd_kernel", "dpre": "_conv_dpre_kernel", "dx": "_conv_dx_kernel",
+               "fwd_walk": "_conv_fwd_walk_kernel", "bwd_walk": "_conv_bwd_walk_kernel"}
+PATH_KERNELS = {"walk": ["fwd_walk", "bwd_walk"], "tiles": ["fwd", "dpre", "dx"]}
 
 
 def make_inputs(shape, seed=0):
@@ -59,11 +69,33 @@ def fwd_bwd(inputs):
     return [y.detach()] + [t.grad for t in leaves]
 
 
+def compare_paths(shapes: list[str], tol: float) -> list[dict]:
+    """fwd + bwd ms of each path's default launch at each shape, outputs checked against each other."""
+    from tune_util import rel, total_ms
+    rows = []
+    for s in shapes:
+        inp = make_inputs(tuple(int(v) for v in s.split(",")), 2)
+        res = {}
+        for p in ("tiles", "walk"):
+            T.PATH.update(fwd=p, bwd=p)
+            res[p] = (fwd_bwd(inp), total_ms(lambda: fwd_bwd(inp)))
+        T.PATH.update(fwd="walk", bwd="walk")
+        err = max(rel(a, b) for a, b in zip(res["walk"][0], res["tiles"][0]))
+        rows.append({"shape": s, "tiles_ms": res["tiles"][1], "walk_ms": res["walk"][1], "max_rel_err": err})
+    print(f"\n{'shape':24} {'tiles ms':>9} {'walk ms':>8} {'speedup':>8} {'max rel err':>12}")
+    for r in rows:
+        print(f"{r['shape']:24} {r['tiles_ms']:9.3f} {r['walk_ms']:8.3f} {r['tiles_ms'] / r['walk_ms']:8.2f} "
+              f"{r['max_rel_err']:12.1e}{'  MISMATCH' if not r['max_rel_err'] <= tol else ''}", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tune-shape", default="8,2048,1792,4")
     ap.add_argument("--shapes", nargs="+", default=["8,2048,1792,4", "16,2048,1792,4", "16,2048,768,4"])
     ap.add_argument("--tol", type=float, default=1e-3)
+    ap.add_argument("--path", choices=sorted(PATH_KERNELS), default="walk", help="the kernels tuned")
+    ap.add_argument("--paths", action="store_true", help="first time the two paths' defaults at --shapes")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -71,8 +103,14 @@ def main(argv=None) -> int:
         return 2
     target = Target("causal conv fwd+bwd (bf16, packed, SiLU)", "batch,seqlen,channels,K",
                     T, OPTIONS, KERNEL_NAME, make_inputs, fwd_bwd)
-    sweep(target, args.tune_shape, args.shapes, list(T.KERNELS), args.tol, args.json)
-    return 0
+    paths = compare_paths(args.shapes, args.tol) if args.paths else None
+    T.PATH.update(fwd=args.path, bwd=args.path)
+    out = sweep(target, args.tune_shape, args.shapes, PATH_KERNELS[args.path], args.tol)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**out, "path": args.path, "paths": paths}, f, indent=1)
+    bad = paths and any(not r["max_rel_err"] <= args.tol for r in paths)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ A prediction for the launch sweeps (benchmarks/ssd_tune.py, conv_tune.py),
 not a timing: a kernel at 255 registers with stack spills to local memory.
 
     python benchmarks/triton_registers.py [--ops ssd delta conv] [--arch 90] [--json OUT]
-    python benchmarks/triton_registers.py --ops conv --set dpre:RT=16
+    python benchmarks/triton_registers.py --ops conv --set dpre:RT=16 --set path:bwd=tiles
 
 --set KERNEL:KEY=VALUE overrides one launch-table entry (the module's LAUNCH)
 for the recorded run. The operands run in fp16 (the interpreter cannot
@@ -105,7 +105,10 @@ def record(op: str, sets: list[str]) -> list[dict]:
     for s in sets:
         kernel, kv = s.split(":", 1)
         key, value = kv.split("=", 1)
-        mod.LAUNCH[kernel] = {**mod.LAUNCH[kernel], key: int(value)}
+        if kernel == "path":  # the conv's kernel path: path:fwd=tiles, path:bwd=walk
+            mod.PATH[key] = value
+        else:
+            mod.LAUNCH[kernel] = {**mod.LAUNCH[kernel], key: int(value)}
     launches = []
     original = interp.InterpretedFunction.run
 

@@ -10,6 +10,7 @@ pytest (TRITON_INTERPRET=1 is read when the kernels are decorated).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -126,17 +127,37 @@ INTERP_CASES = [
 ]
 
 cuda_only = pytest.mark.skipif(not (CUDA and HAS_TRITON), reason="needs CUDA and triton")
+# both kernel paths: the walks (K <= 4, the default) and the tiles (any K)
+PATHS = ["walk", "tiles"]
+
+
+@contextlib.contextmanager
+def conv_path(p, launch=None):
+    """Run the conv's forward and backward on kernel path p ('walk' | 'tiles'),
+    the walks with `launch` (small blocks reach the block edges in few rows)."""
+    from megacpp.ops.causal_conv import triton_conv as T
+    old_path, old_launch = dict(T.PATH), {k: dict(v) for k, v in T.LAUNCH.items()}
+    T.PATH.update(fwd=p, bwd=p)
+    for k in ("fwd_walk", "bwd_walk"):
+        T.LAUNCH[k] = dict(launch or {})
+    try:
+        yield T
+    finally:
+        T.PATH.update(old_path)
+        T.LAUNCH.update(old_launch)
 
 
 @cuda_only
 @pytest.mark.gpu
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", CASES)
-def test_cuda_matches_reference(case, dtype, seed, gen):
-    from megacpp.ops.causal_conv.triton_conv import causal_conv1d_triton
+def test_cuda_matches_reference(case, dtype, path, seed, gen):
     b, t, c, K, bias, docs, act = case
     x, w, bb, doc = make(b, t, c, K, dtype=dtype, device="cuda", bias=bias, docs=docs, gen=gen)
-    assert_within(compare(causal_conv1d_triton, x, w, bb, doc, act, gen), dtype)
+    with conv_path(path) as T:
+        assert T.path("bwd", K) == path
+        assert_within(compare(T.causal_conv1d_triton, x, w, bb, doc, act, gen), dtype)
 
 
 @cuda_only
@@ -158,12 +179,38 @@ interp_only = pytest.mark.skipif(not (CHILD and HAS_TRITON), reason="runs in the
 
 
 @interp_only
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", INTERP_CASES)
-def test_cpu_interp_matches_reference(case, seed, gen):
-    from megacpp.ops.causal_conv.triton_conv import causal_conv1d_triton
+def test_cpu_interp_matches_reference(case, path, seed, gen):
     b, t, c, K, bias, docs, act, dtype = case
     x, w, bb, doc = make(b, t, c, K, dtype=dtype, device="cpu", bias=bias, docs=docs, gen=gen)
-    assert_within(compare(causal_conv1d_triton, x, w, bb, doc, act, gen), dtype)
+    with conv_path(path) as T:
+        assert_within(compare(T.causal_conv1d_triton, x, w, bb, doc, act, gen), dtype)
+
+
+# every width the walks take, with blocks of 16 rows x 16 channels (the
+# backward walk starts K-1 rows above its block: those rows cross programs)
+WALK_WIDTHS = [pytest.param(K, bias, act, id=f"K{K}-{'bias' if bias else 'nobias'}-{act}")
+               for K, bias, act in [(1, True, "silu"), (2, False, None), (3, True, None), (4, False, "silu")]]
+
+
+@interp_only
+@pytest.mark.parametrize("K,bias,act", WALK_WIDTHS)
+def test_cpu_interp_walk_every_width(K, bias, act, seed, gen):
+    x, w, bb, doc = make(2, 45, 20, K, dtype=torch.float32, device="cpu", bias=bias, gen=gen)
+    with conv_path("walk", {"BT": 16, "BC": 16}) as T:
+        assert T.path("fwd", K) == T.path("bwd", K) == "walk"
+        assert_within(compare(T.causal_conv1d_triton, x, w, bb, doc, act, gen), torch.float32)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_path_choice():
+    from megacpp.ops.causal_conv import triton_conv as T
+    assert T.path("bwd", 4) == "walk" and T.path("bwd", 5) == "tiles"  # no walk past 4 taps
+    with conv_path("tiles"):
+        assert T.path("fwd", 2) == "tiles"
+    with conv_path("sideways"), pytest.raises(ValueError, match="'walk' or 'tiles'"):
+        T.path("fwd", 2)
 
 
 @interp_only
@@ -190,7 +237,8 @@ def _dpre_rows_case(launch, bias, dtype, device, gen):
     old = dict(T.LAUNCH["dpre"])
     T.LAUNCH["dpre"] = dict(launch)
     try:
-        return compare(T.causal_conv1d_triton, x, w, bb, doc, "silu", gen)
+        with conv_path("tiles"):
+            return compare(T.causal_conv1d_triton, x, w, bb, doc, "silu", gen)
     finally:
         T.LAUNCH["dpre"] = old
 
@@ -225,4 +273,5 @@ def test_cuda_dpre_row_steps(launch, bias, dtype, seed, gen):
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 @pytest.mark.skipif(CHILD, reason="this is the parent")
 def test_triton_interpreter_on_cpu():
-    run_interpreter_child(__file__, "MEGACPP_CONV_INTERP_CHILD", len(INTERP_CASES) + 1 + len(DPRE_ROWS))
+    run_interpreter_child(__file__, "MEGACPP_CONV_INTERP_CHILD",
+                          len(INTERP_CASES) * len(PATHS) + len(WALK_WIDTHS) + 1 + len(DPRE_ROWS))

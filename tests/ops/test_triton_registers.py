@@ -19,17 +19,24 @@ def _tools() -> bool:
 
 @pytest.mark.skipif(not _tools(), reason="triton with its NVIDIA tools (ptxas, cuobjdump) not installed")
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles for a GPU target")
-def test_conv_launches_are_recorded_and_rows_per_step_lower_dpre_registers():
+def test_conv_launches_are_recorded_on_both_paths_and_rows_per_step_lower_dpre_registers():
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import triton_registers
 
     rows = {r["kernel"]: r for r in triton_registers.survey(["conv"])}
+    # the default path: the walks, one warp a program
+    assert sorted(rows) == ["_conv_bwd_walk_kernel", "_conv_fwd_walk_kernel"]
+    for r in rows.values():
+        assert 0 < r["registers"] <= 255 and r["stack"] >= 0 and r["warps"] == 1
+    tiles = ("path:fwd=tiles", "path:bwd=tiles")
+    rows = {r["kernel"]: r for r in triton_registers.survey(["conv"], sets=tiles)}
     assert sorted(rows) == ["_conv_dpre_kernel", "_conv_dx_kernel", "_conv_fwd_kernel"]
     for r in rows.values():
         assert 0 < r["registers"] <= 255 and r["stack"] >= 0 and r["warps"] == 4
     one_pass = rows["_conv_dpre_kernel"]
     assert one_pass["blocks"]["RT"] == one_pass["blocks"]["BT"]  # the default launch: one pass
-    stepped = {r["kernel"]: r for r in triton_registers.survey(["conv"], sets=("dpre:RT=32",))}["_conv_dpre_kernel"]
+    stepped = {r["kernel"]: r for r in triton_registers.survey(["conv"], sets=tiles + ("dpre:RT=32",))}
+    stepped = stepped["_conv_dpre_kernel"]
     assert stepped["blocks"]["RT"] == 32
     # 32 rows at a time keep less live than all 64: fewer registers plus spills
     assert stepped["registers"] + stepped["stack"] < one_pass["registers"] + one_pass["stack"]

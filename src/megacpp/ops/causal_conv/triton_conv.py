@@ -199,20 +199,258 @@ def _conv_dx_kernel(
              dx.to(dx_ptr.dtype.element_ty), mask=vt[:, None] & vc[None, :])
 
 
+# ---------------------------------------------------------------- the walks
+# K <= 4 (the models' convs): one program walks its BT time steps one row at a
+# time over BC channels, the last K inputs (and their doc ids) carried in
+# registers, so x is read once and nothing is reduced across threads. The
+# tiles above re-read each input K times per pass and reduce d(weight) over
+# the time axis of a 2-D tile, which spilled and ran at ~5x the forward's time.
+
+WALK_MAX_K = 4
+
+
+@triton.jit
+def _row(base, t, c, vc, L, s_l, s_c):
+    """Row t (BC,) of a (t, c) tensor at `base`; zeros where t is outside [0, L)."""
+    ok = (t >= 0) & (t < L)
+    return tl.load(base + t * s_l + c * s_c, mask=vc & ok, other=0.0)
+
+
+@triton.jit
+def _doc1(d_base, t, L, s_dl, HAS_DOC: tl.constexpr):
+    """Doc id at time step t (-1 outside [0, L); 0 everywhere when unpacked: the
+    taps outside are zero loads then)."""
+    d = t * 0
+    if HAS_DOC:
+        d = tl.load(d_base + t * s_dl, mask=(t >= 0) & (t < L), other=-1)
+    return d
+
+
+@triton.jit
+def _wtap(w_ptr, c, vc, K: tl.constexpr, k: tl.constexpr):
+    """float32 weight of tap k (x_{t-k}), w[c, K-1-k]; zeros for k >= K."""
+    w = tl.zeros(c.shape, dtype=tl.float32)
+    if k < K:
+        w = tl.load(w_ptr + c * K + (K - 1 - k), mask=vc, other=0.0).to(tl.float32)
+    return w
+
+
+@triton.jit
+def _tap(v, w, same):
+    """w * v in float32, or 0 where the tap reaches into another document."""
+    return tl.where(same, v.to(tl.float32) * w, 0.0)
+
+
+@triton.jit
+def _conv_fwd_walk_kernel(
+    x_ptr, w_ptr, bias_ptr, doc_ptr, y_ptr,
+    L, CH,
+    s_xb, s_xl, s_xc, s_db, s_dl, s_yb, s_yl, s_yc,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOC: tl.constexpr, SILU: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr,
+):
+    """The forward, walking t up: y_t = act(round(bias + sum_k w[K-1-k] x_{t-k}))."""
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2)
+    c = pid_c * BC + tl.arange(0, BC)
+    vc = c < CH
+    x_base = x_ptr + b.to(tl.int64) * s_xb
+    y_base = y_ptr + b.to(tl.int64) * s_yb
+    d_base = doc_ptr + b.to(tl.int64) * s_db
+    # tap k (x_{t-k}) weighs w[c, K-1-k]; taps past K weigh nothing
+    w0 = _wtap(w_ptr, c, vc, K, 0)
+    w1 = _wtap(w_ptr, c, vc, K, 1)
+    w2 = _wtap(w_ptr, c, vc, K, 2)
+    w3 = _wtap(w_ptr, c, vc, K, 3)
+    bias = tl.zeros((BC,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + c, mask=vc, other=0.0).to(tl.float32)
+    t0 = pid_t * BT
+    # the window before the first row: x_{t0-1..t0-3} and their documents
+    x1 = _row(x_base, t0 - 1, c, vc, L, s_xl, s_xc)
+    x2 = _row(x_base, t0 - 2, c, vc, L, s_xl, s_xc)
+    x3 = _row(x_base, t0 - 3, c, vc, L, s_xl, s_xc)
+    d1 = _doc1(d_base, t0 - 1, L, s_dl, HAS_DOC)
+    d2 = _doc1(d_base, t0 - 2, L, s_dl, HAS_DOC)
+    d3 = _doc1(d_base, t0 - 3, L, s_dl, HAS_DOC)
+    for i in tl.static_range(BT):
+        t = t0 + i
+        x0 = _row(x_base, t, c, vc, L, s_xl, s_xc)
+        d0 = _doc1(d_base, t, L, s_dl, HAS_DOC)
+        acc = bias + x0.to(tl.float32) * w0
+        if K > 1:
+            acc += _tap(x1, w1, d1 == d0)
+        if K > 2:
+            acc += _tap(x2, w2, d2 == d0)
+        if K > 3:
+            acc += _tap(x3, w3, d3 == d0)
+        y = acc.to(y_ptr.dtype.element_ty)   # the reference's rounding before the activation
+        if SILU:
+            yf = y.to(tl.float32)
+            y = (yf * tl.sigmoid(yf)).to(y_ptr.dtype.element_ty)
+        tl.store(y_base + t * s_yl + c * s_yc, y, mask=vc & (t < L))
+        x3, x2, x1 = x2, x1, x0
+        d3, d2, d1 = d2, d1, d0
+
+
+@triton.jit
+def _conv_bwd_walk_kernel(
+    x_ptr, w_ptr, bias_ptr, doc_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr,
+    L, CH,
+    s_xb, s_xl, s_xc, s_db, s_dl, s_gb, s_gl, s_gc, s_ob, s_ol, s_oc,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOC: tl.constexpr, SILU: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr,
+):
+    """The whole backward in one walk down t: at each row the pre-activation
+    (recomputed from the carried inputs), its gradient g (rounded to dy's
+    dtype, as the reference's SiLU backward rounds it), g's share of the
+    per-program d(weight)/d(bias) sums, and dx_t = sum_s w[K-1-s] g_{t+s}
+    from the last K gradients carried (rounded once). The walk starts K-1
+    rows above the block to have the g's its last rows need (those rows add
+    nothing to the sums: the program above owns them)."""
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2)
+    c = pid_c * BC + tl.arange(0, BC)
+    vc = c < CH
+    x_base = x_ptr + b.to(tl.int64) * s_xb
+    g_base = dy_ptr + b.to(tl.int64) * s_gb
+    o_base = dx_ptr + b.to(tl.int64) * s_ob
+    d_base = doc_ptr + b.to(tl.int64) * s_db
+    w0 = _wtap(w_ptr, c, vc, K, 0)
+    w1 = _wtap(w_ptr, c, vc, K, 1)
+    w2 = _wtap(w_ptr, c, vc, K, 2)
+    w3 = _wtap(w_ptr, c, vc, K, 3)
+    bias = tl.zeros((BC,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + c, mask=vc, other=0.0).to(tl.float32)
+    t_top = pid_t * BT + BT + K - 2
+    # inputs x_{t}, x_{t-1}, x_{t-2} of the first row walked (x_{t-K+1} is loaded in the step)
+    xa = _row(x_base, t_top, c, vc, L, s_xl, s_xc)
+    xb = _row(x_base, t_top - 1, c, vc, L, s_xl, s_xc)
+    xc = _row(x_base, t_top - 2, c, vc, L, s_xl, s_xc)
+    da = _doc1(d_base, t_top, L, s_dl, HAS_DOC)
+    db_ = _doc1(d_base, t_top - 1, L, s_dl, HAS_DOC)
+    dc = _doc1(d_base, t_top - 2, L, s_dl, HAS_DOC)
+    # gradients g_{t+1..t+3} and their documents (rows past L have g = 0)
+    g1 = tl.zeros((BC,), dtype=tl.float32)
+    g2 = tl.zeros((BC,), dtype=tl.float32)
+    g3 = tl.zeros((BC,), dtype=tl.float32)
+    e1 = da * 0 - 1
+    e2 = da * 0 - 1
+    e3 = da * 0 - 1
+    dw0 = tl.zeros((BC,), dtype=tl.float32)
+    dw1 = tl.zeros((BC,), dtype=tl.float32)
+    dw2 = tl.zeros((BC,), dtype=tl.float32)
+    dw3 = tl.zeros((BC,), dtype=tl.float32)
+    dbias = tl.zeros((BC,), dtype=tl.float32)
+    for j in tl.static_range(BT + K - 1):
+        t = t_top - j
+        xn = _row(x_base, t - (K - 1), c, vc, L, s_xl, s_xc)
+        dn = _doc1(d_base, t - (K - 1), L, s_dl, HAS_DOC)
+        # taps of row t: x_{t-k} for k < K is (xa, xb, xc, xn)[:K-1] + [xn]
+        if K == 1:
+            v1, v2, v3 = xa, xa, xa
+            f1, f2, f3 = dn, dn, dn
+        elif K == 2:
+            v1, v2, v3 = xn, xn, xn
+            f1, f2, f3 = dn, dn, dn
+        elif K == 3:
+            v1, v2, v3 = xb, xn, xn
+            f1, f2, f3 = db_, dn, dn
+        else:
+            v1, v2, v3 = xb, xc, xn
+            f1, f2, f3 = db_, dc, dn
+        v0 = xa
+        if K == 1:
+            v0 = xn
+        s1 = f1 == da
+        s2 = f2 == da
+        s3 = f3 == da
+        g = _row(g_base, t, c, vc, L, s_gl, s_gc)
+        if SILU:
+            pre = bias + v0.to(tl.float32) * w0
+            if K > 1:
+                pre += _tap(v1, w1, s1)
+            if K > 2:
+                pre += _tap(v2, w2, s2)
+            if K > 3:
+                pre += _tap(v3, w3, s3)
+            p = pre.to(g.dtype).to(tl.float32)
+            sg = tl.sigmoid(p)
+            g = (g.to(tl.float32) * sg * (1.0 + p * (1.0 - sg))).to(g.dtype)
+        gf = g.to(tl.float32)
+        if j >= K - 1:   # rows of this block (the first K-1 walked are the block above's)
+            dw0 += gf * v0.to(tl.float32)
+            if K > 1:
+                dw1 += _tap(v1, gf, s1)
+            if K > 2:
+                dw2 += _tap(v2, gf, s2)
+            if K > 3:
+                dw3 += _tap(v3, gf, s3)
+            if HAS_BIAS:
+                dbias += gf
+            dx = gf * w0
+            if K > 1:
+                dx += tl.where(e1 == da, g1 * w1, 0.0)
+            if K > 2:
+                dx += tl.where(e2 == da, g2 * w2, 0.0)
+            if K > 3:
+                dx += tl.where(e3 == da, g3 * w3, 0.0)
+            tl.store(o_base + t * s_ol + c * s_oc, dx.to(dx_ptr.dtype.element_ty), mask=vc & (t < L))
+        g3, g2, g1 = g2, g1, gf
+        e3, e2, e1 = e2, e1, da
+        if K == 3:
+            xa, xb = xb, xn
+            da, db_ = db_, dn
+        elif K == 2:
+            xa = xn
+            da = dn
+        elif K > 3:
+            xa, xb, xc = xb, xc, xn
+            da, db_, dc = db_, dc, dn
+    part = (b * tl.num_programs(0) + pid_t).to(tl.int64)
+    dw_base = dw_ptr + (part * CH + c) * K
+    tl.store(dw_base + (K - 1), dw0, mask=vc)
+    if K > 1:
+        tl.store(dw_base + (K - 2), dw1, mask=vc)
+    if K > 2:
+        tl.store(dw_base + (K - 3), dw2, mask=vc)
+    if K > 3:
+        tl.store(dw_base + (K - 4), dw3, mask=vc)
+    if HAS_BIAS:
+        tl.store(db_ptr + part * CH + c, dbias, mask=vc)
+
+
 # Launch parameters per kernel (BT time steps x BC channels a program,
 # num_warps, num_stages; dpre also RT, its rows per inner step, BT when
 # unset): DEFAULT, then TUNED, then LAUNCH, as in ops/ssd/triton_ssd.py;
 # benchmarks/conv_tune.py sweeps them on a GPU. Under the interpreter (CPU
 # tests) DEFAULT and LAUNCH (tests set LAUNCH to reach the other paths).
-KERNELS = ("fwd", "dpre", "dx")
-DEFAULT = {"BT": 64, "BC": 128, "num_warps": 4}
+# The walks: one warp over 128 channels (4 a thread) walking 32 rows.
+KERNELS = ("fwd", "dpre", "dx", "fwd_walk", "bwd_walk")
+_TILE = {"BT": 64, "BC": 128, "num_warps": 4}
+_WALK = {"BT": 32, "BC": 128, "num_warps": 1}
+DEFAULT = {"fwd": _TILE, "dpre": _TILE, "dx": _TILE, "fwd_walk": _WALK, "bwd_walk": _WALK}
 TUNED: dict[str, dict] = {k: {} for k in KERNELS}
 LAUNCH: dict[str, dict] = {k: {} for k in KERNELS}
+# Which kernels run: "walk" (K <= WALK_MAX_K) or "tiles" (any K; the only
+# path for longer convs). benchmarks/conv_tune.py --paths times both.
+PATH = {"fwd": "walk", "bwd": "walk"}
+
+
+def path(direction: str, K: int) -> str:
+    """'walk' or 'tiles': the kernels the forward ('fwd') or backward ('bwd') of a width-K conv runs."""
+    p = PATH[direction]
+    if p not in ("walk", "tiles"):
+        raise ValueError(f"causal conv PATH[{direction!r}] = {p!r}: 'walk' or 'tiles'")
+    return "walk" if p == "walk" and K <= WALK_MAX_K else "tiles"
 
 
 def _launch(name: str, b: int, l: int, ch: int) -> tuple[dict, tuple]:
     """(launch keywords, grid) of kernel `name` for (b, l, ch)."""
-    cfg = dict(DEFAULT)
+    cfg = dict(DEFAULT[name])
     if not INTERPRET:
         cfg.update(TUNED[name])
     cfg.update(LAUNCH[name])
@@ -235,9 +473,11 @@ def _operands(x, weight, doc_ids):
 def _forward(x, weight, bias, doc_ids, silu):
     b, l, ch = x.shape
     K, w, doc = _operands(x, weight, doc_ids)
-    cfg, grid = _launch("fwd", b, l, ch)
+    walk = path("fwd", K) == "walk"
+    cfg, grid = _launch("fwd_walk" if walk else "fwd", b, l, ch)
     y = torch.empty(b, l, ch, device=x.device, dtype=x.dtype)
-    _conv_fwd_kernel[grid](
+    kernel = _conv_fwd_walk_kernel if walk else _conv_fwd_kernel
+    kernel[grid](
         x, w, bias if bias is not None else w, doc, y, l, ch,
         *x.stride(), *doc.stride(), *y.stride(),
         K=K, HAS_BIAS=bias is not None, HAS_DOC=doc_ids is not None, SILU=silu, **cfg,
@@ -249,21 +489,27 @@ def _backward(dy, x, weight, bias, doc_ids, silu):
     b, l, ch = x.shape
     K, w, doc = _operands(x, weight, doc_ids)
     dy = dy.contiguous()
-    g = torch.empty_like(dy) if silu else dy
-    cfg, grid = _launch("dpre", b, l, ch)
+    walk = path("bwd", K) == "walk"
+    cfg, grid = _launch("bwd_walk" if walk else "dpre", b, l, ch)
     parts = b * grid[0]
     dw = torch.empty(parts, ch, K, device=x.device, dtype=torch.float32)
     db = torch.empty(parts, ch, device=x.device, dtype=torch.float32) if bias is not None else dw
-    _conv_dpre_kernel[grid](
-        x, w, bias if bias is not None else w, doc, dy, g, dw, db, l, ch,
-        *x.stride(), *doc.stride(), *dy.stride(),
-        K=K, KP=triton.next_power_of_2(K), HAS_BIAS=bias is not None, HAS_DOC=doc_ids is not None,
-        SILU=silu, **cfg,
-    )
     dx = torch.empty(b, l, ch, device=x.device, dtype=x.dtype)
-    cfg, grid = _launch("dx", b, l, ch)
-    _conv_dx_kernel[grid](g, w, doc, dx, l, ch, *g.stride(), *doc.stride(), *dx.stride(),
-                          K=K, HAS_DOC=doc_ids is not None, **cfg)
+    flags = dict(K=K, HAS_BIAS=bias is not None, HAS_DOC=doc_ids is not None, SILU=silu)
+    if walk:
+        _conv_bwd_walk_kernel[grid](
+            x, w, bias if bias is not None else w, doc, dy, dx, dw, db, l, ch,
+            *x.stride(), *doc.stride(), *dy.stride(), *dx.stride(), **flags, **cfg,
+        )
+    else:
+        g = torch.empty_like(dy) if silu else dy
+        _conv_dpre_kernel[grid](
+            x, w, bias if bias is not None else w, doc, dy, g, dw, db, l, ch,
+            *x.stride(), *doc.stride(), *dy.stride(), KP=triton.next_power_of_2(K), **flags, **cfg,
+        )
+        cfg, grid = _launch("dx", b, l, ch)
+        _conv_dx_kernel[grid](g, w, doc, dx, l, ch, *g.stride(), *doc.stride(), *dx.stride(),
+                              K=K, HAS_DOC=doc_ids is not None, **cfg)
     dw = dw.sum(0).reshape(weight.shape).to(weight.dtype)
     db = db.sum(0).to(bias.dtype) if bias is not None else None
     return dx, dw, db
