@@ -177,3 +177,64 @@ def test_zero_length_and_bad_shapes():
         ssd(x, dt, A, B, C, 0)
     with pytest.raises(ValueError, match="initial_state"):
         ssd(x, dt, A, B, C, 4, initial_state=s0[..., :3])
+
+
+# ------------------------------------------------------------ document starts
+
+def random_starts(b, l, gen, frac=0.15):
+    starts = torch.rand(b, l, generator=gen) < frac
+    starts[:, 0] = True
+    return starts
+
+
+@pytest.mark.parametrize("with_init", [False, True])
+def test_starts_chunked_matches_recurrent_and_each_document_alone(gen, with_init):
+    b, l, h, p, g, n, chunk = 2, 37, 4, 3, 2, 5, 8
+    x, dt, A, B, C, D, s0 = make_inputs(b, l, h, p, g, n, with_init=with_init)
+    starts = random_starts(b, l, gen)
+    y, s = ssd(x, dt, A, B, C, chunk, D=D, initial_state=s0, starts=starts)
+    y_rec, s_rec = ssd_recurrent(x, dt, A, B, C, D=D, initial_state=s0, starts=starts)
+    assert rel_err(y, y_rec) < 1e-10 and rel_err(s, s_rec) < 1e-10
+    # a start at 0 drops the initial state: each document is the op on it alone
+    for r in range(b):
+        bounds = starts[r].nonzero().flatten().tolist() + [l]
+        for a0, a1 in zip(bounds[:-1], bounds[1:]):
+            sl = slice(a0, a1)
+            ya, sa = ssd(x[r:r + 1, sl], dt[r:r + 1, sl], A, B[r:r + 1, sl], C[r:r + 1, sl], chunk, D=D)
+            assert rel_err(y[r:r + 1, sl], ya) < 1e-10
+        assert rel_err(s[r:r + 1], sa) < 1e-10   # the final state is the last document's
+    # no starts but position 0: the initial state is dropped and nothing else changes
+    only0 = torch.zeros_like(starts)
+    only0[:, 0] = True
+    assert rel_err(ssd(x, dt, A, B, C, chunk, D=D, initial_state=s0, starts=only0)[0],
+                   ssd(x, dt, A, B, C, chunk, D=D)[0]) < 1e-10
+
+
+def test_starts_gradients_match_recurrent_and_gradcheck(gen):
+    b, l, h, p, g, n, chunk = 2, 19, 2, 3, 1, 4, 4
+    inputs = [t.requires_grad_() for t in make_inputs(b, l, h, p, g, n)]
+    x, dt, A, B, C, D, s0 = inputs
+    starts = random_starts(b, l, gen, 0.2)
+    gy, gs = torch.randn(b, l, h, p, dtype=F64), torch.randn(b, h, p, n, dtype=F64)
+
+    def grads(fn, *extra):
+        y, s = fn(x, dt, A, B, C, *extra, D=D, initial_state=s0, starts=starts)
+        return torch.autograd.grad((y * gy).sum() + (s * gs).sum(), inputs)
+
+    for a, r in zip(grads(ssd, chunk), grads(ssd_recurrent)):
+        assert rel_err(a, r) < 1e-10
+    small = [t.detach()[:1, :6].clone().requires_grad_() if t.dim() > 1 and t.shape[1] == l else t
+             for t in inputs[:5]]
+    st = starts[:1, :6].clone()
+    st[0, 3] = True
+    assert torch.autograd.gradcheck(
+        lambda x, dt, A, B, C: ssd(x, dt, A, B, C, 2, D=D.detach(), starts=st), tuple(small),
+        eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_starts_bad_shape_or_dtype():
+    x, dt, A, B, C, D, s0 = make_inputs(1, 6, 2, 2, 1, 2)
+    with pytest.raises(ValueError, match="starts must be bool"):
+        ssd(x, dt, A, B, C, 2, starts=torch.ones(1, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="starts must be bool"):
+        ssd(x, dt, A, B, C, 2, starts=torch.ones(1, 6))

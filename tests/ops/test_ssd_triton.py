@@ -76,8 +76,9 @@ def make_inputs(b, l, h, p, g, n, *, dtype, device, with_d=True, with_init=True,
     return [half(x), f32(dt), f32(A), half(B), half(C), f32(D), half(s0)]
 
 
-def compare(fn, inputs, chunk, seed=0):
-    """Run fn and the float64 reference forward + backward; return {name: (norm, max)}."""
+def compare(fn, inputs, chunk, seed=0, starts=None):
+    """Run fn and the float64 reference forward + backward (with the document
+    `starts`, if given); return {name: (norm, max)}."""
     x = inputs[0]
     gen = torch.Generator().manual_seed(seed)
     b, l, h, p = x.shape
@@ -86,11 +87,12 @@ def compare(fn, inputs, chunk, seed=0):
     gs = torch.randn(b, h, p, n, generator=gen).to(x.device)
     ours = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
     ref = [None if t is None else t.detach().double().requires_grad_() for t in inputs]
-    y, s = fn(*ours[:5], chunk, D=ours[5], initial_state=ours[6])
+    kw = {} if starts is None else {"starts": starts.to(x.device)}
+    y, s = fn(*ours[:5], chunk, D=ours[5], initial_state=ours[6], **kw)
     assert y.dtype == x.dtype and y.shape == x.shape
     assert s.dtype == x.dtype and s.shape == (b, h, p, n)
     ((y.double() * gy.double()).sum() + (s.double() * gs.double()).sum()).backward()
-    yr, sr = ssd_ref(*ref[:5], chunk, D=ref[5], initial_state=ref[6])
+    yr, sr = ssd_ref(*ref[:5], chunk, D=ref[5], initial_state=ref[6], **kw)
     # y's backward rounds the incoming gradient to y's dtype whoever computes
     # the op: hand the reference the same rounded values, so the error measured
     # is the kernel's own.
@@ -165,6 +167,29 @@ def test_cuda_matches_reference(case, dtype, seed, gen):
     assert_close(compare(ssd_triton, ins, chunk, seed), dtype)
 
 
+def doc_starts(b, l, frac, gen):
+    starts = torch.rand(b, l, generator=gen) < frac
+    starts[:, 0] = True
+    return starts
+
+
+# the op's own document starts (only the log-decay changes there), with D and an
+# initial state; (b, l, h, p, g, n, chunk)
+STARTS_CASES = [pytest.param((2, 300, 4, 64, 1, 128, 128), id="g1-ragged"),
+                pytest.param((1, 256, 8, 64, 8, 128, 128), id="g=h")]
+
+
+@cuda_only
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", STARTS_CASES)
+def test_cuda_starts_match_reference(case, dtype, seed, gen):
+    from megacpp.ops.ssd.triton_ssd import ssd_triton
+    b, l, h, p, g, n, chunk = case
+    ins = make_inputs(b, l, h, p, g, n, dtype=dtype, device="cuda", gen=gen)
+    assert_close(compare(ssd_triton, ins, chunk, seed, starts=doc_starts(b, l, 0.03, gen)), dtype)
+
+
 @cuda_only
 @pytest.mark.gpu
 def test_cuda_fp16(seed, gen):
@@ -216,6 +241,20 @@ def test_cpu_interp_matches_reference(case, seed, gen):
     assert_close(compare(ssd_triton, ins, chunk, seed), dtype)
 
 
+# (b, l, h, p, g, n, chunk, dtype): fp16 too, which the rescaled resets could not take
+STARTS_INTERP = [pytest.param((2, 37, 4, 8, 2, 16, 16, torch.float32), id="f32-g2"),
+                 pytest.param((1, 40, 2, 16, 1, 32, 16, torch.float16), id="f16")]
+
+
+@interp_only
+@pytest.mark.parametrize("case", STARTS_INTERP)
+def test_cpu_interp_starts_match_reference(case, seed, gen):
+    from megacpp.ops.ssd.triton_ssd import ssd_triton
+    *shape, chunk, dtype = case
+    ins = make_inputs(*shape, dtype=dtype, device="cpu", gen=gen)
+    assert_close(compare(ssd_triton, ins, chunk, seed, starts=doc_starts(shape[0], shape[1], 0.1, gen)), dtype)
+
+
 @interp_only
 def test_cpu_interp_custom_op_and_compile(seed, gen):
     # Fake (meta) implementations and autograd registration as torch.compile
@@ -223,11 +262,12 @@ def test_cpu_interp_custom_op_and_compile(seed, gen):
     # backend would not change what is being tested here: the op is opaque).
     from megacpp.ops.ssd import triton_ssd as T
     ins = make_inputs(1, 20, 2, 16, 1, 16, dtype=torch.float32, device="cpu", gen=gen)
-    args = (*ins, 16)
-    torch.library.opcheck(T._ssd_fwd_op, args, test_utils=("test_schema", "test_faketensor"))
-    dy = torch.randn_like(ins[0])
-    torch.library.opcheck(T._ssd_bwd_op, (dy, None, *ins[:5], None, None, 16),
-                          test_utils=("test_schema", "test_faketensor"))
+    starts = doc_starts(1, 20, 0.2, gen)
+    for st in (None, starts):
+        torch.library.opcheck(T._ssd_fwd_op, (*ins, 16, st), test_utils=("test_schema", "test_faketensor"))
+        dy = torch.randn_like(ins[0])
+        torch.library.opcheck(T._ssd_bwd_op, (dy, None, *ins[:5], None, None, 16, st),
+                              test_utils=("test_schema", "test_faketensor"))
     torch._dynamo.reset()
     f = torch.compile(T.ssd_triton, backend="aot_eager", fullgraph=True)
     assert_close(compare(f, ins, 16, seed), torch.float32)
@@ -236,7 +276,7 @@ def test_cpu_interp_custom_op_and_compile(seed, gen):
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 @pytest.mark.skipif(CHILD, reason="this is the parent")
 def test_triton_interpreter_on_cpu():
-    run_interpreter_child(__file__, "MEGACPP_SSD_INTERP_CHILD", len(INTERP_CASES) + 1)
+    run_interpreter_child(__file__, "MEGACPP_SSD_INTERP_CHILD", len(INTERP_CASES) + len(STARTS_INTERP) + 1)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")

@@ -20,12 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..ops._common import RESET_LOG_DECAY  # noqa: F401  (re-exported: the models' name for it)
 from .rotary import rope_cos_sin
-
-# Log-decay written at document starts. exp(-1e4) is exactly 0 in float32
-# and float64, so no state crosses the boundary; a finite value (not -inf)
-# keeps every product in the chunked kernels and their gradients finite.
-RESET_LOG_DECAY = -1.0e4
 
 
 def doc_starts(doc_ids: torch.Tensor) -> torch.Tensor:

@@ -21,10 +21,10 @@ outputs and states add up. Output: per-head RMSNorm, then SiLU(z) gate.
 A_log, dt_bias and D are float32 parameters and the decay arithmetic runs
 in float32 whatever the activation dtype.
 
-Packed rows: at a document start the decay is forced to exp(-1e4) = 0 by
-rescaling that step's (dt, x) pair (dt' with dt' A = -1e4, x' = x dt/dt',
-so dt' x' = dt x and the input term is unchanged); the skip term D x is
-added outside the op. The conv drops taps into the previous document, the
+Packed rows: at a document start the op's decay is exp(-1e4) = 0 (ssd's
+`starts`: only the log-decay changes, the input term dt x B^T and the skip
+D x do not). Mamba-2 passes D to the op; Mamba-3 adds D x itself (its two
+halves carry lam x and the previous input, not x). The conv drops taps into the previous document, the
 Mamba-3 previous-input term is zeroed at the start, and the rotation angle
 restarts at 0.
 """
@@ -42,7 +42,7 @@ from ..ops.ssd import ssd_fast as ssd
 from ..ops.ssd import ssd_step
 from ..recipe.spec import ModelSpec
 from . import init as winit
-from .context import RESET_LOG_DECAY, SeqContext, causal_conv1d, conv_step, conv_tail
+from .context import SeqContext, causal_conv1d, conv_step, conv_tail
 from .norm import GatedRMSNorm, RMSNorm, fp
 from .rotary import apply_rotary
 
@@ -59,23 +59,6 @@ class Mamba3State:
     phi: torch.Tensor     # (b, H, N/2) cumulative rotation angle through the last token (float64)
     prev_x: torch.Tensor  # (b, H, P) last token's x
     prev_B: torch.Tensor  # (b, H, N) last token's rotated, biased B
-
-
-def ssd_with_resets(x, dt, A, B, C, chunk_size, starts):
-    """ops.ssd with no state flowing into the steps where `starts` (b, t) is True.
-
-    x (b, t, h, p), dt (b, t, h) float32, A (h,) float32. No D (the caller
-    adds D x itself, since x is rescaled at the starts).
-    """
-    if starts is not None:
-        s = starts[..., None]
-        # dt' with dt' * A = RESET_LOG_DECAY; detached: the decay it makes is
-        # exactly 0, so no gradient is lost through it.
-        dt_reset = (RESET_LOG_DECAY / A).detach().expand_as(dt)
-        dt_new = torch.where(s, dt_reset, dt)
-        x = x * torch.where(s, dt / dt_new, torch.ones_like(dt))[..., None].to(x.dtype)
-        dt = dt_new
-    return ssd(x, dt, A, B, C, chunk_size)
 
 
 def _shift_right(t: torch.Tensor) -> torch.Tensor:
@@ -159,8 +142,8 @@ class Mamba2(_MambaBase):
         xbc = causal_conv1d(xbc_in, self.conv1d.weight, self.conv1d.bias, ctx, activation="silu")
         x, B, C = self._xbc(xbc)
         dt, A = self._dt_A(dt_raw)
-        y, final = ssd_with_resets(x, dt, A, B, C, self.chunk_size, ctx.starts)
-        y = y + x * self.D.to(x.dtype)[:, None]
+        # the skip term D x and the document resets inside the op (nothing rescaled here)
+        y, final = ssd(x, dt, A, B, C, self.chunk_size, D=self.D, starts=ctx.starts)
         y = self.norm(y.reshape(b, t, self.d_inner), z)
         state = None
         if ctx.want_state:
@@ -239,9 +222,9 @@ class Mamba3(_MambaBase):
         if starts is not None:
             prev_scale = prev_scale.masked_fill(starts[..., None], 0.0)
         xx = torch.cat([x * lam[..., None].to(x.dtype), x_prev * prev_scale[..., None].to(x.dtype)], dim=2)
-        y2, s2 = ssd_with_resets(xx, torch.cat([dt, dt], dim=2), torch.cat([A, A]),
-                                 torch.cat([B, B_prev], dim=2), torch.cat([C, C], dim=2),
-                                 self.chunk_size, starts)
+        y2, s2 = ssd(xx, torch.cat([dt, dt], dim=2), torch.cat([A, A]),
+                     torch.cat([B, B_prev], dim=2), torch.cat([C, C], dim=2),
+                     self.chunk_size, starts=starts)
         y = y2[:, :, :H] + y2[:, :, H:] + x * self.D.to(x.dtype)[:, None]
         y = self.norm(y.reshape(b, t, self.d_inner), z)
         state = None

@@ -16,6 +16,12 @@ def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float32
 
 
+# Log-decay written at document starts. exp(-1e4) is exactly 0 in float32
+# and float64, so no state crosses the boundary; a finite value (not -inf)
+# keeps every product in the chunked kernels and their gradients finite.
+RESET_LOG_DECAY = -1.0e4
+
+
 def pad_seq(t: torch.Tensor, pad: int, dim: int = 1) -> torch.Tensor:
     """Zero-pad `t` by `pad` entries at the end of dimension `dim`."""
     if pad == 0:

@@ -16,6 +16,11 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Tags of the kernels' custom ops: their launchers read every input's strides,
+# so inductor may hand them any layout. Without it inductor copies an input
+# whose strides it changed (the in_proj output it pads to 3392 columns was
+# copied back to 3352 before the conv, forward and backward: 117 MB a layer each).
+FLEXIBLE_LAYOUT = (torch.Tag.flexible_layout,) if hasattr(torch.Tag, "flexible_layout") else ()
 
 
 def fix_interpreter_index() -> None:

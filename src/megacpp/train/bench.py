@@ -110,6 +110,10 @@ def _family_times(model, recipe: Recipe, batch: dict, precision: Precision, devi
         x = torch.randn(b, t, d, device=device, requires_grad=True)
 
         def fwd_bwd():
+            # under CUDA graphs (compile mode reduce-overhead) each call is a new
+            # step: without the mark the graph trees count the calls as one
+            # generation and the second call overwrites what the first saved
+            torch.compiler.cudagraph_mark_step_begin()
             with precision.autocast():
                 y, _, _ = layer(x, ctx)
             y.float().square().mean().backward()

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._triton_util import FLEXIBLE_LAYOUT as _FLEXIBLE
 from .._triton_util import INTERPRET
 from .._triton_util import device_ctx as _device_ctx
 from .reference import check as _check
@@ -433,7 +434,12 @@ KERNELS = ("fwd", "dpre", "dx", "fwd_walk", "bwd_walk")
 _TILE = {"BT": 64, "BC": 128, "num_warps": 4}
 _WALK = {"BT": 32, "BC": 128, "num_warps": 1}
 DEFAULT = {"fwd": _TILE, "dpre": _TILE, "dx": _TILE, "fwd_walk": _WALK, "bwd_walk": _WALK}
+# The backward walk: `python3 benchmarks/conv_tune.py` on an H200 (2026-11-28),
+# mamba2-130m's conv (batch 8, 2048 steps, 1792 channels, K 4, bf16): 0.295 ->
+# 0.139 ms a call with 8 rows and 64 channels a program (the tiles' two passes:
+# ~0.25); the forward walk had no better launch (0.057 ms, the tiles' 0.054).
 TUNED: dict[str, dict] = {k: {} for k in KERNELS}
+TUNED["bwd_walk"] = {"BT": 8, "BC": 64}
 LAUNCH: dict[str, dict] = {k: {} for k in KERNELS}
 # Which kernels run: "walk" (K <= WALK_MAX_K) or "tiles" (any K; the only
 # path for longer convs). benchmarks/conv_tune.py --paths times both.
@@ -515,7 +521,7 @@ def _backward(dy, x, weight, bias, doc_ids, silu):
     return dx, dw, db
 
 
-@torch.library.custom_op("megacpp::causal_conv_fwd", mutates_args=())
+@torch.library.custom_op("megacpp::causal_conv_fwd", mutates_args=(), tags=_FLEXIBLE)
 def _conv_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  doc_ids: Optional[torch.Tensor], silu: bool) -> torch.Tensor:
     with _device_ctx(x):
@@ -527,7 +533,7 @@ def _(x, weight, bias, doc_ids, silu):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("megacpp::causal_conv_bwd", mutates_args=())
+@torch.library.custom_op("megacpp::causal_conv_bwd", mutates_args=(), tags=_FLEXIBLE)
 def _conv_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  doc_ids: Optional[torch.Tensor], silu: bool) -> list[torch.Tensor]:
     with _device_ctx(x):

@@ -1,6 +1,6 @@
 """Which SSD implementation runs: the Triton kernels or the pure-torch reference.
 
-    ssd_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None)
+    ssd_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None, starts=None)
 
 has `reference.ssd`'s signature and returns. It takes the Triton kernels
 (`triton_ssd.ssd_triton`) when `ssd_backend(x.device, x.dtype)` says
@@ -42,10 +42,10 @@ def ssd_backend(device, dtype: torch.dtype | None = None) -> str:
     return BACKEND.backend(ssd_backend_reason(device, dtype))
 
 
-def ssd_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
+def ssd_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None, starts=None):
     """reference.ssd's signature; Triton on CUDA when available (see ssd_backend)."""
     if ssd_backend(x.device, x.dtype) == "triton":
         from .triton_ssd import ssd_triton
         x, B, C = autocast_operands(x.device, x, B, C)  # the matmul operands, as the reference's einsums get them
-        return ssd_triton(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)
-    return ssd_reference(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)
+        return ssd_triton(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state, starts=starts)
+    return ssd_reference(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state, starts=starts)

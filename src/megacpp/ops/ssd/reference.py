@@ -8,6 +8,11 @@ Shapes follow mamba_ssm:
         reads group h // (nheads // ngroups)
     D  (nheads,) or None
     state (batch, nheads, headdim, dstate)
+    starts (batch, seqlen) bool or None: document starts. No state flows
+        into a step where starts is True: its log-decay dt_t * A is replaced
+        by RESET_LOG_DECAY (exp of it is exactly 0); its input term
+        dt_t x_t B_t^T and the skip D x_t are unchanged. (Packed rows
+        without rescaling x, which the models did before.)
 
 Recurrence, per head:
     h_t = exp(dt_t * A) * h_{t-1} + dt_t * x_t B_t^T     (headdim x dstate)
@@ -24,10 +29,10 @@ from __future__ import annotations
 
 import torch
 
-from .._common import compute_dtype, pad_seq, segsum
+from .._common import RESET_LOG_DECAY, compute_dtype, pad_seq, segsum
 
 
-def _check(x, dt, A, B, C, D, initial_state):
+def _check(x, dt, A, B, C, D, initial_state, starts=None):
     if x.dim() != 4:
         raise ValueError(f"x must be (batch, seqlen, nheads, headdim), got {tuple(x.shape)}")
     b, l, h, p = x.shape
@@ -47,14 +52,25 @@ def _check(x, dt, A, B, C, D, initial_state):
         raise ValueError(f"D must be ({h},), got {tuple(D.shape)}")
     if initial_state is not None and initial_state.shape != (b, h, p, n):
         raise ValueError(f"initial_state must be {(b, h, p, n)}, got {tuple(initial_state.shape)}")
+    if starts is not None and (starts.shape != (b, l) or starts.dtype != torch.bool):
+        raise ValueError(f"starts must be bool {(b, l)}, got {starts.dtype} {tuple(starts.shape)}")
     return b, l, h, p, g, n
 
 
-def ssd_step(state, x_t, dt_t, A, B_t, C_t, D=None):
+def log_decay(dt, A, starts=None):
+    """dt * A (batch, seqlen, nheads), RESET_LOG_DECAY at the document starts."""
+    a = dt * A
+    if starts is not None:
+        a = torch.where(starts[..., None], torch.full_like(a, RESET_LOG_DECAY), a)
+    return a
+
+
+def ssd_step(state, x_t, dt_t, A, B_t, C_t, D=None, start=None):
     """One decoding step.
 
     state (batch, nheads, headdim, dstate); x_t (batch, nheads, headdim);
-    dt_t (batch, nheads); B_t, C_t (batch, ngroups, dstate).
+    dt_t (batch, nheads); B_t, C_t (batch, ngroups, dstate); start (batch,)
+    bool or None: where True, no state flows in (as `ssd`'s starts).
     Returns (y_t (batch, nheads, headdim), new_state), both in x_t's dtype.
     """
     cdt = compute_dtype(state, x_t, dt_t, A, B_t, C_t, D)
@@ -66,7 +82,7 @@ def ssd_step(state, x_t, dt_t, A, B_t, C_t, D=None):
     Bh = B_t.to(cdt).repeat_interleave(h // g, dim=1)  # (b, h, n)
     Ch = C_t.to(cdt).repeat_interleave(h // g, dim=1)
     xc, dtc = x_t.to(cdt), dt_t.to(cdt)
-    decay = torch.exp(dtc * A.to(cdt))  # (b, h)
+    decay = torch.exp(log_decay(dtc, A.to(cdt), start))  # (b, h)
     new = state.to(cdt) * decay[..., None, None] + (dtc[..., None] * xc)[..., :, None] * Bh[..., None, :]
     y = torch.einsum("bhpn,bhn->bhp", new, Ch)
     if D is not None:
@@ -74,12 +90,12 @@ def ssd_step(state, x_t, dt_t, A, B_t, C_t, D=None):
     return y.to(x_t.dtype), new.to(x_t.dtype)
 
 
-def ssd_recurrent(x, dt, A, B, C, D=None, initial_state=None):
+def ssd_recurrent(x, dt, A, B, C, D=None, initial_state=None, starts=None):
     """Step-by-step SSD: the ground truth `ssd` is tested against.
 
     Same arguments and returns as `ssd`, minus chunk_size.
     """
-    b, l, h, p, g, n = _check(x, dt, A, B, C, D, initial_state)
+    b, l, h, p, g, n = _check(x, dt, A, B, C, D, initial_state, starts)
     cdt = compute_dtype(x, dt, A, B, C, D, initial_state)
     if initial_state is None:
         state = x.new_zeros(b, h, p, n, dtype=cdt)
@@ -90,20 +106,21 @@ def ssd_recurrent(x, dt, A, B, C, D=None, initial_state=None):
     for t in range(l):
         # Keep the state in the compute dtype between steps (ssd_step would
         # round it to x's dtype, which for bf16 would drift from `ssd`).
-        y, state = ssd_step(state, xc[:, t], dtc[:, t], A, Bc[:, t], Cc[:, t], D)
+        y, state = ssd_step(state, xc[:, t], dtc[:, t], A, Bc[:, t], Cc[:, t], D,
+                            starts[:, t] if starts is not None else None)
         ys.append(y)
     y = torch.stack(ys, dim=1) if ys else xc.new_zeros(b, 0, h, p)
     return y.to(x.dtype), state.to(x.dtype)
 
 
-def ssd(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
+def ssd(x, dt, A, B, C, chunk_size, D=None, initial_state=None, starts=None):
     """Chunked Mamba-2 SSD. Returns (y like x, final_state (batch, nheads, headdim, dstate)).
 
     seqlen need not be a multiple of chunk_size: the tail is padded with
     dt = 0, which leaves the state untouched (decay exp(0) = 1, input
     dt * x B^T = 0), so the padded steps change neither y nor the state.
     """
-    b, l, h, p, g, n = _check(x, dt, A, B, C, D, initial_state)
+    b, l, h, p, g, n = _check(x, dt, A, B, C, D, initial_state, starts)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     cdt = compute_dtype(x, dt, A, B, C, D, initial_state)
@@ -121,10 +138,10 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     dtc = pad_seq(dt.to(cdt), pad).reshape(b, nc, q, g, hg)
     Bc = pad_seq(B.to(cdt), pad).reshape(b, nc, q, g, n)
     Cc = pad_seq(C.to(cdt), pad).reshape(b, nc, q, g, n)
-    Ac = A.to(cdt).reshape(g, hg)
 
     # Log decays, laid out (b, nc, g, hg, q) so the chunk axis is last.
-    a = (dtc * Ac).permute(0, 1, 3, 4, 2)
+    st = None if starts is None else pad_seq(starts, pad).reshape(b, nc, q)
+    a = log_decay(dtc.reshape(b, nc, q, h), A.to(cdt), st).reshape(b, nc, q, g, hg).permute(0, 1, 3, 4, 2)
     a_cum = a.cumsum(dim=-1)                 # decay from chunk start to i (inclusive)
     decay_in = torch.exp(segsum(a))          # (b, nc, g, hg, q, q): exp(sum a[j+1..i]), 0 above diag
     decay_to_end = decay_in[..., -1, :]      # from j (exclusive) to chunk end

@@ -69,6 +69,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common import RESET_LOG_DECAY
+from .._triton_util import FLEXIBLE_LAYOUT as _FLEXIBLE
 from .._triton_util import INTERPRET
 from .._triton_util import blk as _blk
 from .._triton_util import device_ctx as _device_ctx
@@ -510,9 +512,11 @@ def _dbc_kernel(
 # --------------------------------------------------------------------------
 
 class _Prep:
-    """Shapes, the padded float32 dt and the float64 chunk cumsum, (b, h, nc*Q)."""
+    """Shapes, the padded float32 dt and the float64 chunk cumsum, (b, h, nc*Q);
+    at document starts (`starts`) the log-decay is RESET_LOG_DECAY, so the
+    kernels see a zero decay there and nothing else changes."""
 
-    def __init__(self, x, dt, A, B, chunk_size):
+    def __init__(self, x, dt, A, B, chunk_size, starts=None):
         b, l, h, p = x.shape
         self.b, self.l, self.h, self.p = b, l, h, p
         self.g, self.n = B.shape[2], B.shape[3]
@@ -525,6 +529,10 @@ class _Prep:
         self.dt = dtp
         self.A = A.to(torch.float32)
         a = dtp * self.A[:, None]
+        if starts is not None:
+            reset = torch.zeros(b, 1, lp, device=x.device, dtype=torch.bool)
+            reset[:, 0, :l] = starts
+            a = torch.where(reset, RESET_LOG_DECAY, a)
         self.cum = a.double().view(b, h, self.nc, self.q).cumsum(-1).view(b, h, lp)
         self.dot, self.ieee = _dot_dtype(x)
 
@@ -608,8 +616,8 @@ def _states_fwd(prep: _Prep, x, B, initial_state):
     return states, final
 
 
-def _forward(x, dt, A, B, C, D, initial_state, chunk_size):
-    prep = _Prep(x, dt, A, B, chunk_size)
+def _forward(x, dt, A, B, C, D, initial_state, chunk_size, starts=None):
+    prep = _Prep(x, dt, A, B, chunk_size, starts)
     cb = _cb(prep, B, C)
     states, final = _states_fwd(prep, x, B, initial_state)
     b, h, p, n, q = prep.b, prep.h, prep.p, prep.n, prep.q
@@ -627,8 +635,8 @@ def _forward(x, dt, A, B, C, D, initial_state, chunk_size):
     return y, final.to(x.dtype)
 
 
-def _backward(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size):
-    prep = _Prep(x, dt, A, B, chunk_size)
+def _backward(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size, starts=None):
+    prep = _Prep(x, dt, A, B, chunk_size, starts)
     b, l, h, p, n, q, nc, g = prep.b, prep.l, prep.h, prep.p, prep.n, prep.q, prep.nc, prep.g
     lp = nc * q
     dev = x.device
@@ -709,6 +717,8 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size):
           + dcum_state.view(b, h, nc, q).double().flip(-1).cumsum(-1).flip(-1)  # entering state: start < k <= i
           + dcl.view(b, h, nc, npn).sum(-1, dtype=f64)[..., None])     # whole-chunk decay
     da = da.view(b, h, lp)
+    # (at a reset step every term of d(a) carries the factor exp(-1e4) = 0, so
+    # neither ddt nor dA gets anything through the reset decays: no mask needed)
     ddt = ddt_dir.double() + da * prep.A.double()[:, None]
     dA = (da * prep.dt.double()).sum((0, 2))
     ddt = ddt[:, :, :l].permute(0, 2, 1).to(dt.dtype).contiguous()
@@ -722,33 +732,35 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size):
 # custom ops + autograd
 # --------------------------------------------------------------------------
 
-@torch.library.custom_op("megacpp::ssd_triton_fwd", mutates_args=())
+@torch.library.custom_op("megacpp::ssd_triton_fwd", mutates_args=(), tags=_FLEXIBLE)
 def _ssd_fwd_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                 D: Optional[torch.Tensor], initial_state: Optional[torch.Tensor],
-                chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                chunk_size: int, starts: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     with _device_ctx(x):
-        return _forward(x, dt, A, B, C, D, initial_state, chunk_size)
+        return _forward(x, dt, A, B, C, D, initial_state, chunk_size, starts)
 
 
 @_ssd_fwd_op.register_fake
-def _(x, dt, A, B, C, D, initial_state, chunk_size):
+def _(x, dt, A, B, C, D, initial_state, chunk_size, starts):
     b, l, h, p = x.shape
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(b, h, p, B.shape[-1])
 
 
-@torch.library.custom_op("megacpp::ssd_triton_bwd", mutates_args=())
+@torch.library.custom_op("megacpp::ssd_triton_bwd", mutates_args=(), tags=_FLEXIBLE)
 def _ssd_bwd_op(dy: torch.Tensor, dfinal: Optional[torch.Tensor], x: torch.Tensor, dt: torch.Tensor,
                 A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: Optional[torch.Tensor],
-                initial_state: Optional[torch.Tensor], chunk_size: int) -> list[torch.Tensor]:
+                initial_state: Optional[torch.Tensor], chunk_size: int,
+                starts: Optional[torch.Tensor]) -> list[torch.Tensor]:
     with _device_ctx(x):
-        dx, ddt, dA, dB, dC, dD, dinit = _backward(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size)
+        dx, ddt, dA, dB, dC, dD, dinit = _backward(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size,
+                                                   starts)
     # absent D / initial_state: empty placeholders (distinct tensors: custom-op outputs may not alias)
     return [dx, ddt, dA, dB, dC, dD if dD is not None else x.new_empty(0),
             dinit if dinit is not None else x.new_empty(0)]
 
 
 @_ssd_bwd_op.register_fake
-def _(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size):
+def _(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size, starts):
     cf = torch.contiguous_format
     return [torch.empty_like(x, memory_format=cf), torch.empty_like(dt, memory_format=cf), torch.empty_like(A),
             torch.empty_like(B, memory_format=cf), torch.empty_like(C, memory_format=cf),
@@ -757,34 +769,34 @@ def _(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size):
 
 
 def _setup_context(ctx, inputs, output):
-    x, dt, A, B, C, D, initial_state, chunk_size = inputs
-    ctx.save_for_backward(x, dt, A, B, C, D, initial_state)
+    x, dt, A, B, C, D, initial_state, chunk_size, starts = inputs
+    ctx.save_for_backward(x, dt, A, B, C, D, initial_state, starts)
     ctx.chunk_size = chunk_size
     ctx.has_d = D is not None
     ctx.has_init = initial_state is not None
 
 
 def _backward_fn(ctx, dy, dfinal):
-    x, dt, A, B, C, D, initial_state = ctx.saved_tensors
+    x, dt, A, B, C, D, initial_state, starts = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(x)
     grads = _ssd_bwd_op(dy, dfinal, x, dt, A, B, C, D if ctx.has_d else None,
-                        initial_state if ctx.has_init else None, ctx.chunk_size)
+                        initial_state if ctx.has_init else None, ctx.chunk_size, starts)
     dx, ddt, dA, dB, dC, dD, dinit = grads
-    return (dx, ddt, dA, dB, dC, dD if ctx.has_d else None, dinit if ctx.has_init else None, None)
+    return (dx, ddt, dA, dB, dC, dD if ctx.has_d else None, dinit if ctx.has_init else None, None, None)
 
 
 _ssd_fwd_op.register_autograd(_backward_fn, setup_context=_setup_context)
 
 
-def ssd_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
+def ssd_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, starts=None):
     """Chunked Mamba-2 SSD in Triton; same arguments and returns as `reference.ssd`."""
-    b, l, h, p, g, n = _check(x, dt, A, B, C, D, initial_state)
+    b, l, h, p, g, n = _check(x, dt, A, B, C, D, initial_state, starts)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     for name, t in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("initial_state", initial_state)):
         if t is not None and t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise TypeError(f"ssd_triton: {name} is {t.dtype}; float64 (and other dtypes) go to reference.ssd")
     if l == 0:
-        return _ssd_reference(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)
-    return _ssd_fwd_op(x, dt, A, B, C, D, initial_state, int(chunk_size))
+        return _ssd_reference(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state, starts=starts)
+    return _ssd_fwd_op(x, dt, A, B, C, D, initial_state, int(chunk_size), starts)
