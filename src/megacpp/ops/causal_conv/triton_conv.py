@@ -429,17 +429,16 @@ def _conv_bwd_walk_kernel(
 # unset): DEFAULT, then TUNED, then LAUNCH, as in ops/ssd/triton_ssd.py;
 # benchmarks/conv_tune.py sweeps them on a GPU. Under the interpreter (CPU
 # tests) DEFAULT and LAUNCH (tests set LAUNCH to reach the other paths).
-# The walks: one warp over 128 channels (4 a thread) walking 32 rows.
+# The walks: one warp a program. The backward's 8 rows x 64 channels came from
+# `python3 benchmarks/conv_tune.py` on an H200 (2026-11-28) at mamba2-130m's
+# conv (batch 8, 2048 steps, 1792 channels, K 4, bf16): 0.295 ms a call at 32 x
+# 128 -> 0.139 (the tiles' two passes: ~0.25); the forward had no better
+# launch than 32 x 128 (0.057 ms, the tiles' 0.054).
 KERNELS = ("fwd", "dpre", "dx", "fwd_walk", "bwd_walk")
 _TILE = {"BT": 64, "BC": 128, "num_warps": 4}
-_WALK = {"BT": 32, "BC": 128, "num_warps": 1}
-DEFAULT = {"fwd": _TILE, "dpre": _TILE, "dx": _TILE, "fwd_walk": _WALK, "bwd_walk": _WALK}
-# The backward walk: `python3 benchmarks/conv_tune.py` on an H200 (2026-11-28),
-# mamba2-130m's conv (batch 8, 2048 steps, 1792 channels, K 4, bf16): 0.295 ->
-# 0.139 ms a call with 8 rows and 64 channels a program (the tiles' two passes:
-# ~0.25); the forward walk had no better launch (0.057 ms, the tiles' 0.054).
+DEFAULT = {"fwd": _TILE, "dpre": _TILE, "dx": _TILE, "fwd_walk": {"BT": 32, "BC": 128, "num_warps": 1},
+           "bwd_walk": {"BT": 8, "BC": 64, "num_warps": 1}}
 TUNED: dict[str, dict] = {k: {} for k in KERNELS}
-TUNED["bwd_walk"] = {"BT": 8, "BC": 64}
 LAUNCH: dict[str, dict] = {k: {} for k in KERNELS}
 # Which kernels run: "walk" (K <= WALK_MAX_K) or "tiles" (any K; the only
 # path for longer convs). benchmarks/conv_tune.py --paths times both.
