@@ -30,3 +30,19 @@ def test_bench_refuses_snapshot_of_another_seq_len(tiny_snapshot):
     recipe = megacpp.load_recipe("nam-tiny", tiny_sets(**{"policy.seq_len": 32}))
     with pytest.raises(MegacppError, match="seq_len"):
         run_bench(recipe, steps=1, warmup=0, device="cpu", family_times=False, data=str(tiny_snapshot))
+
+
+@pytest.mark.parametrize("mode", ["none", "reduce-overhead"])
+def test_bench_family_times_skipped_under_cuda_graphs(mode, monkeypatch):
+    """Under CUDA graphs one layer called alone would replay over its own saved
+    tensors: the bench says so instead of timing (compile itself stubbed out:
+    the decision is the policy's, not the device's)."""
+    import megacpp.train.bench as bench
+    monkeypatch.setattr(bench, "apply_compile", lambda model, pol: {"mode": pol.mode})
+    recipe = megacpp.load_recipe("nam-tiny", tiny_sets(**{"policy.compile.mode": mode}))
+    r = run_bench(recipe, steps=1, warmup=0, device="cpu", family_times=True, kernels=False)
+    if mode == "none":
+        assert r.family_ms and not r.family_note
+    else:
+        assert r.family_ms == {} and "reduce-overhead" in r.family_note
+        assert "per family: not measured" in bench.bench_text(r)

@@ -49,6 +49,7 @@ class BenchResult:
     active_params: int
     peak_memory_gib: float
     family_ms: dict[str, float] = field(default_factory=dict)
+    family_note: str = ""   # why family_ms is empty when it was asked for
     patches: list[dict] = field(default_factory=list)
     compile: dict = field(default_factory=dict)
     activation_checkpointing: dict = field(default_factory=dict)
@@ -110,10 +111,6 @@ def _family_times(model, recipe: Recipe, batch: dict, precision: Precision, devi
         x = torch.randn(b, t, d, device=device, requires_grad=True)
 
         def fwd_bwd():
-            # under CUDA graphs (compile mode reduce-overhead) each call is a new
-            # step: without the mark the graph trees count the calls as one
-            # generation and the second call overwrites what the first saved
-            torch.compiler.cudagraph_mark_step_begin()
             with precision.autocast():
                 y, _, _ = layer(x, ctx)
             y.float().square().mean().backward()
@@ -209,14 +206,20 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
     med = statistics.median(times)
     tps = B * pol.seq_len / (med / 1e3)
     peak = peak_flops(dev)
-    fam, fam_prof = (_family_times(model, recipe, batch, precision, dev, kernels=kernels) if family_times
-                     else ({}, {}))
+    fam, fam_prof, fam_note = {}, {}, ""
+    if family_times and pol.compile.mode in ("reduce-overhead", "max-autotune"):
+        # one layer called alone, outside the step its CUDA graph trees recorded,
+        # replays over the outputs its backward still needs (torch 2.11 raises
+        # "accessing tensor output of CUDAGraphs that has been overwritten")
+        fam_note = f"not measured: compile mode {pol.compile.mode} (CUDA graphs) replays whole steps only"
+    elif family_times:
+        fam, fam_prof = _family_times(model, recipe, batch, precision, dev, kernels=kernels)
     return BenchResult(
         recipe=spec.name, recipe_hash=recipe.hash, device=device_facts(dev).get("name", str(dev)),
         batch=B, seq_len=pol.seq_len, steps=steps, step_ms_median=med, step_ms_all=times,
         tokens_per_s=tps, mfu=(tps * s.flops_per_token / peak) if peak else None,
         flops_per_token=s.flops_per_token, total_params=s.total_params, active_params=s.active_params,
-        peak_memory_gib=peak_mem, family_ms=fam, patches=[r.to_dict() for r in records],
+        peak_memory_gib=peak_mem, family_ms=fam, family_note=fam_note, patches=[r.to_dict() for r in records],
         compile={**comp, **compile_stats()}, activation_checkpointing={"policy": dict(pol.activation_checkpointing),
                                                                        "applied_layers": len(ac)},
         precision=pol.precision.compute + ("" if pol.precision.low_precision == "none"
@@ -250,6 +253,8 @@ def bench_text(r: BenchResult) -> str:
              + f"; SSD scan: {r.ssd_backend or '?'}; causal conv: {r.conv_backend or '?'}"
              + f"; delta rule: {r.delta_rule_backend or '-'}"
              + f"; packed attention: {r.attention_backend or '?'}; data: {r.data}"]
+    if r.family_note:
+        lines.append(f"  per family: {r.family_note}")
     if r.family_ms:
         tot = sum(r.family_ms.values())
         lines.append("  isolated fwd+bwd per family (ms/step, share): " + ", ".join(
