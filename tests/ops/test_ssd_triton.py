@@ -20,6 +20,7 @@ max = max|a - r| / max|r|  (r: float64 reference).
 from __future__ import annotations
 
 import importlib.util
+import functools
 import math
 import os
 
@@ -192,6 +193,13 @@ def test_cuda_starts_match_reference(case, dtype, seed, gen):
 
 @cuda_only
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_keep_states_equals_recompute(dtype, seed, gen):
+    keep_states_case("cuda", dtype, gen, seed)
+
+
+@cuda_only
+@pytest.mark.gpu
 def test_cuda_fp16(seed, gen):
     from megacpp.ops.ssd.triton_ssd import ssd_triton
     ins = make_inputs(2, 160, 4, 64, 2, 64, dtype=torch.float16, device="cuda", gen=gen)
@@ -255,6 +263,48 @@ def test_cpu_interp_starts_match_reference(case, seed, gen):
     assert_close(compare(ssd_triton, ins, chunk, seed, starts=doc_starts(shape[0], shape[1], 0.1, gen)), dtype)
 
 
+def _grads_of(fn, ins, chunk, starts, keep, gen_seed):
+    gen = torch.Generator().manual_seed(gen_seed)
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in ins]
+    y, s = fn(*leaves[:5], chunk, D=leaves[5], initial_state=leaves[6], starts=starts, keep_states=keep)
+    gy, gs = torch.randn(y.shape, generator=gen).to(y.dtype), torch.randn(s.shape, generator=gen).to(s.dtype)
+    ((y.float() * gy.float()).sum() + (s.float() * gs.float()).sum()).backward()
+    return [y, s] + [t.grad for t in leaves if t is not None]
+
+
+def keep_states_case(device, dtype, gen, seed):
+    """keep_states=True (the forward's states, CB and cumsum kept for the
+    backward) against recomputing them: the same kernels on the same inputs,
+    so bitwise the same outputs and gradients."""
+    from megacpp.ops.ssd.triton_ssd import ssd_triton
+    b, l = 2, 37 if device == "cpu" else 300
+    ins = make_inputs(b, l, 4, 16, 2, 32, dtype=dtype, device=device, gen=gen)
+    starts = doc_starts(b, l, 0.1, gen).to(device)
+    chunk = 16 if device == "cpu" else 128
+    kept = _grads_of(ssd_triton, ins, chunk, starts, True, seed)
+    recomputed = _grads_of(ssd_triton, ins, chunk, starts, False, seed)
+    for a, r in zip(kept, recomputed):
+        assert torch.equal(a, r)
+
+
+@interp_only
+def test_cpu_interp_keep_states_equals_recompute(seed, gen, monkeypatch):
+    from megacpp.ops.ssd import triton_ssd as T
+    calls = {"cb": 0, "states": 0}
+
+    def counted(name, fn):
+        def wrapper(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapper
+
+    monkeypatch.setattr(T, "_cb", counted("cb", T._cb))
+    monkeypatch.setattr(T, "_states_fwd", counted("states", T._states_fwd))
+    keep_states_case("cpu", torch.float32, gen, seed)
+    # forward + backward: 1 + 0 kept, 1 + 1 recomputed
+    assert calls == {"cb": 3, "states": 3}
+
+
 @interp_only
 def test_cpu_interp_custom_op_and_compile(seed, gen):
     # Fake (meta) implementations and autograd registration as torch.compile
@@ -264,19 +314,25 @@ def test_cpu_interp_custom_op_and_compile(seed, gen):
     ins = make_inputs(1, 20, 2, 16, 1, 16, dtype=torch.float32, device="cpu", gen=gen)
     starts = doc_starts(1, 20, 0.2, gen)
     for st in (None, starts):
-        torch.library.opcheck(T._ssd_fwd_op, (*ins, 16, st), test_utils=("test_schema", "test_faketensor"))
+        for keep in (False, True):
+            torch.library.opcheck(T._ssd_fwd_op, (*ins, 16, st, keep), test_utils=("test_schema", "test_faketensor"))
+        kept = list(T._ssd_fwd_op(*ins, 16, st, True)[2:])
         dy = torch.randn_like(ins[0])
-        torch.library.opcheck(T._ssd_bwd_op, (dy, None, *ins[:5], None, None, 16, st),
-                              test_utils=("test_schema", "test_faketensor"))
+        for k in ([], kept):
+            torch.library.opcheck(T._ssd_bwd_op, (dy, None, *ins[:5], None, None, 16, st, k),
+                                  test_utils=("test_schema", "test_faketensor"))
     torch._dynamo.reset()
     f = torch.compile(T.ssd_triton, backend="aot_eager", fullgraph=True)
     assert_close(compare(f, ins, 16, seed), torch.float32)
+    torch._dynamo.reset()
+    g = torch.compile(functools.partial(T.ssd_triton, keep_states=True), backend="aot_eager", fullgraph=True)
+    assert_close(compare(g, ins, 16, seed, starts=starts), torch.float32)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 @pytest.mark.skipif(CHILD, reason="this is the parent")
 def test_triton_interpreter_on_cpu():
-    run_interpreter_child(__file__, "MEGACPP_SSD_INTERP_CHILD", len(INTERP_CASES) + len(STARTS_INTERP) + 1)
+    run_interpreter_child(__file__, "MEGACPP_SSD_INTERP_CHILD", len(INTERP_CASES) + len(STARTS_INTERP) + 2)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")

@@ -25,3 +25,22 @@ def test_bad_kernel_choice_is_one_clear_error(env, msg, tiny_snapshot, tmp_path)
     assert p.returncode == 2, p.stderr[-2000:]
     assert msg in p.stderr and "Traceback" not in p.stderr
     assert not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip()
+
+
+def test_ssd_states_policy_reaches_every_mamba_mixer_and_is_validated():
+    import megacpp
+    from megacpp.errors import RecipeError
+    from megacpp.model.mamba import _MambaBase
+    from megacpp.train.activation import apply_ssd_states
+
+    recipe = megacpp.load_recipe("nam-tiny", ["policy.kernels.ssd_states=keep"])
+    model = megacpp.build_model(recipe.model)
+    mixers = [m for m in model.modules() if isinstance(m, _MambaBase)]
+    assert mixers and not any(m.keep_ssd_states for m in mixers)   # the class default: recompute
+    assert apply_ssd_states(model, recipe.policy.kernels.ssd_states) == len(mixers)
+    assert all(m.keep_ssd_states for m in mixers)
+    assert apply_ssd_states(model, "recompute") == len(mixers) and not any(m.keep_ssd_states for m in mixers)
+    dense = megacpp.build_model(megacpp.load_recipe("dense-125m", ["model.depth=2", "model.hidden_size=96", "model.vocab_size=256"]).model)
+    assert apply_ssd_states(dense, "keep") == 0
+    with pytest.raises(RecipeError, match="policy.kernels.ssd_states"):
+        megacpp.load_recipe("nam-tiny", ["policy.kernels.ssd_states=sometimes"])

@@ -81,6 +81,11 @@ def segmented_cumsum(v: torch.Tensor, starts: torch.Tensor | None) -> torch.Tens
 
 
 class _MambaBase(nn.Module):
+    # run policy, not identity (policy.kernels.ssd_states, set by
+    # train.activation.apply_ssd_states): keep the Triton scan's chunk
+    # states from forward to backward instead of recomputing them
+    keep_ssd_states: bool = False
+
     def _init_sizes(self, spec: ModelSpec) -> None:
         m = spec.mamba
         self.d_inner, self.heads, self.head_dim = spec.mamba_d_inner, spec.mamba_heads, m.head_dim
@@ -143,7 +148,8 @@ class Mamba2(_MambaBase):
         x, B, C = self._xbc(xbc)
         dt, A = self._dt_A(dt_raw)
         # the skip term D x and the document resets inside the op (nothing rescaled here)
-        y, final = ssd(x, dt, A, B, C, self.chunk_size, D=self.D, starts=ctx.starts)
+        y, final = ssd(x, dt, A, B, C, self.chunk_size, D=self.D, starts=ctx.starts,
+                       keep_states=self.keep_ssd_states)
         y = self.norm(y.reshape(b, t, self.d_inner), z)
         state = None
         if ctx.want_state:
@@ -224,7 +230,7 @@ class Mamba3(_MambaBase):
         xx = torch.cat([x * lam[..., None].to(x.dtype), x_prev * prev_scale[..., None].to(x.dtype)], dim=2)
         y2, s2 = ssd(xx, torch.cat([dt, dt], dim=2), torch.cat([A, A]),
                      torch.cat([B, B_prev], dim=2), torch.cat([C, C], dim=2),
-                     self.chunk_size, starts=starts)
+                     self.chunk_size, starts=starts, keep_states=self.keep_ssd_states)
         y = y2[:, :, :H] + y2[:, :, H:] + x * self.D.to(x.dtype)[:, None]
         y = self.norm(y.reshape(b, t, self.d_inner), z)
         state = None

@@ -54,6 +54,16 @@ class CompileSpec:
 
 
 @dataclass(frozen=True)
+class KernelSpec:
+    # The Triton SSD scan's chunk states (and CB, the chunk cumsum) between
+    # forward and backward: "recompute" them in the backward (saves memory:
+    # the states are b * ceil(l/Q) * heads * headdim * state float32 a Mamba
+    # layer, 100 MB for mamba2-130m at 8 x 2048) or "keep" them (the backward
+    # skips two kernels and their glue). Changes no result.
+    ssd_states: str = "recompute"
+
+
+@dataclass(frozen=True)
 class ParallelSpec:
     data: int = 1                    # data-parallel degree (1: one device)
     sharding: str = "none"           # none | ddp | fsdp2
@@ -151,6 +161,7 @@ class RunPolicy:
     activation_checkpointing: dict[str, str] = field(default_factory=lambda: {
         "A": "none", "M": "none", "R": "none", "E": "none", "F": "none"})
     compile: CompileSpec = field(default_factory=CompileSpec)
+    kernels: KernelSpec = field(default_factory=KernelSpec)
     # Memory patches wanted: name -> "required" | "preferred" | "off".
     patches: dict[str, str] = field(default_factory=lambda: {
         "linear_ce": "preferred", "dsa_indexer_fused": "preferred"})

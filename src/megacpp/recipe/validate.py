@@ -29,6 +29,7 @@ IMPLEMENTED = {
     "precision.fp32_matmul": {"tf32", "ieee"},
     "compile.mode": {"none", "default", "reduce-overhead", "max-autotune"},
     "compile.scope": {"block", "model"},
+    "kernels.ssd_states": {"recompute", "keep"},
     "parallel.sharding": {"none", "ddp", "fsdp2"},
     "parallel.gather": {"storage", "compute", "compute_subgroups"},
     "parallel.reduce": {"float32", "compute"},
@@ -235,6 +236,7 @@ def validate_policy(p: RunPolicy) -> None:
     _family_map(p.activation_checkpointing, f + "activation_checkpointing", IMPLEMENTED["ac"])
     _choice(p.compile.mode, IMPLEMENTED["compile.mode"], f + "compile.mode")
     _choice(p.compile.scope, IMPLEMENTED["compile.scope"], f + "compile.scope")
+    _choice(p.kernels.ssd_states, IMPLEMENTED["kernels.ssd_states"], f + "kernels.ssd_states")
     for name, mode in p.patches.items():
         if name not in KNOWN_PATCHES:
             _err(f + f"patches.{name}", f"unknown patch; known: {', '.join(KNOWN_PATCHES)}")

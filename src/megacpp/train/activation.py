@@ -39,3 +39,19 @@ def apply_activation_checkpointing(model: torch.nn.Module, letters: str, policy:
         _wrap(target)
         applied[i] = mode
     return applied
+
+
+def apply_ssd_states(model: torch.nn.Module, mode: str) -> int:
+    """policy.kernels.ssd_states onto every Mamba mixer: "keep" the Triton
+    scan's chunk states for the backward, or "recompute" them there. Returns
+    how many mixers it set (0 for a model without Mamba layers)."""
+    from ..model.mamba import _MambaBase
+
+    if mode not in ("recompute", "keep"):
+        raise ValueError(f"policy.kernels.ssd_states = {mode!r}: 'recompute' or 'keep'")
+    n = 0
+    for m in model.modules():
+        if isinstance(m, _MambaBase):
+            m.keep_ssd_states = mode == "keep"
+            n += 1
+    return n

@@ -24,7 +24,7 @@ from ..losses.moe_aux import load_balance_loss, z_loss
 from ..recipe import Recipe
 from ..recipe.count import summarize
 from ..recipe.pattern import FAMILY
-from .activation import apply_activation_checkpointing
+from .activation import apply_activation_checkpointing, apply_ssd_states
 from .compile import apply_compile, compile_stats
 from .device import device_facts, peak_flops, pick_device
 from .kernel_profile import KernelProfile, profile_kernels, profile_text
@@ -153,6 +153,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
     records = install_patches(model, pol.patches, dev, precision.dtype)
     precision.apply(model)  # parameter dtypes + low-precision GEMMs, as the trainer does
     ac = apply_activation_checkpointing(model, recipe.layers.letters, pol.activation_checkpointing)
+    apply_ssd_states(model, pol.kernels.ssd_states)  # before compile: read at trace time
     comp = apply_compile(model, pol.compile)
     opt = Optimizers(model, pol.optimizer, dev)
     B = micro_batch or pol.micro_batch

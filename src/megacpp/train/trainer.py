@@ -33,7 +33,7 @@ from ..recipe import Recipe
 from ..recipe.count import summarize
 from ..recipe.validate import stp_layers
 from ..run.manifest import MANIFEST, git_commit, new_manifest, write_json_atomic
-from .activation import apply_activation_checkpointing
+from .activation import apply_activation_checkpointing, apply_ssd_states
 from .checkpoint import DCP, latest_good, load_sharded, load_weights, read_state, save_checkpoint, save_sharded
 from .compile import apply_compile, compile_stats
 from .device import device_facts, memory_available, peak_flops, peak_memory, pick_device
@@ -259,6 +259,7 @@ class Trainer:
         self.letters = self.recipe.layers.letters
         self.ac_applied = apply_activation_checkpointing(self.model, self.letters,
                                                          pol.activation_checkpointing)
+        apply_ssd_states(self.model, pol.kernels.ssd_states)  # before compile: read at trace time
         self.train_model = self.dist.wrap(self.model, self.recipe)
         self.compile_info = apply_compile(self.model, pol.compile)
         self.opt = Optimizers(self.model, pol.optimizer, self.device)

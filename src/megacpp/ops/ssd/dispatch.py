@@ -1,12 +1,14 @@
 """Which SSD implementation runs: the Triton kernels or the pure-torch reference.
 
-    ssd_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None, starts=None)
+    ssd_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None, starts=None, keep_states=False)
 
 has `reference.ssd`'s signature and returns. It takes the Triton kernels
 (`triton_ssd.ssd_triton`) when `ssd_backend(x.device, x.dtype)` says
 "triton": x on CUDA, triton importable, the environment variable
 MEGACPP_SSD not "reference", and x not float64 (the reference is the float64
-oracle). Everything else goes to `reference.ssd`. MEGACPP_SSD=triton makes a
+oracle). Everything else goes to `reference.ssd`. keep_states (Triton only:
+keep the forward's chunk states for the backward instead of recomputing
+them) changes no result; the reference's autograd keeps what it keeps. MEGACPP_SSD=triton makes a
 missing Triton path an error instead of a silent fallback.
 
 Nothing here imports triton until a CUDA tensor asks for it, so importing
@@ -42,10 +44,11 @@ def ssd_backend(device, dtype: torch.dtype | None = None) -> str:
     return BACKEND.backend(ssd_backend_reason(device, dtype))
 
 
-def ssd_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None, starts=None):
+def ssd_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None, starts=None, keep_states=False):
     """reference.ssd's signature; Triton on CUDA when available (see ssd_backend)."""
     if ssd_backend(x.device, x.dtype) == "triton":
         from .triton_ssd import ssd_triton
         x, B, C = autocast_operands(x.device, x, B, C)  # the matmul operands, as the reference's einsums get them
-        return ssd_triton(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state, starts=starts)
+        return ssd_triton(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state, starts=starts,
+                          keep_states=keep_states)
     return ssd_reference(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state, starts=starts)

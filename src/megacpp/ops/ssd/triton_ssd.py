@@ -41,8 +41,11 @@ What runs where (per chunk c of Q = chunk_size steps, per head):
                         group plus d(CB) C and d(CB)^T B; the state part of
                         d(cum) per head.
 
-  Nothing but the inputs is saved for backward: CB and the entering states
-  are recomputed there (for nam-125m they would be ~200 MB per layer).
+  By default nothing but the inputs is saved for backward: CB and the
+  entering states are recomputed there (for nam-125m they would be ~200 MB
+  per layer). keep_states=True (policy.kernels.ssd_states = "keep") saves
+  them, with the padded dt and the chunk cumsum, and the backward skips
+  _cb_kernel, _state_fwd_kernel and that glue.
 
 Precision: all accumulation is float32. Matmul operands are cast to
 x's dtype when x is bf16/fp16 (tensor cores; the intermediate float32
@@ -516,7 +519,8 @@ class _Prep:
     at document starts (`starts`) the log-decay is RESET_LOG_DECAY, so the
     kernels see a zero decay there and nothing else changes."""
 
-    def __init__(self, x, dt, A, B, chunk_size, starts=None):
+    def __init__(self, x, dt, A, B, chunk_size, starts=None, saved=None):
+        """saved: (dt, cum) as an earlier _Prep of the same inputs made them (not recomputed)."""
         b, l, h, p = x.shape
         self.b, self.l, self.h, self.p = b, l, h, p
         self.g, self.n = B.shape[2], B.shape[3]
@@ -524,17 +528,20 @@ class _Prep:
         self.q = int(chunk_size)
         self.nc = -(-l // self.q)
         lp = self.nc * self.q
+        self.A = A.to(torch.float32)
+        self.dot, self.ieee = _dot_dtype(x)
+        if saved is not None:
+            self.dt, self.cum = saved
+            return
         dtp = torch.zeros(b, h, lp, device=x.device, dtype=torch.float32)
         dtp[:, :, :l] = dt.permute(0, 2, 1)
         self.dt = dtp
-        self.A = A.to(torch.float32)
         a = dtp * self.A[:, None]
         if starts is not None:
             reset = torch.zeros(b, 1, lp, device=x.device, dtype=torch.bool)
             reset[:, 0, :l] = starts
             a = torch.where(reset, RESET_LOG_DECAY, a)
         self.cum = a.double().view(b, h, self.nc, self.q).cumsum(-1).view(b, h, lp)
-        self.dot, self.ieee = _dot_dtype(x)
 
 
 def _warps(*tiles: int) -> int:
@@ -616,7 +623,8 @@ def _states_fwd(prep: _Prep, x, B, initial_state):
     return states, final
 
 
-def _forward(x, dt, A, B, C, D, initial_state, chunk_size, starts=None):
+def _forward(x, dt, A, B, C, D, initial_state, chunk_size, starts=None, keep=False):
+    """(y, final) and, with keep, (states, cb, dt, cum): what the backward would recompute."""
     prep = _Prep(x, dt, A, B, chunk_size, starts)
     cb = _cb(prep, B, C)
     states, final = _states_fwd(prep, x, B, initial_state)
@@ -632,16 +640,22 @@ def _forward(x, dt, A, B, C, D, initial_state, chunk_size, starts=None):
         HAS_D=D is not None,
         DOT=prep.dot, IEEE=prep.ieee, **cfg,
     )
+    if keep:
+        return y, final.to(x.dtype), (states, cb, prep.dt, prep.cum)
     return y, final.to(x.dtype)
 
 
-def _backward(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size, starts=None):
-    prep = _Prep(x, dt, A, B, chunk_size, starts)
+def _backward(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size, starts=None, kept=None):
+    """kept: the forward's (states, cb, dt, cum), or None to recompute them."""
+    prep = _Prep(x, dt, A, B, chunk_size, starts, saved=kept[2:] if kept is not None else None)
     b, l, h, p, n, q, nc, g = prep.b, prep.l, prep.h, prep.p, prep.n, prep.q, prep.nc, prep.g
     lp = nc * q
     dev = x.device
-    cb = _cb(prep, B, C)
-    states, _ = _states_fwd(prep, x, B, initial_state)
+    if kept is not None:
+        states, cb = kept[0], kept[1]
+    else:
+        cb = _cb(prep, B, C)
+        states, _ = _states_fwd(prep, x, B, initial_state)
     kw = dict(DOT=prep.dot, IEEE=prep.ieee)
 
     # reverse scan across chunks
@@ -732,35 +746,55 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size, starts=N
 # custom ops + autograd
 # --------------------------------------------------------------------------
 
+_SIX = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 @torch.library.custom_op("megacpp::ssd_triton_fwd", mutates_args=(), tags=_FLEXIBLE)
 def _ssd_fwd_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                 D: Optional[torch.Tensor], initial_state: Optional[torch.Tensor],
-                chunk_size: int, starts: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                chunk_size: int, starts: Optional[torch.Tensor], keep: bool) -> _SIX:
+    """(y, final) + (keep: the backward's states, cb, dt, cum; else four empty tensors)."""
     with _device_ctx(x):
-        return _forward(x, dt, A, B, C, D, initial_state, chunk_size, starts)
+        if keep:
+            y, final, kept = _forward(x, dt, A, B, C, D, initial_state, chunk_size, starts, keep=True)
+            return (y, final, *kept)
+        y, final = _forward(x, dt, A, B, C, D, initial_state, chunk_size, starts)
+    return (y, final, *(x.new_empty(0) for _ in range(4)))
+
+
+def _kept_shapes(x, B, chunk_size):
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    nc = -(-l // chunk_size)
+    return ((b, nc, h, p, n, torch.float32), (b, nc, g, chunk_size, chunk_size, torch.float32),
+            (b, h, nc * chunk_size, torch.float32), (b, h, nc * chunk_size, torch.float64))
 
 
 @_ssd_fwd_op.register_fake
-def _(x, dt, A, B, C, D, initial_state, chunk_size, starts):
+def _(x, dt, A, B, C, D, initial_state, chunk_size, starts, keep):
     b, l, h, p = x.shape
-    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(b, h, p, B.shape[-1])
+    out = (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(b, h, p, B.shape[-1]))
+    if keep:
+        return out + tuple(x.new_empty(shape[:-1], dtype=shape[-1]) for shape in _kept_shapes(x, B, chunk_size))
+    return out + tuple(x.new_empty(0) for _ in range(4))
 
 
 @torch.library.custom_op("megacpp::ssd_triton_bwd", mutates_args=(), tags=_FLEXIBLE)
 def _ssd_bwd_op(dy: torch.Tensor, dfinal: Optional[torch.Tensor], x: torch.Tensor, dt: torch.Tensor,
                 A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: Optional[torch.Tensor],
                 initial_state: Optional[torch.Tensor], chunk_size: int,
-                starts: Optional[torch.Tensor]) -> list[torch.Tensor]:
+                starts: Optional[torch.Tensor], kept: list[torch.Tensor]) -> list[torch.Tensor]:
+    """kept: the forward's [states, cb, dt, cum], or [] to recompute them."""
     with _device_ctx(x):
         dx, ddt, dA, dB, dC, dD, dinit = _backward(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size,
-                                                   starts)
+                                                   starts, kept or None)
     # absent D / initial_state: empty placeholders (distinct tensors: custom-op outputs may not alias)
     return [dx, ddt, dA, dB, dC, dD if dD is not None else x.new_empty(0),
             dinit if dinit is not None else x.new_empty(0)]
 
 
 @_ssd_bwd_op.register_fake
-def _(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size, starts):
+def _(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size, starts, kept):
     cf = torch.contiguous_format
     return [torch.empty_like(x, memory_format=cf), torch.empty_like(dt, memory_format=cf), torch.empty_like(A),
             torch.empty_like(B, memory_format=cf), torch.empty_like(C, memory_format=cf),
@@ -769,28 +803,35 @@ def _(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size, starts):
 
 
 def _setup_context(ctx, inputs, output):
-    x, dt, A, B, C, D, initial_state, chunk_size, starts = inputs
-    ctx.save_for_backward(x, dt, A, B, C, D, initial_state, starts)
+    x, dt, A, B, C, D, initial_state, chunk_size, starts, keep = inputs
+    kept = list(output[2:]) if keep else []
+    ctx.save_for_backward(x, dt, A, B, C, D, initial_state, starts, *kept)
+    ctx.mark_non_differentiable(*output[2:])
     ctx.chunk_size = chunk_size
     ctx.has_d = D is not None
     ctx.has_init = initial_state is not None
 
 
-def _backward_fn(ctx, dy, dfinal):
-    x, dt, A, B, C, D, initial_state, starts = ctx.saved_tensors
+def _backward_fn(ctx, dy, dfinal, *_kept_grads):
+    x, dt, A, B, C, D, initial_state, starts, *kept = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(x)
     grads = _ssd_bwd_op(dy, dfinal, x, dt, A, B, C, D if ctx.has_d else None,
-                        initial_state if ctx.has_init else None, ctx.chunk_size, starts)
+                        initial_state if ctx.has_init else None, ctx.chunk_size, starts, kept)
     dx, ddt, dA, dB, dC, dD, dinit = grads
-    return (dx, ddt, dA, dB, dC, dD if ctx.has_d else None, dinit if ctx.has_init else None, None, None)
+    return (dx, ddt, dA, dB, dC, dD if ctx.has_d else None, dinit if ctx.has_init else None, None, None, None)
 
 
 _ssd_fwd_op.register_autograd(_backward_fn, setup_context=_setup_context)
 
 
-def ssd_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, starts=None):
-    """Chunked Mamba-2 SSD in Triton; same arguments and returns as `reference.ssd`."""
+def ssd_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, starts=None, keep_states=False):
+    """Chunked Mamba-2 SSD in Triton; same arguments and returns as `reference.ssd`.
+
+    keep_states: keep the chunk states, CB and the chunk cumsum from the
+    forward for the backward instead of recomputing them there (speed for
+    memory: the states alone are b * ceil(l/Q) * h * p * n float32, 100 MB a
+    layer for mamba2-130m at batch 8 x 2048, twice x's bf16 size when n = Q)."""
     b, l, h, p, g, n = _check(x, dt, A, B, C, D, initial_state, starts)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -799,4 +840,5 @@ def ssd_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, starts=No
             raise TypeError(f"ssd_triton: {name} is {t.dtype}; float64 (and other dtypes) go to reference.ssd")
     if l == 0:
         return _ssd_reference(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state, starts=starts)
-    return _ssd_fwd_op(x, dt, A, B, C, D, initial_state, int(chunk_size), starts)
+    y, final, *_ = _ssd_fwd_op(x, dt, A, B, C, D, initial_state, int(chunk_size), starts, bool(keep_states))
+    return y, final
