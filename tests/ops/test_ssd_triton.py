@@ -267,7 +267,8 @@ def _grads_of(fn, ins, chunk, starts, keep, gen_seed):
     gen = torch.Generator().manual_seed(gen_seed)
     leaves = [None if t is None else t.detach().clone().requires_grad_() for t in ins]
     y, s = fn(*leaves[:5], chunk, D=leaves[5], initial_state=leaves[6], starts=starts, keep_states=keep)
-    gy, gs = torch.randn(y.shape, generator=gen).to(y.dtype), torch.randn(s.shape, generator=gen).to(s.dtype)
+    gy = torch.randn(y.shape, generator=gen).to(device=y.device, dtype=y.dtype)
+    gs = torch.randn(s.shape, generator=gen).to(device=s.device, dtype=s.dtype)
     ((y.float() * gy.float()).sum() + (s.float() * gs.float()).sum()).backward()
     return [y, s] + [t.grad for t in leaves if t is not None]
 

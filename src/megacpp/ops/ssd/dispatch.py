@@ -51,4 +51,5 @@ def ssd_fast(x, dt, A, B, C, chunk_size, D=None, initial_state=None, starts=None
         x, B, C = autocast_operands(x.device, x, B, C)  # the matmul operands, as the reference's einsums get them
         return ssd_triton(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state, starts=starts,
                           keep_states=keep_states)
-    return ssd_reference(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state, starts=starts)
+    return ssd_reference(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state, starts=starts,
+                         keep_states=keep_states)

@@ -113,8 +113,12 @@ def ssd_recurrent(x, dt, A, B, C, D=None, initial_state=None, starts=None):
     return y.to(x.dtype), state.to(x.dtype)
 
 
-def ssd(x, dt, A, B, C, chunk_size, D=None, initial_state=None, starts=None):
+def ssd(x, dt, A, B, C, chunk_size, D=None, initial_state=None, starts=None, keep_states=False):
     """Chunked Mamba-2 SSD. Returns (y like x, final_state (batch, nheads, headdim, dstate)).
+
+    keep_states: the Triton op's choice (keep its chunk states for the
+    backward); accepted for the same signature and ignored here, where
+    autograd keeps what the einsums need.
 
     seqlen need not be a multiple of chunk_size: the tail is padded with
     dt = 0, which leaves the state untouched (decay exp(0) = 1, input
