@@ -243,6 +243,36 @@ def _tap(v, w, same):
 
 
 @triton.jit
+def _walk_setup(x_ptr, w_ptr, bias_ptr, doc_ptr, s_xb, s_db, CH,
+                K: tl.constexpr, HAS_BIAS: tl.constexpr, BC: tl.constexpr):
+    """A walk program's coordinates, row bases, the taps' float32 weights
+    (tap k, x_{t-k}, weighs w[c, K-1-k]; taps past K weigh 0) and bias."""
+    pid_t = tl.program_id(0)
+    b = tl.program_id(2)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    vc = c < CH
+    bias = tl.zeros((BC,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + c, mask=vc, other=0.0).to(tl.float32)
+    return (pid_t, b, c, vc, x_ptr + b.to(tl.int64) * s_xb, doc_ptr + b.to(tl.int64) * s_db,
+            _wtap(w_ptr, c, vc, K, 0), _wtap(w_ptr, c, vc, K, 1), _wtap(w_ptr, c, vc, K, 2),
+            _wtap(w_ptr, c, vc, K, 3), bias)
+
+
+@triton.jit
+def _walk_pre(bias, v0, v1, v2, v3, w0, w1, w2, w3, s1, s2, s3, K: tl.constexpr):
+    """float32 pre-activation of one row from its taps v_k = x_{t-k} (s_k: in its document)."""
+    pre = bias + v0.to(tl.float32) * w0
+    if K > 1:
+        pre += _tap(v1, w1, s1)
+    if K > 2:
+        pre += _tap(v2, w2, s2)
+    if K > 3:
+        pre += _tap(v3, w3, s3)
+    return pre
+
+
+@triton.jit
 def _conv_fwd_walk_kernel(
     x_ptr, w_ptr, bias_ptr, doc_ptr, y_ptr,
     L, CH,
@@ -251,22 +281,9 @@ def _conv_fwd_walk_kernel(
     BT: tl.constexpr, BC: tl.constexpr,
 ):
     """The forward, walking t up: y_t = act(round(bias + sum_k w[K-1-k] x_{t-k}))."""
-    pid_t = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = tl.program_id(2)
-    c = pid_c * BC + tl.arange(0, BC)
-    vc = c < CH
-    x_base = x_ptr + b.to(tl.int64) * s_xb
+    pid_t, b, c, vc, x_base, d_base, w0, w1, w2, w3, bias = _walk_setup(
+        x_ptr, w_ptr, bias_ptr, doc_ptr, s_xb, s_db, CH, K, HAS_BIAS, BC)
     y_base = y_ptr + b.to(tl.int64) * s_yb
-    d_base = doc_ptr + b.to(tl.int64) * s_db
-    # tap k (x_{t-k}) weighs w[c, K-1-k]; taps past K weigh nothing
-    w0 = _wtap(w_ptr, c, vc, K, 0)
-    w1 = _wtap(w_ptr, c, vc, K, 1)
-    w2 = _wtap(w_ptr, c, vc, K, 2)
-    w3 = _wtap(w_ptr, c, vc, K, 3)
-    bias = tl.zeros((BC,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + c, mask=vc, other=0.0).to(tl.float32)
     t0 = pid_t * BT
     # the window before the first row: x_{t0-1..t0-3} and their documents
     x1 = _row(x_base, t0 - 1, c, vc, L, s_xl, s_xc)
@@ -279,13 +296,7 @@ def _conv_fwd_walk_kernel(
         t = t0 + i
         x0 = _row(x_base, t, c, vc, L, s_xl, s_xc)
         d0 = _doc1(d_base, t, L, s_dl, HAS_DOC)
-        acc = bias + x0.to(tl.float32) * w0
-        if K > 1:
-            acc += _tap(x1, w1, d1 == d0)
-        if K > 2:
-            acc += _tap(x2, w2, d2 == d0)
-        if K > 3:
-            acc += _tap(x3, w3, d3 == d0)
+        acc = _walk_pre(bias, x0, x1, x2, x3, w0, w1, w2, w3, d1 == d0, d2 == d0, d3 == d0, K)
         y = acc.to(y_ptr.dtype.element_ty)   # the reference's rounding before the activation
         if SILU:
             yf = y.to(tl.float32)
@@ -310,22 +321,10 @@ def _conv_bwd_walk_kernel(
     from the last K gradients carried (rounded once). The walk starts K-1
     rows above the block to have the g's its last rows need (those rows add
     nothing to the sums: the program above owns them)."""
-    pid_t = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = tl.program_id(2)
-    c = pid_c * BC + tl.arange(0, BC)
-    vc = c < CH
-    x_base = x_ptr + b.to(tl.int64) * s_xb
+    pid_t, b, c, vc, x_base, d_base, w0, w1, w2, w3, bias = _walk_setup(
+        x_ptr, w_ptr, bias_ptr, doc_ptr, s_xb, s_db, CH, K, HAS_BIAS, BC)
     g_base = dy_ptr + b.to(tl.int64) * s_gb
     o_base = dx_ptr + b.to(tl.int64) * s_ob
-    d_base = doc_ptr + b.to(tl.int64) * s_db
-    w0 = _wtap(w_ptr, c, vc, K, 0)
-    w1 = _wtap(w_ptr, c, vc, K, 1)
-    w2 = _wtap(w_ptr, c, vc, K, 2)
-    w3 = _wtap(w_ptr, c, vc, K, 3)
-    bias = tl.zeros((BC,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + c, mask=vc, other=0.0).to(tl.float32)
     t_top = pid_t * BT + BT + K - 2
     # inputs x_{t}, x_{t-1}, x_{t-2} of the first row walked (x_{t-K+1} is loaded in the step)
     xa = _row(x_base, t_top, c, vc, L, s_xl, s_xc)
@@ -371,13 +370,7 @@ def _conv_bwd_walk_kernel(
         s3 = f3 == da
         g = _row(g_base, t, c, vc, L, s_gl, s_gc)
         if SILU:
-            pre = bias + v0.to(tl.float32) * w0
-            if K > 1:
-                pre += _tap(v1, w1, s1)
-            if K > 2:
-                pre += _tap(v2, w2, s2)
-            if K > 3:
-                pre += _tap(v3, w3, s3)
+            pre = _walk_pre(bias, v0, v1, v2, v3, w0, w1, w2, w3, s1, s2, s3, K)
             p = pre.to(g.dtype).to(tl.float32)
             sg = tl.sigmoid(p)
             g = (g.to(tl.float32) * sg * (1.0 + p * (1.0 - sg))).to(g.dtype)
