@@ -9,7 +9,8 @@
        nam56r-m3  b=2, 224 heads, 224 groups, dstate 64  (Mamba-3: 2H heads, per-head B/C)
    as Mamba calls it (bf16 x/B/C, float32 dt/A, no D, no initial state),
    plus one nam-125m variant with D, an initial state and document resets
-   (dt A = -1e4 at ~1/256 of the steps, the way ssd_with_resets makes them).
+   (dt A = -1e4 at ~1/256 of the steps by rescaled inputs, as the models
+   made them before the op took `starts`; tests/ops covers `starts` itself).
    Tolerances are the bf16 ones of tests/ops/test_ssd_triton.py. For scale,
    the table also shows the error of the reference itself run on the bf16
    inputs (float32 compute, bf16 outputs), i.e. what the model gets today.

@@ -57,8 +57,9 @@ NAMES = ("x", "dt", "A", "B", "C", "D", "initial_state")
 def make_inputs(b, l, h, p, g, n, *, dtype, device, with_d=True, with_init=True, resets=0.0, gen=None):
     """Model-like inputs: dt in [1e-3, 0.5] (log-uniform), A in [-16, -0.5];
     dt, A, D float32 as Mamba passes them, x/B/C/initial_state in `dtype`.
-    `resets`: fraction of steps turned into document starts the way
-    model.mamba.ssd_with_resets does (dt' A = -1e4, x' = x dt / dt')."""
+    `resets`: fraction of steps turned into document starts by rescaling
+    the inputs (dt' A = -1e4, x' = x dt / dt'), the way the models did it
+    before the op took `starts` (still a valid use of the op)."""
     kw = dict(device="cpu", generator=gen)
     x = torch.randn(b, l, h, p, **kw)
     dt = torch.exp(torch.empty(b, l, h).uniform_(math.log(1e-3), math.log(0.5), generator=gen))

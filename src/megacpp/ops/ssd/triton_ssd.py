@@ -2,7 +2,8 @@
 
 Same signature and semantics as `reference.ssd`:
 
-    ssd_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None)
+    ssd_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, starts=None,
+               keep_states=False)
         -> (y like x, final_state (batch, nheads, headdim, dstate) in x's dtype)
 
 Importing this module imports triton; `megacpp.ops.ssd` only does so on
