@@ -125,7 +125,10 @@ def test_model_flex_equals_sdpa(name, seed, eager_flex, monkeypatch):
         ref = model(ids, doc_ids=doc).logits
         monkeypatch.setattr(attention, "ATTENTION_BACKEND", "flex")
         out = model(ids, doc_ids=doc).logits
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # float32 summation order (flex vs SDPA) through the whole model: over 60
+    # seeds the largest logit gap was 1.03e-5 on logits up to ~3.7 (and a CI
+    # run hit 1.2e-5 at atol 1e-5); a document-mask error is ~1e-1
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=3e-5)
 
 
 def test_compiled_flex_function(seed, monkeypatch):
