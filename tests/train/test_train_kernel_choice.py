@@ -2,6 +2,7 @@
 `megacpp train` with one line naming it (exit 2), before any step runs."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -44,3 +45,23 @@ def test_ssd_states_policy_reaches_every_mamba_mixer_and_is_validated():
     assert apply_ssd_states(dense, "keep") == 0
     with pytest.raises(RecipeError, match="policy.kernels.ssd_states"):
         megacpp.load_recipe("nam-tiny", ["policy.kernels.ssd_states=sometimes"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_conv_paths_name_each_width_kernels():
+    """What the manifest records on CUDA for the Triton conv: each depthwise
+    conv width of the model and the kernels its forward and backward take."""
+    import megacpp
+    from megacpp.ops.causal_conv import triton_conv as T
+    from megacpp.train.trainer import conv_paths
+
+    recipe = megacpp.load_recipe("nam-tiny", ["model.mamba.version=2", "model.mamba.conv_width=4",
+                                            "model.recurrent.conv_width=6"])
+    model = megacpp.build_model(recipe.model)
+    assert conv_paths(model) == {"4": {"fwd": "walk", "bwd": "walk"}, "6": {"fwd": "tiles", "bwd": "tiles"}}
+    old = dict(T.PATH)
+    T.PATH.update(bwd="tiles")
+    try:
+        assert conv_paths(model)["4"] == {"fwd": "walk", "bwd": "tiles"}
+    finally:
+        T.PATH.update(old)

@@ -50,6 +50,9 @@ def test_end_to_end_manifest(tmp_path, tiny_snapshot):
                 "seed", "data", "megacpp", "git"):
         assert key in b
     assert b["data"]["snapshot_id"] and b["data"]["tokenizer_sha256"]
+    # the scans' kernels (CPU: the references; the SSD's states are autograd's there)
+    assert b["ssd_backend"]["backend"] == "reference" and b["ssd_backend"]["chunk_states"] == "autograd (reference)"
+    assert b["conv_backend"]["backend"] == "reference" and "paths" not in b["conv_backend"]
     # (f) outcome
     o = m["outcome"]
     assert o["status"] == "finished" and o["end_reason"] == "completed" and o["steps"] == 6

@@ -225,21 +225,28 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
                                                                        "applied_layers": len(ac)},
         precision=pol.precision.compute + ("" if pol.precision.low_precision == "none"
                                            else f"+{pol.precision.low_precision}"),
-        data=data_id, ssd_backend=_ssd_backend(dev, precision.dtype),
-        conv_backend=_conv_backend(dev, precision.dtype),
+        data=data_id, ssd_backend=_ssd_backend(dev, precision.dtype, pol.kernels.ssd_states),
+        conv_backend=_conv_backend(dev, precision.dtype, model),
         attention_backend=_attention_backend(model, dev),
         delta_rule_backend=_delta_rule_backend(model, dev, precision.dtype)["backend"] or "",
         step_profile=step_prof.to_dict() if step_prof is not None else {}, family_profile=fam_prof)
 
 
-def _conv_backend(dev, dtype) -> str:
+def _conv_backend(dev, dtype, model) -> str:
+    """"triton (K4 walk/walk)": the backend and, on Triton, each conv width's fwd/bwd kernels."""
     from ..ops.causal_conv import conv_backend
-    return conv_backend(dev, dtype)
+    b = conv_backend(dev, dtype)
+    if b == "triton":
+        from .trainer import conv_paths
+        b += " (" + ", ".join(f"K{k} {p['fwd']}/{p['bwd']}" for k, p in conv_paths(model).items()) + ")"
+    return b
 
 
-def _ssd_backend(dev, dtype) -> str:
+def _ssd_backend(dev, dtype, states: str) -> str:
+    """"triton (chunk states: keep)" or "reference"."""
     from ..ops.ssd import ssd_backend
-    return ssd_backend(dev, dtype)
+    b = ssd_backend(dev, dtype)
+    return b + (f" (chunk states: {states})" if b == "triton" else "")
 
 
 def bench_text(r: BenchResult) -> str:

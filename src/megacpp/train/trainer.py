@@ -353,8 +353,8 @@ class Trainer:
             **device_facts(self.device),
             "precision": self.precision.describe(),
             "attention_backend": _attention_backend(self.model, self.device),
-            "ssd_backend": _ssd_backend(self.device, self.precision.dtype),
-            "conv_backend": _conv_backend(self.device, self.precision.dtype),
+            "ssd_backend": _ssd_backend(self.device, self.precision.dtype, pol.kernels.ssd_states),
+            "conv_backend": _conv_backend(self.device, self.precision.dtype, self.model),
             "delta_rule_backend": _delta_rule_backend(self.model, self.device, self.precision.dtype),
             "compile": {**self.compile_info, **compile_stats()},
             "activation_checkpointing": {"policy": dict(pol.activation_checkpointing),
@@ -742,18 +742,35 @@ def _kernel_choice(what: str, fn):
         raise MegacppError(f"{what}: {e}") from None
 
 
-def _ssd_backend(device, dtype) -> dict:
-    """Which Mamba SSD scan the M layers take (triton or the torch reference), and why."""
+def _ssd_backend(device, dtype, states: str = "recompute") -> dict:
+    """Which Mamba SSD scan the M layers take (triton or the torch reference),
+    why, and what its backward does with the chunk states (policy.kernels.ssd_states;
+    the reference leaves them to autograd)."""
     from ..ops.ssd import ssd_backend, ssd_backend_reason
-    return _kernel_choice("Mamba SSD scan", lambda: {"backend": ssd_backend(device, dtype),
-                                                     "reason": ssd_backend_reason(device, dtype)})
+    rec = _kernel_choice("Mamba SSD scan", lambda: {"backend": ssd_backend(device, dtype),
+                                                    "reason": ssd_backend_reason(device, dtype)})
+    rec["chunk_states"] = states if rec["backend"] == "triton" else "autograd (reference)"
+    return rec
 
 
-def _conv_backend(device, dtype) -> dict:
-    """Which short causal conv the M and R layers take (triton or the torch reference), and why."""
+def conv_paths(model) -> dict:
+    """{conv width: {"fwd": path, "bwd": path}} of the Triton conv kernels for the
+    model's depthwise convs ("walk" for K <= 4, "tiles" otherwise or where set)."""
+    from ..ops.causal_conv import triton_conv as T
+    widths = sorted({m.kernel_size[0] for m in model.modules()
+                     if isinstance(m, torch.nn.Conv1d) and m.groups == m.in_channels})
+    return {str(K): {"fwd": T.path("fwd", K), "bwd": T.path("bwd", K)} for K in widths}
+
+
+def _conv_backend(device, dtype, model=None) -> dict:
+    """Which short causal conv the M and R layers take (triton or the torch
+    reference), why, and (Triton) which kernels run for each conv width."""
     from ..ops.causal_conv import conv_backend, conv_backend_reason
-    return _kernel_choice("causal conv", lambda: {"backend": conv_backend(device, dtype),
-                                                  "reason": conv_backend_reason(device, dtype)})
+    rec = _kernel_choice("causal conv", lambda: {"backend": conv_backend(device, dtype),
+                                                 "reason": conv_backend_reason(device, dtype)})
+    if rec["backend"] == "triton" and model is not None:
+        rec["paths"] = conv_paths(model)
+    return rec
 
 
 def _delta_rule_backend(model, device, dtype) -> dict:
