@@ -69,12 +69,12 @@ def fwd_bwd(inputs):
     return [y.detach()] + [t.grad for t in leaves]
 
 
-def compare_paths(shapes: list[str], tol: float) -> list[dict]:
+def compare_paths(target: Target, shapes: list[str], tol: float) -> list[dict]:
     """fwd + bwd ms of each path's default launch at each shape, outputs checked against each other."""
     from tune_util import rel, total_ms
     rows = []
     for s in shapes:
-        inp = make_inputs(tuple(int(v) for v in s.split(",")), 2)
+        inp = make_inputs(target.parse_shape(s), 2)  # checked like the sweep's shapes
         res = {}
         for p in ("tiles", "walk"):
             T.PATH.update(fwd=p, bwd=p)
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         return 2
     target = Target("causal conv fwd+bwd (bf16, packed, SiLU)", "batch,seqlen,channels,K",
                     T, OPTIONS, KERNEL_NAME, make_inputs, fwd_bwd)
-    paths = compare_paths(args.shapes, args.tol) if args.paths else None
+    paths = compare_paths(target, args.shapes, args.tol) if args.paths else None
     T.PATH.update(fwd=args.path, bwd=args.path)
     out = sweep(target, args.tune_shape, args.shapes, PATH_KERNELS[args.path], args.tol)
     if args.json:
