@@ -60,6 +60,11 @@ def rows(device: torch.device) -> list[dict]:
     out.append(_kernel_row("short causal conv (M, R)", "Triton conv", lambda: conv_backend_reason(device, dt),
                            "Triton conv, SiLU fused (ops.causal_conv.triton_conv)",
                            "pure-torch reference (ops.causal_conv)"))
+    from .ops.gated_norm import gated_norm_backend_reason
+    out.append(_kernel_row("gated RMSNorm (M, R outputs)", "Triton gated norm",
+                           lambda: gated_norm_backend_reason(device, dt),
+                           "Triton one-pass forward and backward (ops.gated_norm.triton_gated_norm)",
+                           "pure-torch reference (ops.gated_norm)"))
     from .ops.delta_rule.dispatch import fla_reason
     try:
         why = fla_reason(device)

@@ -17,10 +17,12 @@ def _by_path(device="cpu"):
 def test_cpu_rows_name_every_hot_path_and_why(monkeypatch):
     monkeypatch.delenv("MEGACPP_ATTENTION", raising=False)
     rows = _by_path()
-    for path in ("SSD scan (Mamba-2/3)", "short causal conv (M, R)", "gated delta rule (R)",
+    for path in ("SSD scan (Mamba-2/3)", "short causal conv (M, R)", "gated RMSNorm (M, R outputs)",
+                 "gated delta rule (R)",
                  "attention (packed documents)", "FP8 (torchao)"):
         assert path in rows, path
     assert "no CUDA" in rows["SSD scan (Mamba-2/3)"]["why_not"]
+    assert rows["gated RMSNorm (M, R outputs)"]["runs"] == "pure-torch reference (ops.gated_norm)"
     packed = rows["attention (packed documents)"]
     assert packed["runs"].startswith("SDPA") and "CUDA only" in packed["why_not"]
 

@@ -23,6 +23,7 @@ def test_bench_synthetic_and_snapshot_batches(tiny_snapshot):
         assert r.tokens_per_s > 0 and len(r.step_ms_all) == 2
         assert r.ssd_backend == "reference" and r.conv_backend == "reference"  # no CUDA here
         assert (r.delta_rule_backend, r.attention_backend) == ("reference", "sdpa")
+        assert r.gated_norm_backend == "reference"
         json.dumps(r.to_dict())  # --json output stays serialisable
 
 

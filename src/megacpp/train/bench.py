@@ -61,6 +61,7 @@ class BenchResult:
     # the kernels the step took (as the trainer's manifest records them)
     attention_backend: str = ""
     delta_rule_backend: str = ""
+    gated_norm_backend: str = ""
     # torch.profiler on CUDA (kernels=True): the whole step, and per family
     # {"layers": n, "per_layer": KernelProfile} of one layer's isolated fwd + bwd
     step_profile: dict = field(default_factory=dict)
@@ -141,7 +142,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
     inside the timed step, instead of one synthetic batch reused."""
     import megacpp
     from ..patches.registry import install_patches
-    from .trainer import _attention_backend, _delta_rule_backend, lm_loss, split_aux
+    from .trainer import _attention_backend, _delta_rule_backend, gated_norm_record, lm_loss, split_aux
 
     dev = pick_device(device)
     pol, spec = recipe.policy, recipe.model
@@ -229,6 +230,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
         conv_backend=_conv_backend(dev, precision.dtype, model),
         attention_backend=_attention_backend(model, dev),
         delta_rule_backend=_delta_rule_backend(model, dev, precision.dtype)["backend"] or "",
+        gated_norm_backend=gated_norm_record(model, dev, precision.dtype)["backend"] or "",
         step_profile=step_prof.to_dict() if step_prof is not None else {}, family_profile=fam_prof)
 
 
@@ -259,7 +261,7 @@ def bench_text(r: BenchResult) -> str:
              f"params {r.total_params / 1e6:.1f}M total, {r.active_params / 1e6:.1f}M active",
              "  patches: " + ", ".join(f"{p['name']}={p['backend'] or 'off'}" for p in r.patches)
              + f"; SSD scan: {r.ssd_backend or '?'}; causal conv: {r.conv_backend or '?'}"
-             + f"; delta rule: {r.delta_rule_backend or '-'}"
+             + f"; delta rule: {r.delta_rule_backend or '-'}; gated norm: {r.gated_norm_backend or '-'}"
              + f"; packed attention: {r.attention_backend or '?'}; data: {r.data}"]
     if r.family_note:
         lines.append(f"  per family: {r.family_note}")

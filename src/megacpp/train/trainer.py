@@ -356,6 +356,7 @@ class Trainer:
             "ssd_backend": _ssd_backend(self.device, self.precision.dtype, pol.kernels.ssd_states),
             "conv_backend": _conv_backend(self.device, self.precision.dtype, self.model),
             "delta_rule_backend": _delta_rule_backend(self.model, self.device, self.precision.dtype),
+            "gated_norm_backend": gated_norm_record(self.model, self.device, self.precision.dtype),
             "compile": {**self.compile_info, **compile_stats()},
             "activation_checkpointing": {"policy": dict(pol.activation_checkpointing),
                                          "applied_layers": len(self.ac_applied)},
@@ -771,6 +772,20 @@ def _conv_backend(device, dtype, model=None) -> dict:
     if rec["backend"] == "triton" and model is not None:
         rec["paths"] = conv_paths(model)
     return rec
+
+
+def gated_norm_record(model, device, dtype) -> dict:
+    """Which gated RMSNorm the M and R layers' output norms take (triton or the
+    torch reference) and why; the widest group decides (the kernels' limit)."""
+    from ..model.norm import GatedRMSNorm
+    from ..ops.gated_norm import gated_norm_backend, gated_norm_backend_reason
+
+    groups = [m.group_size for m in model.modules() if isinstance(m, GatedRMSNorm)]
+    if not groups:
+        return {"backend": None, "reason": "no gated norms (no M or R layers)"}
+    g = max(groups)
+    return _kernel_choice("gated RMSNorm", lambda: {"backend": gated_norm_backend(device, dtype, g),
+                                                    "reason": gated_norm_backend_reason(device, dtype, g)})
 
 
 def _delta_rule_backend(model, device, dtype) -> dict:
