@@ -22,6 +22,7 @@
     python3 benchmarks/delta_rule_kernel_check.py --json $OUT/delta_rule_kernel_check.json
 
 Options: --shapes nam-125m,nam-1b,nam56r  --iters 20  --no-compile  --skip-timing
+         --solve blocks|rows  (how _wy_fwd_kernel solves T; the module's SOLVE)
 """
 from __future__ import annotations
 
@@ -134,7 +135,11 @@ def kernel_times(name, shape, iters):
 
 
 def main(argv=None):
-    args = parse_args(__doc__.split("\n")[0], SHAPES, argv)
+    def solve_arg(ap):
+        ap.add_argument("--solve", choices=["blocks", "rows"], default=None,
+                        help="_wy_fwd_kernel's solve of T (default: the module's SOLVE)")
+
+    args = parse_args(__doc__.split("\n")[0], SHAPES, argv, extra=solve_arg)
 
     if args.cpu_smoke:  # run this script's parity path on CPU under the Triton interpreter
         global DEV
@@ -148,14 +153,17 @@ def main(argv=None):
     import triton
 
     from megacpp.ops.delta_rule import delta_rule_backend, delta_rule_backend_reason
+    from megacpp.ops.delta_rule import triton_delta_rule as tdr
     from megacpp.ops.delta_rule.dispatch import fla_reason
+    if args.solve:
+        tdr.SOLVE = args.solve
     from megacpp.ops.delta_rule.fla_adapter import FLA_CHUNK
     dev = torch.device(DEV)
     info = {"device": torch.cuda.get_device_name(dev) if DEV == "cuda" else "cpu (interpreter smoke)",
             "torch": torch.__version__, "triton": triton.__version__,
             "delta_rule_backend": delta_rule_backend(dev, torch.bfloat16),
             "why_not": delta_rule_backend_reason(dev, torch.bfloat16),
-            "fla": fla_reason(dev) or "runs"}
+            "fla": fla_reason(dev) or "runs", "wy_solve": tdr.SOLVE}
     print(f"# {info}")
     shapes = [s for s in args.shapes.split(",") if s]
 

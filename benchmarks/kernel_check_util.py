@@ -109,7 +109,8 @@ def timing_rows(name, ref_fn, triton_fn, compile_ref, iters, fwd, fwd_bwd):
     return out
 
 
-def parse_args(description, shapes, argv=None):
+def parse_args(description, shapes, argv=None, extra=None):
+    """The scripts' shared options; extra(ap) adds a script's own."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--shapes", default=",".join(shapes))
     ap.add_argument("--iters", type=int, default=20)
@@ -118,6 +119,8 @@ def parse_args(description, shapes, argv=None):
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
+    if extra is not None:
+        extra(ap)
     return ap.parse_args(argv)
 
 

@@ -270,10 +270,49 @@ def test_cpu_interp_custom_op_and_compile(seed, gen):
     assert_close(compare(f, ins, 16, seed), torch.float32)
 
 
+# T = (I + A)^-1 as _wy_fwd_kernel stores it, both solves, against a float64
+# inverse: chunks of 1, 2, 4 blocks of 16 and ragged ones (the last blocks
+# partly or wholly past the chunk), with document resets (zero decays)
+SOLVE_CHUNKS = [16, 24, 48, 64]
+
+
+@interp_only
+@pytest.mark.parametrize("solve", ["blocks", "rows"])
+def test_cpu_interp_wy_solve(solve, seed, gen, monkeypatch):
+    from megacpp.ops.delta_rule import triton_delta_rule as T
+    monkeypatch.setattr(T, "SOLVE", solve)
+    for chunk in SOLVE_CHUNKS:
+        q, k, v, g, beta, _ = make_inputs(1, 2 * chunk - 5, 2, 32, 16, dtype=torch.float32, device="cpu",
+                                          with_init=False, resets=0.05, strong_decay=True, gen=gen)
+        p = T._Prep(q, k, v, g, beta, chunk, None)
+        got, _, _ = T._wy_fwd(p, k, v, store_t=True)               # (b*h, nc, C, C)
+        kk = k.double().permute(0, 2, 1, 3).reshape(p.b * p.h, p.l, k.shape[-1])
+        kpad = torch.zeros(p.b * p.h, p.lp, k.shape[-1], dtype=torch.float64)
+        kpad[:, :p.l] = kk
+        kc = kpad.view(p.b * p.h, p.nc, chunk, -1)
+        gam = p.gam.view(p.b * p.h, p.nc, chunk)
+        bet = p.beta.double().view(p.b * p.h, p.nc, chunk)
+        strict = torch.ones(chunk, chunk, dtype=torch.bool).tril(-1)
+        decay = torch.exp((gam[..., :, None] - gam[..., None, :]).masked_fill(~strict, float("-inf")))
+        A = bet[..., :, None] * (kc @ kc.transpose(-1, -2)) * decay
+        want = torch.linalg.inv(torch.eye(chunk, dtype=torch.float64) + A)
+        err = ((got.double() - want).norm() / want.norm()).item()
+        assert err < 1e-6, f"solve={solve} chunk={chunk}: T off by {err:.2e} (relative norm)"
+
+
+def test_solve_choice_is_checked(monkeypatch):
+    if not HAS_TRITON:
+        pytest.skip("triton not installed")
+    from megacpp.ops.delta_rule import triton_delta_rule as T
+    monkeypatch.setattr(T, "SOLVE", "sideways")
+    with pytest.raises(ValueError, match="'blocks' or 'rows'"):
+        T._solve_blocks_on()
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 @pytest.mark.skipif(CHILD, reason="this is the parent")
 def test_triton_interpreter_on_cpu():
-    run_interpreter_child(__file__, "MEGACPP_DELTA_RULE_INTERP_CHILD", len(INTERP_CASES) + 1)
+    run_interpreter_child(__file__, "MEGACPP_DELTA_RULE_INTERP_CHILD", len(INTERP_CASES) + 1 + 2)
 
 
 # ------------------------------------------- sm_90 compile, no GPU needed

@@ -33,10 +33,11 @@ What runs where:
       d(gamma), which the kernels produce; d(gamma) partials summed.
 
   Triton (everything O(seqlen * C * d) or O(seqlen * dk * dv)):
-    _wy_fwd_kernel      per chunk: K K^T, A, T = (I + A)^-1 by forward
-                        substitution, C - 1 row steps on the C x C tile in
-                        registers (float32; A's rows are read back from a
-                        global scratch slot, L1/L2-resident),
+    _wy_fwd_kernel      per chunk: K K^T, A, T = (I + A)^-1 in float32 (the
+                        16 x 16 diagonal blocks by forward substitution, all
+                        at once, then block substitution with 16 x 16 dots;
+                        or, SOLVE = "rows", C - 1 row steps on the whole
+                        tile), through a global scratch slot (L1/L2-resident),
                         U = T diag(beta) V and Wk = T diag(beta e) K.
     _state_fwd_kernel   the sequential scan across chunks, state (dk x BV
                         block of dv) in registers: writes the state entering
@@ -117,12 +118,85 @@ def _decay(gam_i, gam_j, mask):
 
 
 @triton.jit
+def _solve_rows(t_base, A, i, inq, Q):
+    """T = (I + A)^-1 for A strictly lower (BC x BC, float32) by forward
+    substitution: row r of T is e_r - A[r, :] T (only rows < r, already
+    final, contribute): Q - 1 steps on the whole tile. A goes through the
+    chunk's scratch slot at t_base (Q x Q) so that row r can be loaded as a
+    vector; T is kept transposed so each step reduces along axis 1."""
+    tl.store(t_base + i[:, None] * Q + i[None, :], A, mask=inq[:, None] & inq[None, :])
+    tl.debug_barrier()
+    Tt = (i[:, None] == i[None, :]).to(tl.float32)  # T^T
+    for rr in range(1, Q):
+        a_r = tl.load(t_base + rr * Q + i, mask=i < rr, other=0.0)
+        new = tl.sum(Tt * a_r[None, :], axis=1)
+        Tt = tl.where(i[None, :] == rr, Tt - new[:, None], Tt)
+    return tl.trans(Tt)
+
+
+@triton.jit
+def _solve_blocks(t_base, A, i, inq, Q, BC: tl.constexpr):
+    """T = (I + A)^-1 for A strictly lower (BC x BC, float32), by 16 x 16 blocks:
+    the NB = BC / 16 diagonal blocks T_RR = (I + A_RR)^-1 together, by forward
+    substitution on an (NB, 16, 16) tile (15 steps, a quarter of the rows
+    each), then block forward substitution
+        T_RS = -T_RR sum_{S <= M < R} A_RM T_MS      (R > S)
+    with float32 (IEEE) 16 x 16 dots. The scratch slot at t_base (Q x Q)
+    holds A transposed in its strict upper triangle and T in its lower one,
+    so the two never overlap; blocks past Q are masked (their T is unused)."""
+    NB: tl.constexpr = BC // 16
+    tl.store(t_base + i[:, None] * Q + i[None, :], tl.trans(A), mask=inq[:, None] & inq[None, :])
+    tl.debug_barrier()
+    l16 = tl.arange(0, 16)
+    rb = tl.arange(0, NB)
+    # diagonal blocks: Ts[R] = T_RR, row r = e_r - A_RR[r, :] T_RR
+    Ts = (l16[None, :, None] == l16[None, None, :]).to(tl.float32) + tl.zeros((NB, 16, 16), dtype=tl.float32)
+    col = 16 * rb[:, None] + l16[None, :]                      # (NB, 16) global column of A
+    for r in range(1, 16):
+        row_g = 16 * rb[:, None] + r                           # (NB, 1) global row of A
+        w = tl.load(t_base + col * Q + row_g, mask=(l16[None, :] < r) & (row_g < Q) & (col < Q), other=0.0)
+        new = tl.sum(Ts * w[:, :, None], axis=1)
+        Ts = tl.where(l16[None, :, None] == r, Ts - new[:, None, :], Ts)
+    d_row = 16 * rb[:, None, None] + l16[None, :, None]
+    d_col = 16 * rb[:, None, None] + l16[None, None, :]
+    tl.store(t_base + d_row * Q + d_col, Ts,
+             mask=(l16[None, None, :] <= l16[None, :, None]) & (d_row < Q) & (d_col < Q))
+    tl.debug_barrier()
+    # off-diagonal blocks, one block row at a time (row R reads rows < R only)
+    for R in tl.static_range(1, NB):
+        iR = 16 * R + l16
+        vR = iR < Q
+        t_rr = tl.load(t_base + iR[:, None] * Q + iR[None, :],
+                       mask=vR[:, None] & vR[None, :] & (l16[None, :] <= l16[:, None]), other=0.0)
+        for S in tl.static_range(0, R):
+            iS = 16 * S + l16
+            vS = iS < Q
+            acc = tl.zeros((16, 16), dtype=tl.float32)
+            for M in tl.static_range(S, R):
+                iM = 16 * M + l16
+                vM = iM < Q
+                a_rm = tl.load(t_base + iM[None, :] * Q + iR[:, None], mask=vR[:, None] & vM[None, :], other=0.0)
+                if M == S:  # a diagonal block: its strict upper part is A's
+                    t_ms = tl.load(t_base + iM[:, None] * Q + iS[None, :],
+                                   mask=vM[:, None] & vS[None, :] & (l16[None, :] <= l16[:, None]), other=0.0)
+                else:
+                    t_ms = tl.load(t_base + iM[:, None] * Q + iS[None, :], mask=vM[:, None] & vS[None, :],
+                                   other=0.0)
+                acc += tl.dot(a_rm, t_ms, input_precision="ieee")
+            tl.store(t_base + iR[:, None] * Q + iS[None, :], -tl.dot(t_rr, acc, input_precision="ieee"),
+                     mask=vR[:, None] & vS[None, :])
+        tl.debug_barrier()
+    m_lower = inq[:, None] & inq[None, :] & (i[:, None] >= i[None, :])
+    return tl.load(t_base + i[:, None] * Q + i[None, :], mask=m_lower, other=0.0)
+
+
+@triton.jit
 def _wy_fwd_kernel(
     k_ptr, v_ptr, gam_ptr, beta_ptr, T_ptr, U_ptr, Wk_ptr,
     L, Q, NC, H, DK, DV,
     s_kb, s_kl, s_kh, s_kd,
     s_vb, s_vl, s_vh, s_vd,
-    STORE_T: tl.constexpr,
+    STORE_T: tl.constexpr, SOLVE_BLOCKS: tl.constexpr,
     BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     DOT: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -150,23 +224,14 @@ def _wy_fwd_kernel(
     strict = (i[:, None] > i[None, :]) & inq[:, None] & inq[None, :]
     A = tl.where(strict, beta[:, None] * kk * _decay(gam, gam, strict), 0.0)
 
-    # T = (I + A)^-1 by forward substitution: row r of T is e_r - A[r, :] T
-    # (A strictly lower, so only the rows < r, already final, contribute).
-    # A goes through this chunk's slot of T_ptr so that row r can be loaded
-    # as a vector; T is kept transposed so each step reduces along axis 1.
     t_base = T_ptr + (bh.to(tl.int64) * NC + c) * Q * Q
-    m_cc = inq[:, None] & inq[None, :]
-    tl.store(t_base + i[:, None] * Q + i[None, :], A, mask=m_cc)
-    tl.debug_barrier()
-    Tt = (i[:, None] == i[None, :]).to(tl.float32)  # T^T
-    for rr in range(1, Q):
-        a_r = tl.load(t_base + rr * Q + i, mask=i < rr, other=0.0)
-        new = tl.sum(Tt * a_r[None, :], axis=1)
-        Tt = tl.where(i[None, :] == rr, Tt - new[:, None], Tt)
-    T = tl.trans(Tt)
+    if SOLVE_BLOCKS:
+        T = _solve_blocks(t_base, A, i, inq, Q, BC)
+    else:
+        T = _solve_rows(t_base, A, i, inq, Q)
     if STORE_T:
-        tl.debug_barrier()  # every row of A read before T overwrites it
-        tl.store(t_base + i[:, None] * Q + i[None, :], T, mask=m_cc)
+        tl.debug_barrier()  # every read of the scratch done before T overwrites it
+        tl.store(t_base + i[:, None] * Q + i[None, :], T, mask=inq[:, None] & inq[None, :])
 
     for d0 in range(0, DV, BV):
         d = d0 + tl.arange(0, BV)
@@ -583,6 +648,19 @@ _CONFIG = {
 }
 
 
+# How _wy_fwd_kernel solves T = (I + A)^-1: "blocks" (16 x 16 diagonal blocks
+# by substitution together, then 16 x 16 dots; the default) or "rows" (C - 1
+# sequential row steps on the whole C x C tile; the eighth session's profile
+# of nam-1b had the kernel at 10.1 ms a step). Both are checked by the tests.
+SOLVE = "blocks"
+
+
+def _solve_blocks_on() -> bool:
+    if SOLVE not in ("blocks", "rows"):
+        raise ValueError(f"triton_delta_rule.SOLVE = {SOLVE!r}: expected 'blocks' or 'rows'")
+    return SOLVE == "blocks"
+
+
 def _cfg(name: str, p) -> dict:
     bk, bv, nw, ns = _CONFIG[name][1 if p.ieee else 0]
     out = dict(BV=_blk(p.dv, bv), num_warps=nw, num_stages=ns)
@@ -626,7 +704,7 @@ def _wy_fwd(p: _Prep, k, v, store_t: bool):
         k, v, p.gam, p.beta, T, U, Wk,
         p.l, p.q, p.nc, p.h, p.dk, p.dv,
         *k.stride(), *v.stride(),
-        STORE_T=store_t, BC=p.bc, **_cfg("_wy_fwd_kernel", p), **p.kw,
+        STORE_T=store_t, SOLVE_BLOCKS=_solve_blocks_on(), BC=p.bc, **_cfg("_wy_fwd_kernel", p), **p.kw,
     )
     return T, U, Wk
 

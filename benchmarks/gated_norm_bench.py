@@ -1,0 +1,110 @@
+"""The Triton gated RMSNorm against the compiled reference it replaces (issue 8).
+
+At each model's output-norm shape, forward + backward (dx, dz, d(weight)) of
+  - the reference under torch.compile (what inductor made of GatedRMSNorm
+    before the kernels: its forward, per-row backward and column reduction),
+  - the Triton op (ops/gated_norm/triton_gated_norm.py),
+timed with CUDA events (median of --reps after warm-up), with the minimal
+bytes each must move and the bandwidth that implies, and every output
+checked against the float64 reference. z is a column slice of a wider
+tensor, as the in_proj output hands it over. A table is printed last.
+
+    python benchmarks/gated_norm_bench.py [--json OUT] [--reps 50]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+import torch
+
+from megacpp.ops.gated_norm import gated_rms_norm
+
+# name: (rows, channels, group, norm_before_gate, z's row stride in channels)
+SHAPES = {
+    "mamba2-130m M (8x2048, 1536)": ((8 * 2048, 1536), 1536, False, 3352),
+    "nam-125m M (16x2048, 1536)": ((16 * 2048, 1536), 1536, False, 3352),
+    "nam-125m R (16x2048x6 heads, 128)": ((16 * 2048 * 6, 128), 128, True, 128),
+    "nam-1b M (16x2048, 4096)": ((16 * 2048, 4096), 4096, False, 8512),
+}
+
+
+def inputs(shape, zstride, gen):
+    rows, d = shape
+    x = torch.randn(rows, d, generator=gen, device="cuda").to(torch.bfloat16)
+    wide = torch.randn(rows, zstride, generator=gen, device="cuda").to(torch.bfloat16)
+    z = wide[:, :d] if zstride > d else wide
+    w = 1 + 0.3 * torch.randn(d, generator=gen, device="cuda")
+    dy = torch.randn(rows, d, generator=gen, device="cuda").to(torch.bfloat16)
+    return x, z, w, dy
+
+
+def step(fn, x, z, w, dy, group, nbg):
+    leaves = [t.detach().requires_grad_(True) for t in (x, z, w)]
+    y = fn(*leaves, 1e-5, group, nbg)
+    y.backward(dy)
+    return [y] + [t.grad for t in leaves]
+
+
+def ms(fn, reps):
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def rel(a, r):
+    a, r = a.detach().double(), r.detach().double()
+    return ((a - r).norm() / r.norm().clamp_min(1e-300)).item()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gated_norm_bench: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from megacpp.ops.gated_norm.triton_gated_norm import gated_rms_norm_triton
+    compiled = torch.compile(gated_rms_norm, dynamic=False)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows, bad = [], []
+    for name, (shape, group, nbg, zstride) in SHAPES.items():
+        x, z, w, dy = inputs(shape, zstride, gen)
+        ref = step(gated_rms_norm, x.double(), z.double(), w.double(), dy.double(), group, nbg)
+        errs = {}
+        for label, fn in (("compiled reference", compiled), ("triton", gated_rms_norm_triton)):
+            out = step(fn, x, z, w, dy, group, nbg)
+            errs[label] = max(rel(o, r) for o, r in zip(out, ref))
+            t = ms(lambda: step(fn, x, z, w, dy, group, nbg), args.reps)
+            # forward reads x, z and writes y; backward reads x, z, dy and writes dx, dz
+            gbytes = 8 * x.numel() * x.element_size() / 1e9
+            rows.append({"shape": name, "path": label, "fwd_bwd_ms": t, "max_rel_err": errs[label],
+                         "GB/s (8 tensor passes)": gbytes / (t / 1e3)})
+        if errs["triton"] > 2e-2:
+            bad.append(name)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    print(f"{'shape':38s} {'path':20s} {'fwd+bwd ms':>10s} {'GB/s':>8s} {'rel err':>9s}")
+    for r in rows:
+        print(f"{r['shape']:38s} {r['path']:20s} {r['fwd_bwd_ms']:10.3f} {r['GB/s (8 tensor passes)']:8.0f} "
+              f"{r['max_rel_err']:9.1e}")
+    if bad:
+        print(f"FAILED parity (rel err > 2e-2): {bad}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
