@@ -31,7 +31,8 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from kernel_check_util import finish, parse_args, parity_result, print_parity, print_timing
+from kernel_check_util import (finish, parse_args, parity_result, print_kernel_times, print_parity,
+                               print_timing, profile_kernels)
 from kernel_check_util import run_grads as _run_grads
 from kernel_check_util import timing_rows
 
@@ -108,8 +109,6 @@ def timing(name, shape, iters, compile_ref):
 
 def kernel_times(name, shape, iters):
     """Per-kernel share of Triton forward+backward (torch profiler, CUDA time)."""
-    from torch.profiler import ProfilerActivity, profile
-
     from megacpp.ops.delta_rule.triton_delta_rule import gated_delta_rule_triton
     chunk = shape[-1]
     leaves = [t.detach().clone().requires_grad_() for t in make_inputs(shape, seed=0)[:5]]
@@ -119,19 +118,7 @@ def kernel_times(name, shape, iters):
         o, _ = gated_delta_rule_triton(*leaves, chunk_size=chunk)
         o.backward(go)
 
-    step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            step()
-        torch.cuda.synchronize()
-    rows = []
-    for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
-        if t:
-            rows.append({"shape": name, "kernel": ev.key[:60], "ms_per_step": t / 1e3 / iters})
-    rows.sort(key=lambda r: -r["ms_per_step"])
-    return rows[:12]
+    return profile_kernels(name, step, iters)
 
 
 def main(argv=None):
@@ -178,17 +165,7 @@ def main(argv=None):
     all_ok = print_parity(results, cases, parity, SHAPES, args.seed, 12)
     if not args.skip_timing:
         print_timing(results, shapes, timing, SHAPES, args)
-        print("\n## Triton kernels, forward+backward (profiler CUDA time, ms per step)")
-        for name in shapes:
-            try:
-                rows = kernel_times(name, SHAPES[name], max(3, args.iters // 4))
-            except Exception as e:  # the profiler is a nicety: never fail the check on it
-                print(f"{name:10s} profiler failed: {type(e).__name__}: {e}")
-                continue
-            results["kernels"].extend(rows)
-            for r in rows:
-                print(f"{name:10s} {r['kernel']:60s} {r['ms_per_step']:8.3f}")
-            sys.stdout.flush()
+        print_kernel_times(results, shapes, kernel_times, SHAPES, args)
     return finish(results, all_ok, args.json, "GATED DELTA RULE")
 
 

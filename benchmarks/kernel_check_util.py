@@ -171,3 +171,38 @@ def finish(results, all_ok, json_path, what):
         return 1
     print("\nparity ok")
     return 0
+
+
+def profile_kernels(name, step, iters, top=12):
+    """The largest kernels of step() (torch profiler, CUDA time, ms per call of step)."""
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
+        if t:
+            rows.append({"shape": name, "kernel": ev.key[:60], "ms_per_step": t / 1e3 / iters})
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    return rows[:top]
+
+
+def print_kernel_times(results, shapes, kernel_times, shape_table, args):
+    """kernel_times(name, shape, iters) per shape into results["kernels"], printed; a failing
+    profiler is reported, never fatal."""
+    print("\n## Triton kernels, forward+backward (profiler CUDA time, ms per step)")
+    results.setdefault("kernels", [])
+    for name in shapes:
+        try:
+            rows = kernel_times(name, shape_table[name], max(3, args.iters // 4))
+        except Exception as e:  # the profiler is a nicety: never fail the check on it
+            print(f"{name:10s} profiler failed: {type(e).__name__}: {e}")
+            continue
+        results["kernels"].extend(rows)
+        for r in rows:
+            print(f"{name:10s} {r['kernel']:60s} {r['ms_per_step']:8.3f}")
+        sys.stdout.flush()

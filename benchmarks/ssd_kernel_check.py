@@ -21,7 +21,10 @@
     source benchmarks/gpu_session.sh
     python3 benchmarks/ssd_kernel_check.py --json $OUT/ssd_kernel_check.json
 
+3. The Triton kernels' own times (torch profiler) per shape.
+
 Options: --shapes nam-125m,nam-1b,nam56r-m3  --iters 20  --no-compile  --skip-timing
+         --float32-states  (the chunk states in float32, not bf16: triton_ssd.HALF_STATES off)
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ import math
 import sys
 
 import torch
-from kernel_check_util import finish, parse_args, parity_result, print_parity, print_timing
+from kernel_check_util import (finish, parse_args, parity_result, print_kernel_times, print_parity,
+                               print_timing, profile_kernels)
 from kernel_check_util import run_grads as _run_grads
 from kernel_check_util import timing_rows
 
@@ -102,8 +106,26 @@ def timing(name, shape, iters, compile_ref):
     return timing_rows(name, ssd_ref, ssd_triton, compile_ref, iters, fwd, fwd_bwd)
 
 
+def kernel_times(name, shape, iters):
+    from megacpp.ops.ssd.triton_ssd import ssd_triton
+    chunk = shape[-1]
+    inputs = make_inputs(shape, seed=0)
+    leaves = [t.detach().clone().requires_grad_() for t in inputs[:5]]
+    gy = torch.randn_like(inputs[0])
+
+    def step():
+        y, _ = ssd_triton(*leaves, chunk)
+        y.backward(gy)
+
+    return profile_kernels(name, step, iters)
+
+
 def main(argv=None):
-    args = parse_args(__doc__.split("\n")[0], SHAPES, argv)
+    def states_arg(ap):
+        ap.add_argument("--float32-states", action="store_true",
+                        help="store the chunk states in float32 (triton_ssd.HALF_STATES = False)")
+
+    args = parse_args(__doc__.split("\n")[0], SHAPES, argv, extra=states_arg)
 
     if args.cpu_smoke:  # run this script's parity path on CPU under the Triton interpreter
         global DEV
@@ -116,9 +138,13 @@ def main(argv=None):
         return 2
     import triton
     from megacpp.ops.ssd import ssd_backend, ssd_backend_reason
+    from megacpp.ops.ssd import triton_ssd
+    if args.float32_states:
+        triton_ssd.HALF_STATES = False
     dev = torch.device(DEV)
     info = {"device": torch.cuda.get_device_name(dev) if DEV == "cuda" else "cpu (interpreter smoke)", "torch": torch.__version__, "triton": triton.__version__,
-            "ssd_backend": ssd_backend(dev, torch.bfloat16), "why_not": ssd_backend_reason(dev, torch.bfloat16)}
+            "ssd_backend": ssd_backend(dev, torch.bfloat16), "why_not": ssd_backend_reason(dev, torch.bfloat16),
+            "chunk_states": str(triton_ssd.states_dtype(torch.empty(0, dtype=torch.bfloat16))).replace("torch.", "")}
     print(f"# {info}")
     shapes = [s for s in args.shapes.split(",") if s]
 
@@ -128,6 +154,7 @@ def main(argv=None):
     all_ok = print_parity(results, cases, parity, SHAPES, args.seed, 14)
     if not args.skip_timing:
         print_timing(results, shapes, timing, SHAPES, args)
+        print_kernel_times(results, shapes, kernel_times, SHAPES, args)
     return finish(results, all_ok, args.json, "SSD")
 
 

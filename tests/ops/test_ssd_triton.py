@@ -331,10 +331,27 @@ def test_cpu_interp_custom_op_and_compile(seed, gen):
     assert_close(compare(g, ins, 16, seed, starts=starts), torch.float32)
 
 
+@interp_only
+@pytest.mark.parametrize("half", [True, False], ids=["bf16-states", "f32-states"])
+def test_cpu_interp_state_dtype(half, seed, gen, monkeypatch):
+    """bf16 inputs keep bf16 chunk states (HALF_STATES), float32 ones float32;
+    the fake kernel agrees with the real one; kept and recomputed states give
+    bitwise the same outputs and gradients either way."""
+    from megacpp.ops.ssd import triton_ssd as T
+    monkeypatch.setattr(T, "HALF_STATES", half)
+    ins = make_inputs(1, 20, 2, 16, 1, 16, dtype=torch.bfloat16, device="cpu", gen=gen)
+    states = T._ssd_fwd_op(*ins, 16, None, True)[2]
+    assert states.dtype == (torch.bfloat16 if half else torch.float32)
+    f32 = make_inputs(1, 20, 2, 16, 1, 16, dtype=torch.float32, device="cpu", gen=gen)
+    assert T._ssd_fwd_op(*f32, 16, None, True)[2].dtype == torch.float32
+    torch.library.opcheck(T._ssd_fwd_op, (*ins, 16, None, True), test_utils=("test_schema", "test_faketensor"))
+    keep_states_case("cpu", torch.bfloat16, gen, seed)
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 @pytest.mark.skipif(CHILD, reason="this is the parent")
 def test_triton_interpreter_on_cpu():
-    run_interpreter_child(__file__, "MEGACPP_SSD_INTERP_CHILD", len(INTERP_CASES) + len(STARTS_INTERP) + 2)
+    run_interpreter_child(__file__, "MEGACPP_SSD_INTERP_CHILD", len(INTERP_CASES) + len(STARTS_INTERP) + 2 + 2)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")

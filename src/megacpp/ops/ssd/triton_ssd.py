@@ -43,8 +43,8 @@ What runs where (per chunk c of Q = chunk_size steps, per head):
                         d(cum) per head.
 
   By default nothing but the inputs is saved for backward: CB and the
-  entering states are recomputed there (for nam-125m they would be ~200 MB
-  per layer). keep_states=True (policy.kernels.ssd_states = "keep") saves
+  entering states are recomputed there (for nam-125m they would be ~100 MB
+  per layer in bf16, see HALF_STATES). keep_states=True (policy.kernels.ssd_states = "keep") saves
   them, with the padded dt and the chunk cumsum, and the backward skips
   _cb_kernel, _state_fwd_kernel and that glue.
 
@@ -156,7 +156,8 @@ def _state_fwd_kernel(
     row = pid_bh.to(tl.int64) * LP
     st_base = states_ptr + (b.to(tl.int64) * NC * H + h) * P * N
     for c in range(0, NC):
-        tl.store(st_base + c * H * P * N + p[:, None] * N + n[None, :], S, mask=vp[:, None] & vn[None, :])
+        tl.store(st_base + c * H * P * N + p[:, None] * N + n[None, :], S.to(states_ptr.dtype.element_ty),
+                 mask=vp[:, None] & vn[None, :])
         cl = tl.load(cum_ptr + row + c * Q + Q - 1)
         acc = tl.zeros((BP, BN), dtype=tl.float32)
         for k0 in range(0, Q, BK):
@@ -277,8 +278,8 @@ def _state_bwd_kernel(
     for cc in range(0, NC):
         c = NC - 1 - cc
         st_off = ((b.to(tl.int64) * NC + c) * H + h) * P * N + p[:, None] * N + n[None, :]
-        tl.store(dstates_ptr + st_off, dS, mask=m2)
-        s_in = tl.load(states_ptr + st_off, mask=m2, other=0.0)
+        tl.store(dstates_ptr + st_off, dS.to(dstates_ptr.dtype.element_ty), mask=m2)
+        s_in = tl.load(states_ptr + st_off, mask=m2, other=0.0).to(tl.float32)
         cl = tl.load(cum_ptr + row + c * Q + Q - 1)
         ecl = tl.exp(cl.to(tl.float32))
         part = tl.sum(tl.sum(dS * s_in, axis=1), axis=0) * ecl
@@ -607,9 +608,24 @@ def _cb(prep: _Prep, B, C):
     return cb
 
 
+# The chunk states (and their gradients) between the kernels are stored in
+# bf16 when x is bf16: every kernel but one rounds them to bf16 for its
+# tensor-core product anyway (mamba_ssm likewise stores them in C's dtype),
+# so they move half the bytes (b * nc * h * p * n elements, as many as x)
+# and keep_states keeps half the memory. The exception, the whole-chunk
+# decay term of d(cum) in _state_bwd_kernel, multiplies them in float32.
+# fp16 (its range) and float32 inputs keep float32 states. False: float32
+# always (the A/B of benchmarks/ssd_kernel_check.py --float32-states).
+HALF_STATES = True
+
+
+def states_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.bfloat16 if HALF_STATES and x.dtype == torch.bfloat16 else torch.float32
+
+
 def _states_fwd(prep: _Prep, x, B, initial_state):
     b, h, p, n, nc = prep.b, prep.h, prep.p, prep.n, prep.nc
-    states = torch.empty(b, nc, h, p, n, device=x.device, dtype=torch.float32)
+    states = torch.empty(b, nc, h, p, n, device=x.device, dtype=states_dtype(x))
     final = torch.empty(b, h, p, n, device=x.device, dtype=torch.float32)
     cfg = _launch("state_fwd", prep.ieee, BP=_blk(p, 64), BN=_blk(n, 64), BK=_blk(prep.q, 64), num_warps=4)
     init = initial_state if initial_state is not None else final
@@ -767,7 +783,7 @@ def _kept_shapes(x, B, chunk_size):
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     nc = -(-l // chunk_size)
-    return ((b, nc, h, p, n, torch.float32), (b, nc, g, chunk_size, chunk_size, torch.float32),
+    return ((b, nc, h, p, n, states_dtype(x)), (b, nc, g, chunk_size, chunk_size, torch.float32),
             (b, h, nc * chunk_size, torch.float32), (b, h, nc * chunk_size, torch.float64))
 
 
@@ -831,8 +847,9 @@ def ssd_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, starts=No
 
     keep_states: keep the chunk states, CB and the chunk cumsum from the
     forward for the backward instead of recomputing them there (speed for
-    memory: the states alone are b * ceil(l/Q) * h * p * n float32, 100 MB a
-    layer for mamba2-130m at batch 8 x 2048, twice x's bf16 size when n = Q)."""
+    memory: the states alone are b * ceil(l/Q) * h * p * n elements, 50 MB a
+    layer in bf16 (HALF_STATES) for mamba2-130m at batch 8 x 2048, x's size
+    when n = Q)."""
     b, l, h, p, g, n = _check(x, dt, A, B, C, D, initial_state, starts)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
