@@ -6,7 +6,8 @@ import random
 import pytest
 import torch
 
-from megacpp.train.kernel_profile import busy_union, kernel_kind, profile_kernels, summarize
+from megacpp.train.kernel_profile import (GEMM_OPS, busy_union, gemm_flops, gemm_rows, gemm_text, kernel_kind,
+                                          profile_gemms, profile_kernels, summarize)
 
 
 @pytest.mark.parametrize("name,kind", [
@@ -76,3 +77,53 @@ def test_communication_only_time_is_what_compute_does_not_cover():
     assert p.busy_ms == pytest.approx(14e-3) and p.compute_busy_ms == pytest.approx(10e-3)
     assert p.comm_only_ms == pytest.approx(4e-3) and p.kinds_ms["comm"] == pytest.approx(9e-3)
     assert summarize([("nvjet_gemm", 0.0, 10.0)], 1, 20e-3).comm_only_ms == 0.0
+
+
+# ---------------------------------------------------------------- matmuls
+
+def _recorded_shapes(fn):
+    """{op name: input shapes} as torch.profiler records them (CPU, record_shapes)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    return {e.name: e.input_shapes for e in prof.events() if e.name in GEMM_OPS}
+
+
+def test_gemm_flops_reads_the_shapes_the_profiler_records():
+    g = torch.Generator().manual_seed(0)
+    m, k, n, b = 5, 7, 3, 4
+    a, w, bias = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g), torch.randn(n, generator=g)
+    shapes = _recorded_shapes(lambda: (torch.mm(a, w), torch.addmm(bias, a, w),
+                                       torch.bmm(torch.randn(b, m, k), torch.randn(b, k, n))))
+    assert gemm_flops("aten::mm", shapes["aten::mm"]) == 2 * m * k * n
+    assert gemm_flops("aten::addmm", shapes["aten::addmm"]) == 2 * m * k * n
+    assert gemm_flops("aten::bmm", shapes["aten::bmm"]) == 2 * b * m * k * n
+    assert gemm_flops("aten::linear", [[m, k], [n, k]]) is None
+    if not hasattr(torch, "_grouped_mm"):
+        return
+    offs = torch.tensor([3, 8], dtype=torch.int32)               # 8 rows over 2 groups
+    x, wg = torch.randn(8, 16, generator=g), torch.randn(2, 16, 32, generator=g)
+    try:
+        fwd = _recorded_shapes(lambda: torch._grouped_mm(x, wg, offs=offs))["aten::_grouped_mm"]
+        dw = _recorded_shapes(lambda: torch._grouped_mm(x.t(), torch.randn(8, 32), offs=offs))["aten::_grouped_mm"]
+    except (RuntimeError, NotImplementedError) as e:  # no CPU _grouped_mm in this torch
+        pytest.skip(f"torch._grouped_mm on CPU: {e}")
+    assert gemm_flops("aten::_grouped_mm", fwd) == 2 * 8 * 16 * 32        # every row through its group
+    assert gemm_flops("aten::_grouped_mm", dw) == 2 * 16 * 8 * 32         # the weight gradient's shape
+
+
+def test_gemm_rows_group_by_shape_per_repetition():
+    mm = ("aten::mm", [[1000, 2000], [2000, 500]], 10.0)              # 2 GFLOP in 10 µs
+    ops = [mm, mm, mm, mm, ("aten::bmm", [[2, 10, 10], [2, 10, 10]], 1.0),
+           ("aten::add", [[4], [4]], 50.0), ("aten::mm", [[1, 1], [1, 1]], 0.0)]
+    rows = gemm_rows(ops, reps=2)
+    assert [r["op"] for r in rows] == ["mm", "bmm"]                  # add and zero-time calls dropped
+    top = rows[0]
+    assert top["calls"] == 2 and top["ms"] == pytest.approx(0.02)     # per repetition
+    assert top["tflops"] == pytest.approx(2 * 1000 * 2000 * 500 / 10e-6 / 1e12)
+    assert top["shapes"] == "[1000, 2000] x [2000, 500]"
+    assert "of peak" in gemm_text(rows, 989.0)[0] and "(20%)" in gemm_text(rows, 1000.0)[1]
+
+
+def test_profile_gemms_is_none_without_cuda():
+    assert profile_gemms(lambda: None, 1, torch.device("cpu")) is None

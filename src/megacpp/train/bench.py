@@ -27,9 +27,12 @@ from ..recipe.pattern import FAMILY
 from .activation import apply_activation_checkpointing, apply_ssd_states
 from .compile import apply_compile, compile_stats
 from .device import device_facts, peak_flops, pick_device
-from .kernel_profile import KernelProfile, profile_kernels, profile_text
+from .kernel_profile import KernelProfile, gemm_text, profile_gemms, profile_kernels, profile_text
 from .optim import Optimizers
 from .precision import Precision
+
+# compile modes whose steps replay CUDA graphs (inductor's cudagraph trees)
+GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -65,6 +68,8 @@ class BenchResult:
     # torch.profiler on CUDA (kernels=True): the whole step, and per family
     # {"layers": n, "per_layer": KernelProfile} of one layer's isolated fwd + bwd
     step_profile: dict = field(default_factory=dict)
+    # the step's matmuls by (op, shapes): ms, calls and TFLOP/s (kernel_profile.profile_gemms)
+    gemm_profile: list = field(default_factory=list)
     family_profile: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -203,13 +208,15 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
             times.append((time.perf_counter() - t0) * 1e3)
     peak_mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0
     step_prof = profile_kernels(one_step, 2, dev, top=25) if kernels else None
+    # under CUDA graphs the host sees one graph launch, no matmul ops
+    gemms = profile_gemms(one_step, 1, dev) if kernels and pol.compile.mode not in GRAPH_MODES else None
     batch = state["batch"]
     s = summarize(recipe)
     med = statistics.median(times)
     tps = B * pol.seq_len / (med / 1e3)
     peak = peak_flops(dev)
     fam, fam_prof, fam_note = {}, {}, ""
-    if family_times and pol.compile.mode in ("reduce-overhead", "max-autotune"):
+    if family_times and pol.compile.mode in GRAPH_MODES:
         # one layer called alone, outside the step its CUDA graph trees recorded,
         # replays over the outputs its backward still needs (torch 2.11 raises
         # "accessing tensor output of CUDAGraphs that has been overwritten")
@@ -231,7 +238,8 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
         attention_backend=_attention_backend(model, dev),
         delta_rule_backend=_delta_rule_backend(model, dev, precision.dtype)["backend"] or "",
         gated_norm_backend=gated_norm_record(model, dev, precision.dtype)["backend"] or "",
-        step_profile=step_prof.to_dict() if step_prof is not None else {}, family_profile=fam_prof)
+        step_profile=step_prof.to_dict() if step_prof is not None else {}, family_profile=fam_prof,
+        gemm_profile=gemms or [])
 
 
 def _conv_backend(dev, dtype, model) -> str:
@@ -271,6 +279,9 @@ def bench_text(r: BenchResult) -> str:
             f"{k} {v:.1f} ({v / tot * 100:.0f}%)" for k, v in sorted(r.family_ms.items(), key=lambda kv: -kv[1])))
     if r.step_profile:
         lines += profile_text("profiled step", KernelProfile(**r.step_profile))
+    if r.gemm_profile:
+        peak = r.tokens_per_s * r.flops_per_token / r.mfu / 1e12 if r.mfu else None
+        lines += gemm_text(r.gemm_profile, peak)
     for key, fp in r.family_profile.items():
         lines += profile_text(f"{key} x{fp['layers']} (isolated fwd+bwd, all its layers)",
                               KernelProfile(**fp["per_layer"]), scale=fp["layers"])

@@ -17,6 +17,12 @@ Kinds, from the kernel's name:
   comm        NCCL collectives (all-gather, reduce-scatter, all-reduce)
   other       aten's own kernels: copies, sorts, index ops, reductions
 
+`profile_gemms(fn, reps, device)` answers which matmuls those are: it
+profiles with host ops and their input shapes recorded (slower on the host,
+so it is a separate run), attributes each matmul op's kernel time to its
+shapes, and gives the rate each shape reached (2·m·k·n FLOPs per call):
+the GEMMs that run far below the card's peak are the ones to look at.
+
 Under data parallelism the collectives run on their own streams beside the
 compute: `compute_busy_ms` is the busy time without them, so `busy_ms -
 compute_busy_ms` is the time only communication ran (exposed, not hidden
@@ -147,4 +153,89 @@ def profile_text(title: str, p: KernelProfile, scale: float = 1.0) -> list[str]:
                      f"GPU idle: {(p.wall_ms - p.busy_ms) * scale:.1f} ms")
     for r in p.top:
         lines.append(f"      {r['ms'] * scale:7.2f} ms  {r['calls']:5.1f}x  {r['kind']:9} {r['name'][:90]}")
+    return lines
+
+
+# aten's matmul ops that launch their own kernels (not matmul/linear, which
+# call these: counting both would count a kernel twice)
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm",
+            "aten::_scaled_mm", "aten::_scaled_grouped_mm")
+
+
+def gemm_flops(op: str, shapes: list) -> float | None:
+    """FLOPs of one call of matmul op `op` with input shapes `shapes` (None if unknown).
+    _grouped_mm: (m, k) x (g, k, n) -> 2 m k n; (k, m) x (m, n) -> (g, k, n), the
+    weight gradient, 2 k m n (m the rows split over the groups)."""
+    dims = [list(d) for d in shapes if isinstance(d, (list, tuple))]
+    try:
+        if op in ("aten::mm", "aten::_scaled_mm"):
+            (m, k), (_, n) = dims[0], dims[1]
+        elif op == "aten::addmm":
+            (m, k), (_, n) = dims[1], dims[2]
+        elif op == "aten::bmm":
+            (b, m, k), (_, _, n) = dims[0], dims[1]
+            return 2.0 * b * m * k * n
+        elif op == "aten::baddbmm":
+            (b, m, k), (_, _, n) = dims[1], dims[2]
+            return 2.0 * b * m * k * n
+        elif op in ("aten::_grouped_mm", "aten::_scaled_grouped_mm"):
+            a, w = dims[0], dims[1]
+            if len(a) == 2 and len(w) == 3:
+                m, k, n = a[0], a[1], w[2]
+            elif len(a) == 2 and len(w) == 2:
+                m, k, n = a[0], a[1], w[1]
+            else:
+                return None
+        else:
+            return None
+    except (IndexError, ValueError, TypeError):
+        return None
+    return 2.0 * m * k * n
+
+
+def gemm_rows(ops: list[tuple[str, list, float]], reps: int, top: int = 15) -> list[dict]:
+    """ops: (op name, input shapes, device µs of its kernels) per call, over `reps`
+    repetitions; rows per (op, shapes), largest time first, with the TFLOP/s reached."""
+    by_key: dict[tuple, list[float]] = {}
+    for name, shapes, us in ops:
+        if name in GEMM_OPS and us > 0:
+            key = (name, tuple(tuple(d) for d in shapes if isinstance(d, (list, tuple)) and d))
+            by_key.setdefault(key, []).append(us)
+    rows = []
+    for (name, shp), us in by_key.items():
+        ms = sum(us) / 1e3 / reps
+        fl = gemm_flops(name, [list(d) for d in shp])
+        calls = len(us) / reps
+        rows.append({"op": name.removeprefix("aten::"), "shapes": " x ".join(str(list(d)) for d in shp),
+                     "calls": calls, "ms": ms,
+                     "tflops": (fl * calls / (ms / 1e3) / 1e12) if fl and ms else None})
+    rows.sort(key=lambda r: -r["ms"])
+    return rows[:top]
+
+
+def profile_gemms(fn, reps: int, device, top: int = 15) -> list[dict] | None:
+    """Run fn() `reps` times under torch.profiler with host ops and shapes recorded;
+    the matmuls by shape (gemm_rows). None where there is no CUDA device."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize(device)
+    ops = [(e.name, e.input_shapes or [], float(getattr(e, "device_time_total", 0.0) or 0.0))
+           for e in prof.events() if e.name in GEMM_OPS]
+    return gemm_rows(ops, reps, top)
+
+
+def gemm_text(rows: list[dict], peak_tflops: float | None = None) -> list[str]:
+    """Lines for profile_gemms' rows (the rate as a share of `peak_tflops` where given)."""
+    lines = ["  matmuls by shape (profiled step): ms, calls, TFLOP/s" + (" (of peak)" if peak_tflops else "")]
+    for r in rows:
+        rate = "" if r["tflops"] is None else f"{r['tflops']:6.0f}" + (
+            f" ({r['tflops'] / peak_tflops * 100:.0f}%)" if peak_tflops else "")
+        lines.append(f"      {r['ms']:7.2f} ms  {r['calls']:5.1f}x  {rate:>13s}  {r['op']:12s} {r['shapes'][:80]}")
     return lines
