@@ -179,6 +179,43 @@ def test_dropless_moe_gathers_through_the_permutation(seed, monkeypatch):
     assert type(rows.grad_fn).__name__.startswith("IndexPut")
 
 
+class _RecordOutputs(TorchDispatchMode):
+    """(op, shape, dtype) of every tensor an aten op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.out = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        res = func(*args, **(kwargs or {}))
+        for t in (res if isinstance(res, (tuple, list)) else (res,)):
+            if isinstance(t, torch.Tensor):
+                self.out.append((str(func), tuple(t.shape), t.dtype))
+        return res
+
+
+def test_dropless_moe_moves_expert_rows_in_the_compute_dtype(seed):
+    """Under bf16 autocast with a float32 residual stream (the model's case),
+    the T*k expert rows and their weighted slots exist only in bf16: no
+    float32 (T*k, d) tensor is made forward or backward (each would be a
+    float32 copy of every routed row, twice the bytes)."""
+    moe = make_moe({"shared_ffn": 0})
+    assert moe._dropless()
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    T, d, k = 18, 32, moe.top_k
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with _RecordOutputs() as fwd:
+            y, _, _ = moe(x)
+    with _RecordOutputs() as bwd:
+        y.square().sum().backward()
+    f32_rows = [o for o in fwd.out + bwd.out if o[1][:1] == (T * k,) and o[1][-1] == d
+                and o[2] == torch.float32 and len(o[1]) in (2, 3)]
+    assert f32_rows == []
+    assert any(o[1] == (T * k, d) and o[2] == torch.bfloat16 for o in fwd.out)
+    assert y.dtype == torch.float32 and x.grad is not None
+    torch.testing.assert_close(y, moe_reference(moe, x), atol=5e-2, rtol=5e-2)
+
+
 class _RecordOps(TorchDispatchMode):
     """Every aten op dispatched (forward and autograd's backward), with its arguments."""
 

@@ -365,8 +365,6 @@ class MoE(nn.Module):
         r = self.route(xt)
         order = torch.sort(r.expert, stable=True).indices
         inverse = inverse_permutation(order)
-        # the gates in expert order; order is a permutation, so no accumulating backward
-        token, gate = r.token[order], permute_rows(r.gate, inverse)
         counts = count_per_row(r.expert, self.num_experts)
         dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
@@ -376,20 +374,22 @@ class MoE(nn.Module):
         if slot_order:
             # The rows in expert order are a permutation of the T*k slots, so
             # their backward needs no accumulating scatter (see gather_slots).
-            rows = gather_slots(xt, order, k, inverse)
-        else:
-            rows = torch.index_select(xt, 0, token)
-        out = self.experts(rows, counts, self.activation, self.impl, dtype)
-        out = fp(out) * gate[:, None].to(fp(out).dtype)
-        if slot_order:
+            # Cast first: the scatter then writes the experts' dtype (bf16
+            # under autocast), not float32 rows for a separate cast to read.
+            rows = gather_slots(xt.to(dtype), order, k, inverse)
+            out = self.experts(rows, counts, self.activation, self.impl, dtype)
             # Every token holds exactly k slots (flat slot j = token j // k): put
-            # each row back in its slot and sum a token's k rows. The scatter has
-            # unique targets, so unlike index_add it needs no atomics, and its
-            # backward is a gather. (order is the inverse of inverse: this puts
-            # row j at slot order[j].)
-            slots = permute_rows(out, order)
-            y = slots.view(T, k, -1).sum(dim=1).to(x.dtype)
+            # each row back in its slot (a scatter to unique targets, whose
+            # backward is a gather; `order` is the inverse of `inverse`, so this
+            # puts row j at slot order[j]), then weight and sum a token's k rows
+            # in float32. The gates are already in slot order.
+            slots = permute_rows(out, order).view(T, k, -1)
+            y = (fp(slots) * r.gate.view(T, k, 1).to(fp(slots).dtype)).sum(dim=1).to(x.dtype)
         else:
+            # the gates in expert order; order is a permutation, so no accumulating backward
+            token, gate = r.token[order], permute_rows(r.gate, inverse)
+            out = self.experts(torch.index_select(xt, 0, token), counts, self.activation, self.impl, dtype)
+            out = fp(out) * gate[:, None].to(fp(out).dtype)
             y = torch.zeros_like(xt).index_add(0, token, out.to(x.dtype))
         if self.shared is not None:
             y = y + self.shared(xt)[0]
