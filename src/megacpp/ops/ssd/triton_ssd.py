@@ -11,17 +11,23 @@ first access of `ssd_triton` (CI has neither triton nor a GPU).
 
 What runs where (per chunk c of Q = chunk_size steps, per head):
 
-  torch (O(batch * seqlen * nheads) glue, no O(Q) factor):
-    - dt padded to whole chunks, a = dt * A, and the within-chunk cumulative
-      sum `cum` of a, kept in float64. Every decay in the kernels is
-      exp(float32(cum_i - cum_j)) with the difference taken in float64: the
-      model's document resets put dt * A = -1e4 into a chunk, and a float32
-      cumsum would then lose ~1e-3 absolute in every later difference (the
-      reference's segsum sums the segments directly for the same reason).
-    - backward: assembling d(a_k) (float64) from the kernels' parts, each a
-      sum over the (i, j) pairs whose decay spans step k, so no large terms
-      cancel (d(a_k) is exactly 0 across a reset); then d(dt) += d(a) A,
-      d(A) = sum d(a) dt, d(D) = sum of per-program partials.
+  O(batch * seqlen * nheads) glue, no O(Q) factor (one Triton program per
+  chunk and head each, where torch took ~30 small kernels a call):
+    _prep_kernel        dt padded to whole chunks, a = dt * A (RESET at
+                        document starts), and the within-chunk cumulative
+                        sum `cum` of a, kept in float64. Every decay in the
+                        kernels is exp(float32(cum_i - cum_j)) with the
+                        difference taken in float64: the model's document
+                        resets put dt * A = -1e4 into a chunk, and a float32
+                        cumsum would then lose ~1e-3 absolute in every later
+                        difference (the reference's segsum sums the segments
+                        directly for the same reason).
+    _dglue_kernel       backward: d(a_k) (float64) from the kernels' parts,
+                        each a sum over the (i, j) pairs whose decay spans
+                        step k, so no large terms cancel (d(a_k) is exactly 0
+                        across a reset); then d(dt) = direct + d(a) A in dt's
+                        layout and per-chunk parts of d(A) = sum d(a) dt
+                        (torch adds those, and d(D)'s per-program partials).
 
   Triton (everything O(seqlen * Q) or O(seqlen * headdim * dstate)):
     _cb_kernel          CB[c, i, j] = C_i . B_j per chunk and group (float32),
@@ -512,6 +518,77 @@ def _dbc_kernel(
              dC.to(dC_ptr.dtype.element_ty), mask=mrn)
 
 
+@triton.jit
+def _prep_kernel(
+    dt_ptr, A_ptr, st_ptr, dtp_ptr, cum_ptr,
+    L, Q, NC, H, RESET,
+    s_db, s_dl, s_dh,
+    s_sb, s_sl,
+    HAS_STARTS: tl.constexpr, BQ: tl.constexpr,
+):
+    """One chunk of one (batch, head): dt padded to whole chunks (float32,
+    (b, h, nc*Q)), a = dt A with RESET at document starts, and a's cumulative
+    sum within the chunk in float64."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    h = bh % H
+    b = bh // H
+    i = tl.arange(0, BQ)
+    t = c * Q + i
+    inq = i < Q
+    valid = inq & (t < L)
+    dtv = tl.load(dt_ptr + b.to(tl.int64) * s_db + t * s_dl + h * s_dh, mask=valid, other=0.0).to(tl.float32)
+    a = dtv * tl.load(A_ptr + h)
+    if HAS_STARTS:
+        st = tl.load(st_ptr + b.to(tl.int64) * s_sb + t * s_sl, mask=valid, other=0)
+        a = tl.where(st != 0, RESET, a)
+    cum = tl.cumsum(a.to(tl.float64), axis=0)
+    out = bh.to(tl.int64) * NC * Q + t
+    tl.store(dtp_ptr + out, dtv, mask=inq)
+    tl.store(cum_ptr + out, cum, mask=inq)
+
+
+@triton.jit
+def _dglue_kernel(
+    dai_ptr, sl_ptr, dcs_ptr, dcl_ptr, ddt_dir_ptr, dtp_ptr, A_ptr, ddt_ptr, dA_ptr,
+    L, Q, NC, H, NBI, NPN,
+    s_ob, s_ol, s_oh,
+    BQ: tl.constexpr, BNB: tl.constexpr, BNP: tl.constexpr,
+):
+    """One chunk of one (batch, head) of the backward's float64 glue:
+    d(a_k) = the sum of the d(cum) terms of the pairs whose decay spans k
+    (intra-chunk pairs, the chunk state from j < k to the end, the entering
+    state from the start to k, the whole-chunk decay), then
+    d(dt) = d(dt)_direct + d(a) A in dt's layout and the chunk's d(A) part."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    h = bh % H
+    b = bh // H
+    i = tl.arange(0, BQ)
+    t = c * Q + i
+    inq = i < Q
+    row = bh.to(tl.int64) * NC * Q
+    nb = tl.arange(0, BNB)
+    dai = tl.load(dai_ptr + ((bh.to(tl.int64) * NC + c) * NBI + nb[:, None]) * Q + i[None, :],
+                  mask=(nb < NBI)[:, None] & inq[None, :], other=0.0)
+    da = tl.sum(dai.to(tl.float64), axis=0)                            # intra pairs (j < k <= i)
+    sl = tl.load(sl_ptr + row + t, mask=inq, other=0.0).to(tl.float64)
+    da += tl.cumsum(sl, axis=0) - sl                                    # chunk state: j < k <= end
+    dcs = tl.load(dcs_ptr + row + t, mask=inq, other=0.0).to(tl.float64)
+    da += tl.cumsum(dcs, axis=0, reverse=True)                         # entering state: start < k <= i
+    pn = tl.arange(0, BNP)
+    dcl = tl.load(dcl_ptr + (bh.to(tl.int64) * NC + c) * NPN + pn, mask=pn < NPN, other=0.0)
+    da += tl.sum(dcl.to(tl.float64), axis=0)                            # whole-chunk decay
+    # (at a reset step every term of d(a) carries the factor exp(-1e4) = 0, so
+    # neither ddt nor dA gets anything through the reset decays: no mask needed)
+    Af = tl.load(A_ptr + h).to(tl.float64)
+    ddt = tl.load(ddt_dir_ptr + row + t, mask=inq, other=0.0).to(tl.float64) + da * Af
+    tl.store(ddt_ptr + b.to(tl.int64) * s_ob + t * s_ol + h * s_oh, ddt.to(ddt_ptr.dtype.element_ty),
+             mask=inq & (t < L))
+    dtv = tl.load(dtp_ptr + row + t, mask=inq, other=0.0).to(tl.float64)
+    tl.store(dA_ptr + bh.to(tl.int64) * NC + c, tl.sum(tl.where(inq, da * dtv, 0.0), axis=0))
+
+
 # --------------------------------------------------------------------------
 # launch helpers
 # --------------------------------------------------------------------------
@@ -535,15 +612,15 @@ class _Prep:
         if saved is not None:
             self.dt, self.cum = saved
             return
-        dtp = torch.zeros(b, h, lp, device=x.device, dtype=torch.float32)
-        dtp[:, :, :l] = dt.permute(0, 2, 1)
-        self.dt = dtp
-        a = dtp * self.A[:, None]
-        if starts is not None:
-            reset = torch.zeros(b, 1, lp, device=x.device, dtype=torch.bool)
-            reset[:, 0, :l] = starts
-            a = torch.where(reset, RESET_LOG_DECAY, a)
-        self.cum = a.double().view(b, h, self.nc, self.q).cumsum(-1).view(b, h, lp)
+        self.dt = torch.empty(b, h, lp, device=x.device, dtype=torch.float32)
+        self.cum = torch.empty(b, h, lp, device=x.device, dtype=torch.float64)
+        st = starts.view(torch.uint8) if starts is not None and starts.dtype == torch.bool else starts
+        _prep_kernel[(self.nc, b * h)](
+            dt, self.A.contiguous(), st if st is not None else dt, self.dt, self.cum,
+            l, self.q, self.nc, h, RESET_LOG_DECAY,
+            *dt.stride(), *(st.stride() if st is not None else (0, 0)),
+            HAS_STARTS=starts is not None, BQ=_p2(self.q),
+        )
 
 
 def _warps(*tiles: int) -> int:
@@ -740,19 +817,15 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size, starts=N
         **kw, **cfg,
     )
 
-    # glue: d(a_k) = sum of the d(cum) terms of the pairs whose decay spans k
-    f64 = torch.float64
-    s_last = s_last.view(b, h, nc, q).double()
-    da = (da_intra.sum(3, dtype=f64)                                   # intra pairs (j < k <= i)
-          + s_last.cumsum(-1) - s_last                                  # chunk state: j < k <= end
-          + dcum_state.view(b, h, nc, q).double().flip(-1).cumsum(-1).flip(-1)  # entering state: start < k <= i
-          + dcl.view(b, h, nc, npn).sum(-1, dtype=f64)[..., None])     # whole-chunk decay
-    da = da.view(b, h, lp)
-    # (at a reset step every term of d(a) carries the factor exp(-1e4) = 0, so
-    # neither ddt nor dA gets anything through the reset decays: no mask needed)
-    ddt = ddt_dir.double() + da * prep.A.double()[:, None]
-    dA = (da * prep.dt.double()).sum((0, 2))
-    ddt = ddt[:, :, :l].permute(0, 2, 1).to(dt.dtype).contiguous()
+    # glue: d(a), then d(dt) and per-chunk parts of d(A) (float64, _dglue_kernel)
+    ddt = torch.empty(b, l, h, device=dev, dtype=dt.dtype)
+    dA_part = torch.empty(b, h, nc, device=dev, dtype=torch.float64)
+    _dglue_kernel[(nc, b * h)](
+        da_intra, s_last, dcum_state, dcl, ddt_dir, prep.dt, prep.A.contiguous(), ddt, dA_part,
+        l, q, nc, h, nbi, npn, *ddt.stride(),
+        BQ=_p2(q), BNB=_p2(nbi), BNP=_p2(npn),
+    )
+    dA = dA_part.sum((0, 2))
     dD = dD_part.sum(dim=1, dtype=torch.float64).view(b, h).sum(0) if D is not None else None
     return (dx, ddt, dA.to(A.dtype), dB, dC,
             dD.to(D.dtype) if D is not None else None,
