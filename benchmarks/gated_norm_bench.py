@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 
 import torch
+from kernel_check_util import cuda_time
 
 from megacpp.ops.gated_norm import gated_rms_norm
 
@@ -48,20 +48,6 @@ def step(fn, x, z, w, dy, group, nbg):
     return [y] + [t.grad for t in leaves]
 
 
-def ms(fn, reps):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
 def rel(a, r):
     a, r = a.detach().double(), r.detach().double()
     return ((a - r).norm() / r.norm().clamp_min(1e-300)).item()
@@ -86,7 +72,7 @@ def main(argv=None) -> int:
         for label, fn in (("compiled reference", compiled), ("triton", gated_rms_norm_triton)):
             out = step(fn, x, z, w, dy, group, nbg)
             errs[label] = max(rel(o, r) for o, r in zip(out, ref))
-            t = ms(lambda: step(fn, x, z, w, dy, group, nbg), args.reps)
+            t = cuda_time(lambda: step(fn, x, z, w, dy, group, nbg), args.reps)
             # forward reads x, z and writes y; backward reads x, z, dy and writes dx, dz
             gbytes = 8 * x.numel() * x.element_size() / 1e9
             rows.append({"shape": name, "path": label, "fwd_bwd_ms": t, "max_rel_err": errs[label],

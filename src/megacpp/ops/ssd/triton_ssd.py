@@ -519,6 +519,16 @@ def _dbc_kernel(
 
 
 @triton.jit
+def _chunk_lanes(Q, H, BQ: tl.constexpr):
+    """The glue kernels' program: chunk c of row bh = (batch b, head h); lanes i
+    over the chunk's steps t = c Q + i, inq where i < Q."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    i = tl.arange(0, BQ)
+    return c, bh, bh % H, bh // H, i, c * Q + i, i < Q
+
+
+@triton.jit
 def _prep_kernel(
     dt_ptr, A_ptr, st_ptr, dtp_ptr, cum_ptr,
     L, Q, NC, H, RESET,
@@ -529,13 +539,7 @@ def _prep_kernel(
     """One chunk of one (batch, head): dt padded to whole chunks (float32,
     (b, h, nc*Q)), a = dt A with RESET at document starts, and a's cumulative
     sum within the chunk in float64."""
-    c = tl.program_id(0)
-    bh = tl.program_id(1)
-    h = bh % H
-    b = bh // H
-    i = tl.arange(0, BQ)
-    t = c * Q + i
-    inq = i < Q
+    c, bh, h, b, i, t, inq = _chunk_lanes(Q, H, BQ)
     valid = inq & (t < L)
     dtv = tl.load(dt_ptr + b.to(tl.int64) * s_db + t * s_dl + h * s_dh, mask=valid, other=0.0).to(tl.float32)
     a = dtv * tl.load(A_ptr + h)
@@ -560,13 +564,7 @@ def _dglue_kernel(
     (intra-chunk pairs, the chunk state from j < k to the end, the entering
     state from the start to k, the whole-chunk decay), then
     d(dt) = d(dt)_direct + d(a) A in dt's layout and the chunk's d(A) part."""
-    c = tl.program_id(0)
-    bh = tl.program_id(1)
-    h = bh % H
-    b = bh // H
-    i = tl.arange(0, BQ)
-    t = c * Q + i
-    inq = i < Q
+    c, bh, h, b, i, t, inq = _chunk_lanes(Q, H, BQ)
     row = bh.to(tl.int64) * NC * Q
     nb = tl.arange(0, BNB)
     dai = tl.load(dai_ptr + ((bh.to(tl.int64) * NC + c) * NBI + nb[:, None]) * Q + i[None, :],
