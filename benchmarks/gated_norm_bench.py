@@ -9,7 +9,11 @@ bytes each must move and the bandwidth that implies, and every output
 checked against the float64 reference. z is a column slice of a wider
 tensor, as the in_proj output hands it over. A table is printed last.
 
-    python benchmarks/gated_norm_bench.py [--json OUT] [--reps 50]
+--sweep also times the Triton op at each (TILE, num_warps) of SWEEP for both
+kernels (triton_gated_norm.LAUNCH), parity checked, and names the fastest
+per shape against the defaults.
+
+    python benchmarks/gated_norm_bench.py [--json OUT] [--reps 50] [--sweep]
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from kernel_check_util import cuda_time
 
 from megacpp.ops.gated_norm import gated_rms_norm
 
+SWEEP = [(tile, warps) for tile in (1024, 2048, 4096, 8192) for warps in (4, 8, 16)]
 # name: (rows, channels, group, norm_before_gate, z's row stride in channels)
 SHAPES = {
     "mamba2-130m M (8x2048, 1536)": ((8 * 2048, 1536), 1536, False, 3352),
@@ -31,14 +36,27 @@ SHAPES = {
 }
 
 
+DEV = "cuda"
+
+
 def inputs(shape, zstride, gen):
     rows, d = shape
-    x = torch.randn(rows, d, generator=gen, device="cuda").to(torch.bfloat16)
-    wide = torch.randn(rows, zstride, generator=gen, device="cuda").to(torch.bfloat16)
+    half = torch.bfloat16 if DEV == "cuda" else torch.float16  # the interpreter cannot multiply bf16
+    x = torch.randn(rows, d, generator=gen, device=DEV).to(half)
+    wide = torch.randn(rows, zstride, generator=gen, device=DEV).to(half)
     z = wide[:, :d] if zstride > d else wide
-    w = 1 + 0.3 * torch.randn(d, generator=gen, device="cuda")
-    dy = torch.randn(rows, d, generator=gen, device="cuda").to(torch.bfloat16)
+    w = 1 + 0.3 * torch.randn(d, generator=gen, device=DEV)
+    dy = torch.randn(rows, d, generator=gen, device=DEV).to(half)
     return x, z, w, dy
+
+
+def host_time(fn, reps):
+    """The CPU smoke's stand-in for cuda_time (interpreted kernels: no meaning as a speed)."""
+    import time
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / reps
 
 
 def step(fn, x, z, w, dy, group, nbg):
@@ -57,13 +75,23 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--json")
+    ap.add_argument("--sweep", action="store_true", help="time the Triton op at every launch of SWEEP too")
+    ap.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
+    global DEV, cuda_time
+    if args.cpu_smoke:  # this script's code paths on CPU under TRITON_INTERPRET=1, tiny shapes
+        DEV, cuda_time = "cpu", host_time
+        SHAPES.clear()
+        SHAPES.update({"tiny M": ((20, 48), 48, False, 100), "tiny R": ((24, 16), 16, True, 16)})
+        SWEEP[:] = [(64, 4), (1024, 4)]
+        args.reps = 1
+    elif not torch.cuda.is_available():
         print("gated_norm_bench: needs a CUDA GPU", file=sys.stderr)
         return 2
+    from megacpp.ops.gated_norm import triton_gated_norm as T
     from megacpp.ops.gated_norm.triton_gated_norm import gated_rms_norm_triton
-    compiled = torch.compile(gated_rms_norm, dynamic=False)
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    compiled = torch.compile(gated_rms_norm, dynamic=False) if DEV == "cuda" else gated_rms_norm
+    gen = torch.Generator(device=DEV).manual_seed(0)
     rows, bad = [], []
     for name, (shape, group, nbg, zstride) in SHAPES.items():
         x, z, w, dy = inputs(shape, zstride, gen)
@@ -79,13 +107,38 @@ def main(argv=None) -> int:
                          "GB/s (8 tensor passes)": gbytes / (t / 1e3)})
         if errs["triton"] > 2e-2:
             bad.append(name)
+        if args.sweep:
+            for tile, warps in SWEEP:
+                T.LAUNCH.update(fwd={"TILE": tile, "num_warps": warps}, bwd={"TILE": tile, "num_warps": warps})
+                try:
+                    out = step(gated_rms_norm_triton, x, z, w, dy, group, nbg)
+                    e = max(rel(o, r) for o, r in zip(out, ref))
+                    t = cuda_time(lambda: step(gated_rms_norm_triton, x, z, w, dy, group, nbg), args.reps)
+                except Exception as ex:  # a launch that does not compile here: report, go on
+                    print(f"{name}: TILE {tile} warps {warps}: {type(ex).__name__}: {ex}", file=sys.stderr)
+                    continue
+                finally:
+                    T.LAUNCH.update(fwd={}, bwd={})
+                rows.append({"shape": name, "path": f"triton TILE {tile} w{warps}", "fwd_bwd_ms": t,
+                             "max_rel_err": e, "GB/s (8 tensor passes)": gbytes / (t / 1e3)})
+                if e > 2e-2:
+                    bad.append(f"{name} TILE {tile} w{warps}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu (interpreter smoke)",
+                       "torch": torch.__version__, "rows": rows}, f, indent=1)
     print(f"{'shape':38s} {'path':20s} {'fwd+bwd ms':>10s} {'GB/s':>8s} {'rel err':>9s}")
     for r in rows:
         print(f"{r['shape']:38s} {r['path']:20s} {r['fwd_bwd_ms']:10.3f} {r['GB/s (8 tensor passes)']:8.0f} "
               f"{r['max_rel_err']:9.1e}")
+    if args.sweep:
+        print("\nfastest launch per shape (sweep) against the defaults:")
+        for name in SHAPES:
+            mine = [r for r in rows if r["shape"] == name and r["path"].startswith("triton")]
+            if mine:
+                best = min(mine, key=lambda r: r["fwd_bwd_ms"])
+                base = next(r for r in mine if r["path"] == "triton")
+                print(f"  {name:38s} {best['path']:22s} {best['fwd_bwd_ms']:.3f} ms (defaults {base['fwd_bwd_ms']:.3f})")
     if bad:
         print(f"FAILED parity (rel err > 2e-2): {bad}", file=sys.stderr)
         return 1

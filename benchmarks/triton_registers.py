@@ -34,12 +34,14 @@ import tempfile
 from pathlib import Path
 
 MODULES = {"ssd": "megacpp.ops.ssd.triton_ssd", "delta": "megacpp.ops.delta_rule.triton_delta_rule",
-           "conv": "megacpp.ops.causal_conv.triton_conv"}
+           "conv": "megacpp.ops.causal_conv.triton_conv", "gnorm": "megacpp.ops.gated_norm.triton_gated_norm"}
 # per op: the shapes of nam-1b's layers (hidden 2048), at 2 chunks / 256 steps
 # and few heads or channels: registers depend on the constexprs, not the sizes
 SHAPES = {"ssd": {"b": 1, "l": 256, "h": 2, "p": 64, "g": 1, "n": 128, "chunk": 128},
           "delta": {"b": 1, "l": 128, "h": 2, "dk": 128, "dv": 128, "chunk": 64},
-          "conv": {"b": 1, "l": 256, "c": 256, "k": 4}}
+          "conv": {"b": 1, "l": 256, "c": 256, "k": 4},
+          # nam-1b's Mamba-2 output norm (one group of 4096) and its R layers' (per head of 128)
+          "gnorm": {"rows": 8, "d": 4096, "heads": 16, "dv": 128}}
 _TORCH_TO_TRITON = {"torch.float64": "fp64", "torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16",
                     "torch.int32": "i32", "torch.int64": "i64", "torch.bool": "i1", "torch.uint8": "u8"}
 
@@ -82,6 +84,13 @@ def _run_op(op: str, gen) -> None:
         beta = torch.rand(s["b"], s["l"], s["h"], generator=gen).requires_grad_()
         o, final = gated_delta_rule_triton(q, k, v, g, beta, chunk_size=s["chunk"])
         (o.float().sum() + final.float().sum()).backward()
+    elif op == "gnorm":
+        from megacpp.ops.gated_norm.triton_gated_norm import gated_rms_norm_triton
+        for shape, group, nbg in (((s["rows"], s["d"]), None, False), ((s["rows"], s["heads"], s["dv"]), None, True)):
+            x = torch.randn(*shape, generator=gen).to(f16).requires_grad_()
+            z = torch.randn(*shape, generator=gen).to(f16).requires_grad_()
+            w = torch.randn(shape[-1], generator=gen).requires_grad_()
+            gated_rms_norm_triton(x, z, w, 1e-5, group, nbg).float().sum().backward()
     else:
         from megacpp.ops.causal_conv.triton_conv import causal_conv1d_triton
         x = torch.randn(s["b"], s["l"], s["c"], generator=gen).to(f16).requires_grad_()

@@ -187,3 +187,22 @@ def test_triton_entry_refuses_float64_and_huge_groups(gen):
 @pytest.mark.skipif(CHILD, reason="this is the parent")
 def test_triton_interpreter_on_cpu():
     run_interpreter_child(__file__, "MEGACPP_GNORM_INTERP_CHILD", len(INTERP_CASES) + 1)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@pytest.mark.skipif(CHILD, reason="this is the parent")
+def test_bench_script_smoke_on_cpu(tmp_path):
+    """benchmarks/gated_norm_bench.py's code paths (parity, the launch sweep,
+    the JSON) on tiny shapes under the interpreter: the GPU session runs it blind."""
+    import json
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path / "gn.json"
+    r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "gated_norm_bench.py"), "--cpu-smoke",
+                        "--sweep", "--json", str(out)], env=dict(os.environ, TRITON_INTERPRET="1"),
+                       capture_output=True, text=True, timeout=300, cwd=root)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["path"] for r in rows} >= {"compiled reference", "triton", "triton TILE 64 w4"}
+    assert all(r["max_rel_err"] < 2e-2 for r in rows)

@@ -132,11 +132,21 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
 
 
-def _block(g: int) -> tuple[int, int, int]:
-    """(BG, BM, num_warps) for a group of g channels."""
+# Launch overrides per kernel ("fwd", "bwd"): TILE (elements of a program's
+# rows x channels tile) and num_warps. Empty: the defaults of _block.
+# benchmarks/gated_norm_bench.py --sweep times the alternatives.
+LAUNCH: dict[str, dict] = {"fwd": {}, "bwd": {}}
+
+
+def _block(g: int, kernel: str) -> tuple[int, int, int]:
+    """(BG, BM, num_warps) of kernel "fwd" or "bwd" for a group of g channels:
+    the group's power of two, as many rows as fill the tile (at most 64), and
+    a warp per 256 elements (4 to 16): offline for sm_90 the backward at one
+    group of 4096 needs 177 registers a thread with 8 warps, 109 with 16."""
+    cfg = LAUNCH[kernel]
     bg = _p2(g)
-    bm = max(1, min(64, TILE // bg))
-    return bg, bm, (8 if bm * bg >= 4096 else 4)
+    bm = max(1, min(64, int(cfg.get("TILE", TILE)) // bg))
+    return bg, bm, int(cfg.get("num_warps", max(4, min(16, bm * bg // 256))))
 
 
 def _bwd_programs(device: torch.device, row_blocks: int, groups: int) -> int:
@@ -151,7 +161,7 @@ def _forward(x, z, weight, eps, group_size, norm_before_gate):
     x2, z2 = _rows(x), _rows(z)
     R = x2.shape[0]
     y = torch.empty(R, d, device=x.device, dtype=x.dtype)
-    bg, bm, nw = _block(group_size)
+    bg, bm, nw = _block(group_size, "fwd")
     if R:
         _gnorm_fwd_kernel[(triton.cdiv(R, bm), d // group_size)](
             x2, z2, weight, y, R, group_size, float(eps),
@@ -168,7 +178,7 @@ def _backward(dy, x, z, weight, eps, group_size, norm_before_gate):
     ngroups = d // group_size
     dx = torch.empty(R, d, device=x.device, dtype=x.dtype)
     dz = torch.empty(R, d, device=z.device, dtype=z.dtype)
-    bg, bm, nw = _block(group_size)
+    bg, bm, nw = _block(group_size, "bwd")
     nprog = _bwd_programs(x.device, triton.cdiv(R, bm), ngroups) if R else 1
     dw_part = torch.zeros(nprog, d, device=x.device, dtype=torch.float32)
     if R:
