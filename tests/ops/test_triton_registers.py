@@ -40,3 +40,18 @@ def test_conv_launches_are_recorded_on_both_paths_and_rows_per_step_lower_dpre_r
     assert stepped["blocks"]["RT"] == 32
     # 32 rows at a time keep less live than all 64: fewer registers plus spills
     assert stepped["registers"] + stepped["stack"] < one_pass["registers"] + one_pass["stack"]
+
+
+@pytest.mark.skipif(not _tools(), reason="triton with its NVIDIA tools (ptxas, cuobjdump) not installed")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles for a GPU target")
+def test_gated_norm_compiles_for_sm90_without_spills():
+    """Both gated-norm kernels at nam-1b's Mamba-2 group (4096 channels) and its R
+    heads (128): compiled for sm_90, a warp per 256 elements, no stack."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import triton_registers
+
+    rows = triton_registers.survey(["gnorm"])
+    assert sorted({r["kernel"] for r in rows}) == ["_gnorm_bwd_kernel", "_gnorm_fwd_kernel"]
+    assert {r["blocks"]["BG"] for r in rows} == {4096, 128}
+    for r in rows:
+        assert r["stack"] == 0 and 0 < r["registers"] <= 255 and r["warps"] == 16, r
