@@ -4,7 +4,10 @@ Same step as `megacpp bench` (AdamW fused, bf16 autocast, random tokens,
 median step time after warm-up). Run in the same call as `megacpp bench` so
 both numbers come from one card.
 
-    python benchmarks/hf_llama_peer.py --recipe dense-125m [--batch 16] [--steps 20] [--json OUT]
+    python benchmarks/hf_llama_peer.py --recipe dense-125m [--batch 16] [--steps 20] [--accum 1] [--json OUT]
+
+--accum N: micro-batches forward and backward per optimizer step, as
+`megacpp bench --accum N` (0 = the recipe's global batch / micro batch).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (0 = the recipe's)")
     ap.add_argument("--json")
     args = ap.parse_args()
     import megacpp
@@ -44,13 +48,15 @@ def main() -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     fwd = model if args.no_compile else torch.compile(model)
     B, T = args.batch or r.policy.micro_batch, r.policy.seq_len
+    accum = args.accum or max(1, r.policy.global_batch // B)
     ids = torch.randint(0, m.vocab_size, (B, T), device="cuda")
     torch.cuda.reset_peak_memory_stats()
 
     def one_step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = fwd(input_ids=ids, labels=ids).loss
-        loss.backward()
+        for _ in range(accum):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = fwd(input_ids=ids, labels=ids).loss
+            (loss / accum).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -63,10 +69,10 @@ def main() -> int:
         if i >= args.warmup:
             times.append((time.perf_counter() - t0) * 1e3)
     med = statistics.median(times)
-    tps = B * T / (med / 1e3)
+    tps = accum * B * T / (med / 1e3)
     nonemb = params - m.vocab_size * m.hidden_size
     res = {"peer": "hf-llama", "recipe": args.recipe, "layers": depth, "params": params,
-           "batch": B, "seq_len": T, "step_ms_median": med, "tokens_per_s": tps,
+           "batch": B, "grad_accumulation": accum, "seq_len": T, "step_ms_median": med, "tokens_per_s": tps,
            "mfu_6n": tps * 6 * params / 989e12, "mfu_6n_nonemb": tps * 6 * nonemb / 989e12,
            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
            "compiled": not args.no_compile, "device": torch.cuda.get_device_name()}

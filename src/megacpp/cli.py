@@ -240,7 +240,8 @@ def _cmd_bench(args) -> int:
 
     recipe = _load(args)
     res = run_bench(recipe, steps=args.steps, warmup=args.warmup, device=args.device,
-                    family_times=not args.no_family_times, data=args.data, kernels=not args.no_kernels)
+                    family_times=not args.no_family_times, data=args.data, kernels=not args.no_kernels,
+                    accum=args.accum)
     if args.json:
         _print_json(res.to_dict())
     else:
@@ -443,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="SNAPSHOT",
                    help="feed each step a fresh batch from this snapshot's train split through the "
                         "trainer's loader (default: one synthetic batch reused)")
+    p.add_argument("--accum", type=int, default=1, metavar="N",
+                   help="micro-batches forward and backward per optimizer step (default 1; 0 = the "
+                        "recipe's on one device, policy.global_batch / micro batch, as train runs it)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_bench)
 

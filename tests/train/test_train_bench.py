@@ -47,3 +47,35 @@ def test_bench_family_times_skipped_under_cuda_graphs(mode, monkeypatch):
     else:
         assert r.family_ms == {} and "reduce-overhead" in r.family_note
         assert "per family: not measured" in bench.bench_text(r)
+
+
+@pytest.mark.parametrize("accum,want", [(3, 3), (0, None)])
+def test_bench_accumulates_micro_batches_before_one_optimizer_step(accum, want, monkeypatch):
+    """accum micro-batches forward and backward, then one optimizer step; tokens
+    per step count every micro-batch; 0 takes the recipe's global / micro batch."""
+    import megacpp.train.bench as bench_mod
+    from megacpp.train.precision import Precision
+
+    recipe = megacpp.load_recipe("nam-tiny", tiny_sets(**{"policy.global_batch": 16, "policy.micro_batch": 4}))
+    want = want or 16 // 4
+    calls = {"fwd": 0, "opt": 0}
+    real_build = megacpp.build_model
+
+    def counting_build(spec):
+        m = real_build(spec)
+        m.register_forward_pre_hook(lambda *a: calls.__setitem__("fwd", calls["fwd"] + 1))
+        return m
+
+    real_step = Precision.step
+    monkeypatch.setattr(megacpp, "build_model", counting_build)
+    monkeypatch.setattr(Precision, "step", lambda self, o: calls.__setitem__("opt", calls["opt"] + 1)
+                        or real_step(self, o))
+    r = bench_mod.run_bench(recipe, steps=2, warmup=1, device="cpu", family_times=False, kernels=False,
+                            accum=accum)
+    assert r.grad_accumulation == want
+    assert calls == {"fwd": 3 * want, "opt": 3}
+    med_s = r.step_ms_median / 1e3
+    assert r.tokens_per_s == pytest.approx(want * 4 * recipe.policy.seq_len / med_s)
+    assert f"x {want} micro-batches a step" in bench_mod.bench_text(r)
+    with pytest.raises(ValueError, match="accum must be >= 0"):
+        bench_mod.run_bench(recipe, steps=1, warmup=0, device="cpu", family_times=False, accum=-1)

@@ -59,6 +59,8 @@ class BenchResult:
     precision: str = ""
     # "synthetic", or the snapshot id whose train split fed one fresh batch per step
     data: str = "synthetic"
+    # micro-batches of `batch` rows a step runs before its optimizer step
+    grad_accumulation: int = 1
     ssd_backend: str = ""
     conv_backend: str = ""
     # the kernels the step took (as the trainer's manifest records them)
@@ -141,10 +143,15 @@ def _family_times(model, recipe: Recipe, batch: dict, precision: Precision, devi
 
 def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | None = None,
               family_times: bool = True, micro_batch: int | None = None,
-              data: str | None = None, kernels: bool = True) -> BenchResult:
+              data: str | None = None, kernels: bool = True, accum: int = 1) -> BenchResult:
     """data: a snapshot directory; each step then takes a fresh batch from its
     train split through the trainer's loader (prefetch thread, pinned memory),
-    inside the timed step, instead of one synthetic batch reused."""
+    inside the timed step, instead of one synthetic batch reused.
+
+    accum: micro-batches a step runs forward and backward before its one
+    clip + optimizer step, as the trainer accumulates; 0 = the recipe's own
+    on one device (policy.global_batch / micro batch). Tokens per step count
+    every micro-batch."""
     import megacpp
     from ..patches.registry import install_patches
     from .trainer import _attention_backend, _delta_rule_backend, gated_norm_record, lm_loss, split_aux
@@ -163,6 +170,9 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
     comp = apply_compile(model, pol.compile)
     opt = Optimizers(model, pol.optimizer, dev)
     B = micro_batch or pol.micro_batch
+    if accum < 0:
+        raise ValueError(f"bench: accum must be >= 0 (0 = the recipe's), got {accum}")
+    accum = accum or max(1, pol.global_batch // B)
     batch = synthetic_batch(spec.vocab_size, B, pol.seq_len, dev, seed=pol.seed)
     batches = None
     data_id = "synthetic"
@@ -179,7 +189,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
     E = spec.moe.num_experts
     state = {"batch": batch}
 
-    def one_step():
+    def micro_step():
         if batches is not None:
             state["batch"] = {k: v.to(dev, non_blocking=True) for k, v in next(batches).items()}
         batch = state["batch"]
@@ -191,7 +201,11 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
             if routers and moe_w:
                 loss = loss + moe_w * torch.stack([load_balance_loss(r.mean_probs, r.load, E) for r in routers]).mean()
                 loss = loss + z_w * torch.stack([z_loss(r.logits) for r in routers]).mean()
-        precision.scale(loss).backward()
+        precision.scale(loss / accum).backward()
+
+    def one_step():
+        for _ in range(accum):
+            micro_step()
         precision.unscale_(opt.optimizers)
         if pol.optimizer.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), pol.optimizer.grad_clip, foreach=True)
@@ -213,7 +227,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
     batch = state["batch"]
     s = summarize(recipe)
     med = statistics.median(times)
-    tps = B * pol.seq_len / (med / 1e3)
+    tps = accum * B * pol.seq_len / (med / 1e3)
     peak = peak_flops(dev)
     fam, fam_prof, fam_note = {}, {}, ""
     if family_times and pol.compile.mode in GRAPH_MODES:
@@ -225,7 +239,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
         fam, fam_prof = _family_times(model, recipe, batch, precision, dev, kernels=kernels)
     return BenchResult(
         recipe=spec.name, recipe_hash=recipe.hash, device=device_facts(dev).get("name", str(dev)),
-        batch=B, seq_len=pol.seq_len, steps=steps, step_ms_median=med, step_ms_all=times,
+        batch=B, grad_accumulation=accum, seq_len=pol.seq_len, steps=steps, step_ms_median=med, step_ms_all=times,
         tokens_per_s=tps, mfu=(tps * s.flops_per_token / peak) if peak else None,
         flops_per_token=s.flops_per_token, total_params=s.total_params, active_params=s.active_params,
         peak_memory_gib=peak_mem, family_ms=fam, family_note=fam_note, patches=[r.to_dict() for r in records],
@@ -260,7 +274,8 @@ def _ssd_backend(dev, dtype, states: str) -> str:
 
 
 def bench_text(r: BenchResult) -> str:
-    lines = [f"{r.recipe} ({r.recipe_hash[:12]}) on {r.device}: batch {r.batch} x seq {r.seq_len}, "
+    acc = f" x {r.grad_accumulation} micro-batches a step" if r.grad_accumulation > 1 else ""
+    lines = [f"{r.recipe} ({r.recipe_hash[:12]}) on {r.device}: batch {r.batch} x seq {r.seq_len}{acc}, "
              f"{r.precision}, compile {r.compile.get('mode')}",
              f"  step {r.step_ms_median:.1f} ms (median of {r.steps}), {r.tokens_per_s:,.0f} tokens/s, "
              f"MFU {r.mfu * 100:.1f}%" if r.mfu is not None else
