@@ -29,6 +29,7 @@ def test_precision_bench_runs_on_cpu(tmp_path, capsys):
     assert "low_precision=fp8_rowwise" in res["throughput/nam-tiny/fp8_rowwise"]["error"]
     assert res["throughput/nam-tiny/fp8_tensorwise"]["converted"] > 0
     b, n = res["curves/nam-tiny/bf16"], res["curves/nam-tiny/nvfp4_emulated"]
+    assert "error" not in b and "error" not in n, (b.get("error"), n.get("error"))
     assert len(b["loss"]) == len(n["loss"]) == 3
     assert len(b["grad_norm"]) == 3 and all(0 < x < float("inf") for x in b["grad_norm"] + n["grad_norm"])
     assert b["loss"][0] != n["loss"][0] and abs(b["loss"][0] - n["loss"][0]) < 0.05  # same data, rounded GEMMs

@@ -39,6 +39,7 @@ from ..recipe.spec import ModelSpec
 from . import init as winit
 from .context import SeqContext
 from .norm import RMSNorm, fp
+from .projections import project
 from .rotary import apply_rotary, rope_cos_sin
 
 try:
@@ -355,9 +356,10 @@ class GQAttention(_Attention):
 
     def _project(self, x, cos, sin):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.reshape(b, t, self.heads, self.head_dim)
+        k = k.reshape(b, t, self.kv_heads, self.head_dim)
+        v = v.reshape(b, t, self.kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rotary(q, cos, sin), (apply_rotary(k, cos, sin), v)

@@ -26,6 +26,7 @@ from ..recipe.spec import ModelSpec
 from . import init as winit
 from .context import SeqContext, causal_conv1d, conv_step, conv_tail, reset_log_decay
 from .norm import GatedRMSNorm, fp
+from .projections import project
 
 # fla's GatedDeltaNet draws dt for the decay's bias from this range.
 DT_MIN, DT_MAX = 0.001, 0.1
@@ -70,10 +71,14 @@ class GatedDeltaNet(nn.Module):
         self.o_norm.reset_parameters()
         winit.normal_(self.o_proj.weight, out_std)
 
-    def _gates(self, x):
-        a = fp(self.a_proj(x))
+    def _project(self, x):
+        """q, k, v (before their convs), a, b (gate rows) and the output gate: one GEMM."""
+        return project(x, self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj, self.g_proj)
+
+    def _gates(self, a, b):
+        a = fp(a)
         g = -torch.exp(self.A_log.to(a.dtype)) * F.softplus(a + self.dt_bias.to(a.dtype))
-        beta = torch.sigmoid(fp(self.b_proj(x)))
+        beta = torch.sigmoid(fp(b))
         return g, beta
 
     def _heads(self, q, k, v):
@@ -82,18 +87,18 @@ class GatedDeltaNet(nn.Module):
         k = F.normalize(fp(k.reshape(*lead, self.heads, self.dk)), dim=-1, eps=1e-6).to(k.dtype)
         return q, k, v.reshape(*lead, self.heads, self.dv)
 
-    def _out(self, o, x):
+    def _out(self, o, gate):
         lead = o.shape[:-2]
-        gate = self.g_proj(x).reshape(*lead, self.heads, self.dv)
+        gate = gate.reshape(*lead, self.heads, self.dv)
         return self.o_proj(self.o_norm(o, gate).reshape(*lead, self.heads * self.dv))
 
     def forward(self, x: torch.Tensor, ctx: SeqContext):
-        qi, ki, vi = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        qi, ki, vi, ai, bi, gate = self._project(x)
         q = causal_conv1d(qi, self.q_conv.weight, None, ctx, activation="silu")
         k = causal_conv1d(ki, self.k_conv.weight, None, ctx, activation="silu")
         v = causal_conv1d(vi, self.v_conv.weight, None, ctx, activation="silu")
         q, k, v = self._heads(q, k, v)
-        g, beta = self._gates(x)
+        g, beta = self._gates(ai, bi)
         g = reset_log_decay(g, ctx)
         # the dispatcher: fla's or the project's Triton kernels on CUDA, the
         # reference elsewhere (the run's manifest records which)
@@ -103,16 +108,17 @@ class GatedDeltaNet(nn.Module):
             K = self.conv_width
             state = RecurrentState(conv_tail(qi, K).detach(), conv_tail(ki, K).detach(),
                                    conv_tail(vi, K).detach(), S.detach())
-        return self._out(o, x), None, state
+        return self._out(o, gate), None, state
 
     def step(self, x: torch.Tensor, state: RecurrentState):
-        q, cq = conv_step(self.q_proj(x), state.conv_q, self.q_conv.weight, None)
-        k, ck = conv_step(self.k_proj(x), state.conv_k, self.k_conv.weight, None)
-        v, cv = conv_step(self.v_proj(x), state.conv_v, self.v_conv.weight, None)
+        qi, ki, vi, ai, bi, gate = self._project(x)
+        q, cq = conv_step(qi, state.conv_q, self.q_conv.weight, None)
+        k, ck = conv_step(ki, state.conv_k, self.k_conv.weight, None)
+        v, cv = conv_step(vi, state.conv_v, self.v_conv.weight, None)
         q, k, v = self._heads(F.silu(q), F.silu(k), F.silu(v))
-        g, beta = self._gates(x)
+        g, beta = self._gates(ai, bi)
         o, S = gated_delta_rule_step(state.S, q, k, v, g, beta)
-        return self._out(o, x), RecurrentState(cq, ck, cv, S)
+        return self._out(o, gate), RecurrentState(cq, ck, cv, S)
 
 
 def build_recurrent(spec: ModelSpec) -> nn.Module:
