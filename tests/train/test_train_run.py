@@ -54,6 +54,7 @@ def test_end_to_end_manifest(tmp_path, tiny_snapshot):
     assert b["ssd_backend"]["backend"] == "reference" and b["ssd_backend"]["chunk_states"] == "autograd (reference)"
     assert b["conv_backend"]["backend"] == "reference" and "paths" not in b["conv_backend"]
     assert b["gated_norm_backend"] == {"backend": "reference", "reason": "no CUDA"}
+    assert b["fused_projections"] is True
     # (f) outcome
     o = m["outcome"]
     assert o["status"] == "finished" and o["end_reason"] == "completed" and o["steps"] == 6

@@ -67,6 +67,7 @@ class BenchResult:
     attention_backend: str = ""
     delta_rule_backend: str = ""
     gated_norm_backend: str = ""
+    fused_projections: bool = True
     # torch.profiler on CUDA (kernels=True): the whole step, and per family
     # {"layers": n, "per_layer": KernelProfile} of one layer's isolated fwd + bwd
     step_profile: dict = field(default_factory=dict)
@@ -154,7 +155,8 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
     every micro-batch."""
     import megacpp
     from ..patches.registry import install_patches
-    from .trainer import _attention_backend, _delta_rule_backend, gated_norm_record, lm_loss, split_aux
+    from .trainer import (_attention_backend, _delta_rule_backend, fusion_enabled, gated_norm_record, lm_loss,
+                          split_aux)
 
     dev = pick_device(device)
     pol, spec = recipe.policy, recipe.model
@@ -252,6 +254,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
         attention_backend=_attention_backend(model, dev),
         delta_rule_backend=_delta_rule_backend(model, dev, precision.dtype)["backend"] or "",
         gated_norm_backend=gated_norm_record(model, dev, precision.dtype)["backend"] or "",
+        fused_projections=fusion_enabled(),
         step_profile=step_prof.to_dict() if step_prof is not None else {}, family_profile=fam_prof,
         gemm_profile=gemms or [])
 
@@ -285,6 +288,7 @@ def bench_text(r: BenchResult) -> str:
              "  patches: " + ", ".join(f"{p['name']}={p['backend'] or 'off'}" for p in r.patches)
              + f"; SSD scan: {r.ssd_backend or '?'}; causal conv: {r.conv_backend or '?'}"
              + f"; delta rule: {r.delta_rule_backend or '-'}; gated norm: {r.gated_norm_backend or '-'}"
+             + f"; fused projections: {'on' if r.fused_projections else 'off'}"
              + f"; packed attention: {r.attention_backend or '?'}; data: {r.data}"]
     if r.family_note:
         lines.append(f"  per family: {r.family_note}")
