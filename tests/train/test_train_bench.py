@@ -39,7 +39,7 @@ def test_bench_family_times_skipped_under_cuda_graphs(mode, monkeypatch):
     tensors: the bench says so instead of timing (compile itself stubbed out:
     the decision is the policy's, not the device's)."""
     import megacpp.train.bench as bench
-    monkeypatch.setattr(bench, "apply_compile", lambda model, pol: {"mode": pol.mode})
+    monkeypatch.setattr(bench, "apply_compile", lambda model, pol, *a: {"mode": pol.mode})
     recipe = megacpp.load_recipe("nam-tiny", tiny_sets(**{"policy.compile.mode": mode}))
     r = run_bench(recipe, steps=1, warmup=0, device="cpu", family_times=True, kernels=False)
     if mode == "none":
@@ -79,3 +79,30 @@ def test_bench_accumulates_micro_batches_before_one_optimizer_step(accum, want, 
     assert f"x {want} micro-batches a step" in bench_mod.bench_text(r)
     with pytest.raises(ValueError, match="accum must be >= 0"):
         bench_mod.run_bench(recipe, steps=1, warmup=0, device="cpu", family_times=False, accum=-1)
+
+
+def test_compile_mode_auto_resolves_by_device_and_sharding():
+    """"auto": CUDA graphs on one CUDA device, inductor's default under DDP/FSDP2
+    and off CUDA; every other mode is itself."""
+    import torch
+
+    from megacpp.train.compile import resolve_mode
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_mode("auto", cuda, "none") == "reduce-overhead"
+    assert resolve_mode("auto", cuda, "fsdp2") == resolve_mode("auto", cuda, "ddp") == "default"
+    assert resolve_mode("auto", cpu, "none") == resolve_mode("auto", None) == "default"
+    for m in ("none", "default", "reduce-overhead", "max-autotune"):
+        assert resolve_mode(m, cuda, "fsdp2") == m
+
+
+def test_bench_records_what_auto_compiled_to(monkeypatch):
+    """On CPU "auto" compiles in inductor's default mode: the result says so and
+    names the request; the families are timed (no CUDA graphs)."""
+    import torch._dynamo
+
+    recipe = megacpp.load_recipe("nam-tiny", tiny_sets(**{"policy.compile.mode": "auto", "model.depth": 2,
+                                                          "model.pattern": "AM"}))
+    torch._dynamo.reset()
+    r = run_bench(recipe, steps=1, warmup=1, device="cpu", family_times=True, kernels=False)
+    assert r.compile["mode"] == "default" and r.compile["requested"] == "auto"
+    assert r.family_ms and not r.family_note

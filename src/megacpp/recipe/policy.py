@@ -48,7 +48,9 @@ class PrecisionSpec:
 
 @dataclass(frozen=True)
 class CompileSpec:
-    mode: str = "none"               # none | default | reduce-overhead | max-autotune
+    # none | default | reduce-overhead | max-autotune | auto (reduce-overhead on one
+    # CUDA device, default under DDP/FSDP2 or off CUDA; run.json records what ran)
+    mode: str = "none"
     scope: str = "block"             # block (each layer) | model
     fullgraph: bool = False
 

@@ -27,7 +27,7 @@ IMPLEMENTED = {
     "precision.params": {"fp32", "bf16"},
     "precision.low_precision": {"none", "fp8_rowwise", "fp8_tensorwise", "nvfp4_emulated"},
     "precision.fp32_matmul": {"tf32", "ieee"},
-    "compile.mode": {"none", "default", "reduce-overhead", "max-autotune"},
+    "compile.mode": {"none", "default", "reduce-overhead", "max-autotune", "auto"},
     "compile.scope": {"block", "model"},
     "kernels.ssd_states": {"recompute", "keep"},
     "parallel.sharding": {"none", "ddp", "fsdp2"},

@@ -169,7 +169,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
     precision.apply(model)  # parameter dtypes + low-precision GEMMs, as the trainer does
     ac = apply_activation_checkpointing(model, recipe.layers.letters, pol.activation_checkpointing)
     apply_ssd_states(model, pol.kernels.ssd_states)  # before compile: read at trace time
-    comp = apply_compile(model, pol.compile)
+    comp = apply_compile(model, pol.compile, dev, pol.parallel.sharding)
     opt = Optimizers(model, pol.optimizer, dev)
     B = micro_batch or pol.micro_batch
     if accum < 0:
@@ -225,18 +225,19 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
     peak_mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0
     step_prof = profile_kernels(one_step, 2, dev, top=25) if kernels else None
     # under CUDA graphs the host sees one graph launch, no matmul ops
-    gemms = profile_gemms(one_step, 1, dev) if kernels and pol.compile.mode not in GRAPH_MODES else None
+    graphs = comp.get("mode") in GRAPH_MODES
+    gemms = profile_gemms(one_step, 1, dev) if kernels and not graphs else None
     batch = state["batch"]
     s = summarize(recipe)
     med = statistics.median(times)
     tps = accum * B * pol.seq_len / (med / 1e3)
     peak = peak_flops(dev)
     fam, fam_prof, fam_note = {}, {}, ""
-    if family_times and pol.compile.mode in GRAPH_MODES:
+    if family_times and graphs:
         # one layer called alone, outside the step its CUDA graph trees recorded,
         # replays over the outputs its backward still needs (torch 2.11 raises
         # "accessing tensor output of CUDAGraphs that has been overwritten")
-        fam_note = f"not measured: compile mode {pol.compile.mode} (CUDA graphs) replays whole steps only"
+        fam_note = f"not measured: compile mode {comp['mode']} (CUDA graphs) replays whole steps only"
     elif family_times:
         fam, fam_prof = _family_times(model, recipe, batch, precision, dev, kernels=kernels)
     return BenchResult(

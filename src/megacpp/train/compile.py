@@ -6,15 +6,30 @@ import re
 import torch
 
 
-def apply_compile(model: torch.nn.Module, spec) -> dict:
-    if spec.mode == "none":
+def resolve_mode(mode: str, device: torch.device | None, sharding: str = "none") -> str:
+    """policy.compile.mode as it runs: "auto" is CUDA graphs ("reduce-overhead")
+    on one CUDA device, where launch gaps cost most and nothing gathers weights
+    between steps, and "default" under DDP/FSDP2 or off CUDA (inductor makes no
+    CUDA graphs there). Every other mode is itself."""
+    if mode != "auto":
+        return mode
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    return "reduce-overhead" if on_cuda and sharding == "none" else "default"
+
+
+def apply_compile(model: torch.nn.Module, spec, device: torch.device | None = None, sharding: str = "none") -> dict:
+    """Compile per spec (a CompileSpec); returns what ran: the resolved mode (and
+    the requested one where "auto" chose), the scope and how many targets."""
+    mode = resolve_mode(spec.mode, device, sharding)
+    asked = {"requested": spec.mode} if spec.mode != mode else {}
+    if mode == "none":
         return {"mode": "none", "targets": 0}
     kwargs = {"fullgraph": spec.fullgraph}
-    if spec.mode != "default":
-        kwargs["mode"] = spec.mode
+    if mode != "default":
+        kwargs["mode"] = mode
     if spec.scope == "model":
         model.compile(**kwargs)
-        return {"mode": spec.mode, "scope": "model", "targets": 1}
+        return {"mode": mode, **asked, "scope": "model", "targets": 1}
     # Layers share Block.forward's code object, so each family (and variant)
     # is a recompile of one frame; dynamo's default limit of 8 would leave
     # the later layers of a 24-layer hybrid running eagerly.
@@ -24,7 +39,7 @@ def apply_compile(model: torch.nn.Module, spec) -> dict:
         dcfg.accumulated_recompile_limit = max(dcfg.accumulated_recompile_limit, 64 * len(model.layers))
     for layer in model.layers:
         layer.compile(**kwargs)
-    return {"mode": spec.mode, "scope": "block", "targets": len(model.layers)}
+    return {"mode": mode, **asked, "scope": "block", "targets": len(model.layers)}
 
 
 def _recompile_reason(text: str) -> str:

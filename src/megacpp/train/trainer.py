@@ -261,7 +261,7 @@ class Trainer:
                                                          pol.activation_checkpointing)
         apply_ssd_states(self.model, pol.kernels.ssd_states)  # before compile: read at trace time
         self.train_model = self.dist.wrap(self.model, self.recipe)
-        self.compile_info = apply_compile(self.model, pol.compile)
+        self.compile_info = apply_compile(self.model, pol.compile, self.device, pol.parallel.sharding)
         self.opt = Optimizers(self.model, pol.optimizer, self.device)
         has = set(self.letters)
         self.gates = GateSet.from_policy(pol.aux, {"moe": "E" in has, "dsa": "D" in has,
