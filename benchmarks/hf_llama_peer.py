@@ -27,6 +27,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+                    help="torch.compile mode of the peer (reduce-overhead: CUDA graphs, as megacpp's \"auto\")")
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (0 = the recipe's)")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -46,7 +48,8 @@ def main() -> int:
     model = LlamaForCausalLM(cfg).cuda()
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    fwd = model if args.no_compile else torch.compile(model)
+    fwd = model if args.no_compile else torch.compile(
+        model, **({} if args.compile_mode == "default" else {"mode": args.compile_mode}))
     B, T = args.batch or r.policy.micro_batch, r.policy.seq_len
     accum = args.accum or max(1, r.policy.global_batch // B)
     ids = torch.randint(0, m.vocab_size, (B, T), device="cuda")
@@ -75,7 +78,7 @@ def main() -> int:
            "batch": B, "grad_accumulation": accum, "seq_len": T, "step_ms_median": med, "tokens_per_s": tps,
            "mfu_6n": tps * 6 * params / 989e12, "mfu_6n_nonemb": tps * 6 * nonemb / 989e12,
            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-           "compiled": not args.no_compile, "device": torch.cuda.get_device_name()}
+           "compiled": not args.no_compile, "compile_mode": None if args.no_compile else args.compile_mode, "device": torch.cuda.get_device_name()}
     from megacpp.train.kernel_profile import profile_kernels, profile_text
     prof = profile_kernels(one_step, 2, torch.device("cuda"), top=25)
     res["step_profile"] = prof.to_dict()
