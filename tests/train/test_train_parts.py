@@ -95,8 +95,12 @@ def test_mtp_targets_shift_and_document_mask():
 def test_compile_stats_counts_recompiles_with_reasons():
     """Recompiles come from dynamo's compile metrics; a grad-mode flip and a
     new size each add one, named by its first failed guard."""
+    from torch._dynamo.utils import clear_compilation_metrics
+
     from megacpp.train.compile import compile_stats
 
+    # earlier tests' compiles in this process would crowd the reasons' top 8
+    clear_compilation_metrics()
     before = compile_stats()
     f = torch.compile(lambda x: x * 2 + 1, backend="eager")
     f(torch.ones(3))
