@@ -33,10 +33,17 @@ TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 4e-3), torch.bfloat16:
 
 
 def make(shape, dtype, device, gen, z_slice=True):
-    """x, z (a column slice of a wider tensor when z_slice, as the in_proj output is), weight."""
+    """x, z (a column slice of a wider tensor when z_slice, as the in_proj output is;
+    z_slice="heads": (b, t, heads, dv) cut from a wider (b, t, W) projection, as
+    Gated DeltaNet's gate is since its projections run fused), weight."""
     d = shape[-1]
     x = torch.randn(shape, generator=gen).to(dtype)
-    if z_slice:
+    if z_slice == "heads":
+        b, t, h, dv = shape
+        wide = torch.randn(b, t, 3 * h * dv + 5, generator=gen).to(dtype)
+        z = wide[..., 2:2 + h * dv].reshape(b, t, h, dv)
+        assert not z.is_contiguous() and z.reshape(-1, h, dv).data_ptr() == z.data_ptr()
+    elif z_slice:
         wide = torch.randn(*shape[:-1], 2 * d + 3, generator=gen).to(dtype)
         z = wide[..., 3:3 + d]
     else:
@@ -108,16 +115,17 @@ def test_module_on_cpu_is_the_reference(gen):
 # channels, not a power of two), Mamba-3 (per head of 64), Gated DeltaNet
 # (per head, rows = tokens x heads), a ragged group; rows no multiple of a block
 CASES = [
-    pytest.param(((2, 67, 1536), None, False), id="mamba2-1group"),
-    pytest.param(((2, 33, 384), 64, True), id="mamba3-heads"),
-    pytest.param(((2, 45, 3, 128), None, True), id="deltanet"),
-    pytest.param(((3, 21, 200), 100, False), id="ragged-2groups"),
+    pytest.param(((2, 67, 1536), None, False, True), id="mamba2-1group"),
+    pytest.param(((2, 33, 384), 64, True, True), id="mamba3-heads"),
+    pytest.param(((2, 45, 3, 128), None, True, "heads"), id="deltanet"),
+    pytest.param(((3, 21, 200), 100, False, True), id="ragged-2groups"),
 ]
 INTERP_CASES = [
-    pytest.param(((2, 37, 96), 32, False, torch.float32), id="f32-groups"),
-    pytest.param(((3, 5, 4, 24), None, True, torch.float32), id="f32-heads-gate-after"),
-    pytest.param(((2, 11, 100), 50, False, torch.float16), id="f16-ragged"),
-    pytest.param(((1, 70, 64), None, True, torch.float16), id="f16-many-rows"),
+    pytest.param(((2, 37, 96), 32, False, True, torch.float32), id="f32-groups"),
+    pytest.param(((3, 5, 4, 24), None, True, True, torch.float32), id="f32-heads-gate-after"),
+    pytest.param(((2, 7, 3, 16), None, True, "heads", torch.float32), id="f32-deltanet-gate-slice"),
+    pytest.param(((2, 11, 100), 50, False, True, torch.float16), id="f16-ragged"),
+    pytest.param(((1, 70, 64), None, True, False, torch.float16), id="f16-many-rows"),
 ]
 
 cuda_only = pytest.mark.skipif(not (CUDA and HAS_TRITON), reason="needs CUDA and triton")
@@ -129,8 +137,8 @@ cuda_only = pytest.mark.skipif(not (CUDA and HAS_TRITON), reason="needs CUDA and
 @pytest.mark.parametrize("case", CASES)
 def test_cuda_matches_reference(case, dtype, seed, gen):
     from megacpp.ops.gated_norm.triton_gated_norm import gated_rms_norm_triton
-    shape, g, nbg = case
-    x, z, w = make(shape, dtype, "cuda", gen)
+    shape, g, nbg, zs = case
+    x, z, w = make(shape, dtype, "cuda", gen, z_slice=zs)
     assert_within(compare(gated_rms_norm_triton, x, z, w, gen, group_size=g, norm_before_gate=nbg), dtype)
 
 
@@ -154,8 +162,8 @@ interp_only = pytest.mark.skipif(not (CHILD and HAS_TRITON), reason="runs in the
 @pytest.mark.parametrize("case", INTERP_CASES)
 def test_cpu_interp_matches_reference(case, seed, gen):
     from megacpp.ops.gated_norm.triton_gated_norm import gated_rms_norm_triton
-    shape, g, nbg, dtype = case
-    x, z, w = make(shape, dtype, "cpu", gen)
+    shape, g, nbg, zs, dtype = case
+    x, z, w = make(shape, dtype, "cpu", gen, z_slice=zs)
     assert_within(compare(gated_rms_norm_triton, x, z, w, gen, group_size=g, norm_before_gate=nbg), dtype)
 
 
@@ -206,3 +214,18 @@ def test_bench_script_smoke_on_cpu(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {r["path"] for r in rows} >= {"compiled reference", "triton", "triton TILE 64 w4"}
     assert all(r["max_rel_err"] < 2e-2 for r in rows)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_row_views_need_no_copy_for_the_model_layouts(gen):
+    """The layouts the model hands over are addressed in place: the in_proj slice
+    (b, t, d) and Gated DeltaNet's gate, (b, t, heads, dv) cut from its fused
+    projection; only a layout with non-unit channel stride is copied."""
+    from megacpp.ops.gated_norm.triton_gated_norm import _inner, _rows
+    _, z, _ = make((2, 5, 48), torch.float32, "cpu", gen)
+    _, zh, _ = make((2, 5, 3, 16), torch.float32, "cpu", gen, z_slice="heads")
+    for t in (z, zh):
+        t3, s_o, s_i = _rows(t, _inner(t))
+        assert t3.data_ptr() == t.data_ptr() and (s_o, s_i) == (t.stride(-3), t.stride(-2))
+    cols = torch.randn(2, 5, 48).transpose(1, 2)                    # channels not contiguous
+    assert _rows(cols, _inner(cols))[0].data_ptr() != cols.data_ptr()

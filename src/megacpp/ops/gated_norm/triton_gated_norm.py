@@ -48,21 +48,29 @@ BWD_PROGRAMS_PER_SM = 4
 
 
 @triton.jit
+def _at(ptr, o, i, s_o, s_i, col):
+    """Pointers of rows (o, i) x channels col of a tensor viewed as (outer, RH, D)."""
+    return ptr + (o * s_o + i * s_i)[:, None] + col[None, :]
+
+
+@triton.jit
 def _gnorm_fwd_kernel(
     x_ptr, z_ptr, w_ptr, y_ptr,
-    R, G, eps,
-    s_xr, s_zr, s_yr,
+    R, RH, G, eps,
+    s_xo, s_xi, s_zo, s_zi, s_yo, s_yi,
     NBG: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     g = tl.program_id(1)
     r = (pid_r * BM + tl.arange(0, BM)).to(tl.int64)
+    o = r // RH
+    i = r - o * RH
     c = tl.arange(0, BG)
     vc = c < G
     m = (r < R)[:, None] & vc[None, :]
     col = g * G + c
-    x = tl.load(x_ptr + r[:, None] * s_xr + col[None, :], mask=m, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + r[:, None] * s_zr + col[None, :], mask=m, other=0.0).to(tl.float32)
+    x = tl.load(_at(x_ptr, o, i, s_xo, s_xi, col), mask=m, other=0.0).to(tl.float32)
+    z = tl.load(_at(z_ptr, o, i, s_zo, s_zi, col), mask=m, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + col, mask=vc, other=0.0).to(tl.float32)
     silu = z * tl.sigmoid(z)
     if NBG:
@@ -73,14 +81,14 @@ def _gnorm_fwd_kernel(
     y = s * rstd[:, None] * w[None, :]
     if NBG:
         y = y * silu
-    tl.store(y_ptr + r[:, None] * s_yr + col[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
+    tl.store(_at(y_ptr, o, i, s_yo, s_yi, col), y.to(y_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _gnorm_bwd_kernel(
     dy_ptr, x_ptr, z_ptr, w_ptr, dx_ptr, dz_ptr, dw_ptr,
-    R, G, D, eps,
-    s_dyr, s_xr, s_zr, s_dxr, s_dzr,
+    R, RH, G, D, eps,
+    s_dyo, s_dyi, s_xo, s_xi, s_zo, s_zi, s_dxo, s_dxi, s_dzo, s_dzi,
     NBG: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -93,10 +101,12 @@ def _gnorm_bwd_kernel(
     dw = tl.zeros((BG,), dtype=tl.float32)
     for rb in range(pid, tl.cdiv(R, BM), nprog):
         r = (rb * BM + tl.arange(0, BM)).to(tl.int64)
+        o = r // RH
+        i = r - o * RH
         m = (r < R)[:, None] & vc[None, :]
-        x = tl.load(x_ptr + r[:, None] * s_xr + col[None, :], mask=m, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + r[:, None] * s_zr + col[None, :], mask=m, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + r[:, None] * s_dyr + col[None, :], mask=m, other=0.0).to(tl.float32)
+        x = tl.load(_at(x_ptr, o, i, s_xo, s_xi, col), mask=m, other=0.0).to(tl.float32)
+        z = tl.load(_at(z_ptr, o, i, s_zo, s_zi, col), mask=m, other=0.0).to(tl.float32)
+        dy = tl.load(_at(dy_ptr, o, i, s_dyo, s_dyi, col), mask=m, other=0.0).to(tl.float32)
         sig = tl.sigmoid(z)
         silu = z * sig
         dsilu = sig * (1.0 + z * (1.0 - sig))
@@ -121,15 +131,25 @@ def _gnorm_bwd_kernel(
         else:
             dx = ds * silu
             dz = ds * x * dsilu
-        tl.store(dx_ptr + r[:, None] * s_dxr + col[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m)
-        tl.store(dz_ptr + r[:, None] * s_dzr + col[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m)
+        tl.store(_at(dx_ptr, o, i, s_dxo, s_dxi, col), dx.to(dx_ptr.dtype.element_ty), mask=m)
+        tl.store(_at(dz_ptr, o, i, s_dzo, s_dzi, col), dz.to(dz_ptr.dtype.element_ty), mask=m)
     tl.store(dw_ptr + pid.to(tl.int64) * D + col, dw, mask=vc)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t as (rows, channels) with contiguous channels (a view where strides allow)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
+def _inner(t: torch.Tensor) -> int:
+    """RH: rows are addressed as (outer, RH) pairs, RH = the size of t's
+    next-to-last dimension, so a (b, t, heads, dv) slice of a wider projection
+    (Gated DeltaNet's gate) needs no copy where (b * t * heads) rows would."""
+    return t.shape[-2] if t.dim() >= 3 else 1
+
+
+def _rows(t: torch.Tensor, rh: int) -> tuple[torch.Tensor, int, int]:
+    """(t as (outer, rh, channels) with contiguous channels, outer stride, inner
+    stride): a view where t's strides allow, else a contiguous copy."""
+    t3 = t.reshape(-1, rh, t.shape[-1])
+    if t3.stride(-1) != 1 and t3.shape[-1] > 1:
+        t3 = t3.contiguous()
+    return t3, t3.stride(0), t3.stride(1)
 
 
 # Launch overrides per kernel ("fwd", "bwd"): TILE (elements of a program's
@@ -157,38 +177,38 @@ def _bwd_programs(device: torch.device, row_blocks: int, groups: int) -> int:
 
 
 def _forward(x, z, weight, eps, group_size, norm_before_gate):
-    d = x.shape[-1]
-    x2, z2 = _rows(x), _rows(z)
-    R = x2.shape[0]
-    y = torch.empty(R, d, device=x.device, dtype=x.dtype)
+    d, rh = x.shape[-1], _inner(x)
+    (x3, *sx), (z3, *sz) = _rows(x, rh), _rows(z, rh)
+    R = x3.shape[0] * rh
+    y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     bg, bm, nw = _block(group_size, "fwd")
     if R:
         _gnorm_fwd_kernel[(triton.cdiv(R, bm), d // group_size)](
-            x2, z2, weight, y, R, group_size, float(eps),
-            x2.stride(0), z2.stride(0), y.stride(0),
+            x3, z3, weight, y, R, rh, group_size, float(eps),
+            *sx, *sz, rh * d, d,
             NBG=bool(norm_before_gate), BM=bm, BG=bg, num_warps=nw,
         )
-    return y.view(x.shape)
+    return y
 
 
 def _backward(dy, x, z, weight, eps, group_size, norm_before_gate):
-    d = x.shape[-1]
-    x2, z2, dy2 = _rows(x), _rows(z), _rows(dy)
-    R = x2.shape[0]
+    d, rh = x.shape[-1], _inner(x)
+    (x3, *sx), (z3, *sz), (dy3, *sdy) = _rows(x, rh), _rows(z, rh), _rows(dy, rh)
+    R = x3.shape[0] * rh
     ngroups = d // group_size
-    dx = torch.empty(R, d, device=x.device, dtype=x.dtype)
-    dz = torch.empty(R, d, device=z.device, dtype=z.dtype)
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    dz = torch.empty(z.shape, device=z.device, dtype=z.dtype)
     bg, bm, nw = _block(group_size, "bwd")
     nprog = _bwd_programs(x.device, triton.cdiv(R, bm), ngroups) if R else 1
     dw_part = torch.zeros(nprog, d, device=x.device, dtype=torch.float32)
     if R:
         _gnorm_bwd_kernel[(nprog, ngroups)](
-            dy2, x2, z2, weight, dx, dz, dw_part,
-            R, group_size, d, float(eps),
-            dy2.stride(0), x2.stride(0), z2.stride(0), dx.stride(0), dz.stride(0),
+            dy3, x3, z3, weight, dx, dz, dw_part,
+            R, rh, group_size, d, float(eps),
+            *sdy, *sx, *sz, rh * d, d, rh * d, d,
             NBG=bool(norm_before_gate), BM=bm, BG=bg, num_warps=nw,
         )
-    return dx.view(x.shape), dz.view(z.shape), dw_part.sum(0).to(weight.dtype)
+    return dx, dz, dw_part.sum(0).to(weight.dtype)
 
 
 @torch.library.custom_op("megacpp::gated_norm_fwd", mutates_args=(), tags=_FLEXIBLE)
