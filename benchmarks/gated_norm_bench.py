@@ -27,26 +27,28 @@ from kernel_check_util import cuda_time
 from megacpp.ops.gated_norm import gated_rms_norm
 
 SWEEP = [(tile, warps) for tile in (1024, 2048, 4096, 8192) for warps in (4, 8, 16)]
-# name: (rows, channels, group, norm_before_gate, z's row stride in channels)
+# name: (x's shape, group, norm_before_gate, width of the projection z is cut from):
+# z is the first channels of a (batch, seqlen, width) tensor, as the model hands it
+# over (Mamba-2's in_proj output; Gated DeltaNet's fused projections, reshaped to heads)
 SHAPES = {
-    "mamba2-130m M (8x2048, 1536)": ((8 * 2048, 1536), 1536, False, 3352),
-    "nam-125m M (16x2048, 1536)": ((16 * 2048, 1536), 1536, False, 3352),
-    "nam-125m R (16x2048x6 heads, 128)": ((16 * 2048 * 6, 128), 128, True, 128),
-    "nam-1b M (16x2048, 4096)": ((16 * 2048, 4096), 4096, False, 8512),
+    "mamba2-130m M (8x2048, 1536)": ((8, 2048, 1536), 1536, False, 3352),
+    "nam-125m M (16x2048, 1536)": ((16, 2048, 1536), 1536, False, 3352),
+    "nam-125m R (16x2048x6 heads, 128)": ((16, 2048, 6, 128), 128, True, 3084),
+    "nam-1b M (16x2048, 4096)": ((16, 2048, 4096), 4096, False, 8512),
 }
 
 
 DEV = "cuda"
 
 
-def inputs(shape, zstride, gen):
-    rows, d = shape
+def inputs(shape, width, gen):
     half = torch.bfloat16 if DEV == "cuda" else torch.float16  # the interpreter cannot multiply bf16
-    x = torch.randn(rows, d, generator=gen, device=DEV).to(half)
-    wide = torch.randn(rows, zstride, generator=gen, device=DEV).to(half)
-    z = wide[:, :d] if zstride > d else wide
-    w = 1 + 0.3 * torch.randn(d, generator=gen, device=DEV)
-    dy = torch.randn(rows, d, generator=gen, device=DEV).to(half)
+    x = torch.randn(shape, generator=gen, device=DEV).to(half)
+    inner = x[0, 0].numel()
+    wide = torch.randn(*shape[:2], width, generator=gen, device=DEV).to(half)
+    z = wide[..., :inner].reshape(shape)
+    w = 1 + 0.3 * torch.randn(shape[-1], generator=gen, device=DEV)
+    dy = torch.randn(shape, generator=gen, device=DEV).to(half)
     return x, z, w, dy
 
 
@@ -82,7 +84,7 @@ def main(argv=None) -> int:
     if args.cpu_smoke:  # this script's code paths on CPU under TRITON_INTERPRET=1, tiny shapes
         DEV, cuda_time = "cpu", host_time
         SHAPES.clear()
-        SHAPES.update({"tiny M": ((20, 48), 48, False, 100), "tiny R": ((24, 16), 16, True, 16)})
+        SHAPES.update({"tiny M": ((2, 10, 48), 48, False, 100), "tiny R": ((2, 6, 2, 16), 16, True, 70)})
         SWEEP[:] = [(64, 4), (1024, 4)]
         args.reps = 1
     elif not torch.cuda.is_available():
