@@ -155,8 +155,8 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
     every micro-batch."""
     import megacpp
     from ..patches.registry import install_patches
-    from .trainer import (_attention_backend, _delta_rule_backend, fusion_enabled, gated_norm_record, lm_loss,
-                          split_aux)
+    from ..model.projections import fusion_enabled
+    from .trainer import _attention_backend, _delta_rule_backend, gated_norm_record, lm_loss, split_aux
 
     dev = pick_device(device)
     pol, spec = recipe.policy, recipe.model

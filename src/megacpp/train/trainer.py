@@ -29,6 +29,7 @@ from ..errors import MegacppError
 from ..losses.gates import GateSet
 from ..losses.moe_aux import load_balance_loss, z_loss
 from ..losses.stp import stp_over_layers
+from ..model.projections import fusion_enabled
 from ..recipe import Recipe
 from ..recipe.count import summarize
 from ..recipe.validate import stp_layers
@@ -357,6 +358,7 @@ class Trainer:
             "conv_backend": _conv_backend(self.device, self.precision.dtype, self.model),
             "delta_rule_backend": _delta_rule_backend(self.model, self.device, self.precision.dtype),
             "gated_norm_backend": gated_norm_record(self.model, self.device, self.precision.dtype),
+            # attention's q/k/v and Gated DeltaNet's input projections as one GEMM each
             "fused_projections": _kernel_choice("fused projections", fusion_enabled),
             "compile": {**self.compile_info, **compile_stats()},
             "activation_checkpointing": {"policy": dict(pol.activation_checkpointing),
@@ -773,13 +775,6 @@ def _conv_backend(device, dtype, model=None) -> dict:
     if rec["backend"] == "triton" and model is not None:
         rec["paths"] = conv_paths(model)
     return rec
-
-
-def fusion_enabled() -> bool:
-    """Whether attention's q/k/v and Gated DeltaNet's input projections run as one
-    GEMM each (model/projections.py; MEGACPP_FUSED_PROJECTIONS)."""
-    from ..model.projections import fusion_enabled as enabled
-    return enabled()
 
 
 def gated_norm_record(model, device, dtype) -> dict:
