@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--deadline", type=float, default=560, help="seconds: start no job that could end later")
     ap.add_argument("--jobdir", type=Path, default=Path("/tmp/gpu-jobs"))
     ap.add_argument("--out", type=Path, help="archive of JOBDIR (.tar.gz)")
-    ap.add_argument("--only", nargs="+", help="run only these job names, in the file's order")
+    ap.add_argument("--only", nargs="+", help="run only these job names, in the order given here")
     ap.add_argument("--dry-run", action="store_true", help="schedule with no-op commands")
     args = ap.parse_args(argv)
     jobs = read_jobs(args.jobs)
@@ -113,7 +113,9 @@ def main(argv=None) -> int:
         unknown = set(args.only) - {j.name for j in jobs}
         if unknown:
             ap.error(f"--only: no such job(s) {sorted(unknown)} in {args.jobs}")
-        jobs = [j for j in jobs if j.name in args.only]
+        # the order given, not the file's: a call puts its longest or most needed jobs first
+        by_name = {j.name: j for j in jobs}
+        jobs = [by_name[name] for name in dict.fromkeys(args.only)]
     n = args.gpus
     if n is None:
         import torch

@@ -37,3 +37,15 @@ def test_pool_rejects_malformed_lines(tmp_path):
     jobs.write_text("a notanumber echo\n")
     with pytest.raises(SystemExit, match="TIMEOUT_S"):
         gpu_pool.read_jobs(jobs)
+
+
+def test_only_runs_the_named_jobs_in_the_order_given(tmp_path):
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("a 20 echo a >> $JOBDIR/order.txt\n"
+                    "b 20 echo b >> $JOBDIR/order.txt\n"
+                    "c 20 echo c >> $JOBDIR/order.txt\n")
+    jobdir = tmp_path / "jd"
+    rc = gpu_pool.main([str(jobs), "--gpus", "1", "--deadline", "60", "--jobdir", str(jobdir),
+                        "--only", "c", "a"])
+    assert rc == 0
+    assert (jobdir / "order.txt").read_text().split() == ["c", "a"]
