@@ -36,7 +36,8 @@ def _linears(gen, widths=(24, 8, 8, 3), d=16, dtype=torch.float64):
     return mods
 
 
-def test_one_gemm_equals_the_modules_forward_and_backward(seed, gen):
+def test_one_gemm_equals_the_modules_forward_and_backward(seed, gen, monkeypatch):
+    monkeypatch.setenv("MEGACPP_FUSED_PROJECTIONS", "1")
     mods = _linears(gen)
     x = torch.randn(2, 5, 16, generator=gen, dtype=torch.float64)
     gos = [torch.randn(2, 5, m.out_features, generator=gen, dtype=torch.float64) for m in mods]
@@ -54,7 +55,18 @@ def test_one_gemm_equals_the_modules_forward_and_backward(seed, gen):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_fusion_is_off_unless_asked(seed, gen, monkeypatch):
+    """Off by default (no gain measured on an H200, BENCHMARKS.md): one GEMM per module."""
+    monkeypatch.delenv("MEGACPP_FUSED_PROJECTIONS", raising=False)
+    assert not fusion_enabled()
+    mods = _linears(gen)
+    with _CountMatmuls() as cm:
+        project(torch.randn(3, 16, generator=gen, dtype=torch.float64), *mods)
+    assert cm.n == len(mods)
+
+
 def test_what_is_left_alone(seed, gen, monkeypatch):
+    monkeypatch.setenv("MEGACPP_FUSED_PROJECTIONS", "1")
     mods = _linears(gen)
     x = torch.randn(3, 16, generator=gen, dtype=torch.float64)
 

@@ -146,8 +146,14 @@ def test_cuda_matches_reference(case, dtype, seed, gen):
 @pytest.mark.gpu
 def test_cuda_dispatch_and_compile(seed, gen, monkeypatch):
     monkeypatch.delenv("MEGACPP_GATED_NORM", raising=False)
-    assert gated_norm_backend("cuda", torch.bfloat16, 1536) == "triton"
+    assert gated_norm_backend("cuda", torch.bfloat16, 128) == "triton"
+    # wide groups: the compiled reference measured faster (dispatch.WIDE_GROUP), unless forced
+    assert gated_norm_backend("cuda", torch.bfloat16, 1536) == "reference"
+    assert "1536 channels > 512" in gated_norm_backend_reason("cuda", torch.bfloat16, 1536)
     assert gated_norm_backend_reason("cuda", torch.bfloat16, 32768) == "group of 32768 channels > 16384"
+    monkeypatch.setenv("MEGACPP_GATED_NORM", "triton")
+    assert gated_norm_backend("cuda", torch.bfloat16, 1536) == "triton"
+    monkeypatch.delenv("MEGACPP_GATED_NORM")
     x, z, w = make((2, 100, 256), torch.bfloat16, "cuda", gen)
     torch._dynamo.reset()
     f = torch.compile(gated_rms_norm_fast, fullgraph=True)

@@ -59,3 +59,28 @@ def test_cuda_profile_summary_with_and_without_the_host(tiny_snapshot, tmp_path,
     assert ("by self CPU time" in text) == host
     kp = json.loads((tmp_path / "run" / "profile_kernels.json").read_text())
     assert 0 < kp["busy_ms"] <= kp["wall_ms"] * 1.05 and kp["kernels"] > 0
+
+
+def test_cuda_graph_runs_mark_a_new_iteration_before_every_forward(tiny_snapshot, tmp_path, monkeypatch):
+    """Under CUDA graphs each micro-batch's forward (and each eval batch's) starts
+    a cudagraph-trees iteration: two micro-batches a step, two steps and two eval
+    batches make six marks; in inductor's default mode there are none."""
+    import torch
+
+    from megacpp.train import compile as comp
+
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    comp.graph_step_begin({"mode": "default"})
+    assert marks == []
+    recipe = megacpp.load_recipe("nam-tiny", tiny_sets(**{"policy.eval_batches": 2, "policy.compile.mode": "none"}))
+    t = Trainer(recipe, tmp_path / "run", tiny_snapshot, device="cpu", quiet=True, max_steps=2)
+    t._build()
+    t.loader_iter = iter(t.loader)
+    assert t.accum == 2
+    t.compile_info = {"mode": "reduce-overhead"}  # as recorded on one CUDA device; nothing compiled here
+    t.train_step(0)
+    t.train_step(1)
+    assert len(marks) == 4
+    t.evaluate("val", 2)
+    assert len(marks) == 6

@@ -54,7 +54,7 @@ def test_end_to_end_manifest(tmp_path, tiny_snapshot):
     assert b["ssd_backend"]["backend"] == "reference" and b["ssd_backend"]["chunk_states"] == "autograd (reference)"
     assert b["conv_backend"]["backend"] == "reference" and "paths" not in b["conv_backend"]
     assert b["gated_norm_backend"] == {"backend": "reference", "reason": "no CUDA"}
-    assert b["fused_projections"] is True
+    assert b["fused_projections"] is False  # off unless MEGACPP_FUSED_PROJECTIONS=1
     # (f) outcome
     o = m["outcome"]
     assert o["status"] == "finished" and o["end_reason"] == "completed" and o["steps"] == 6
@@ -143,3 +143,23 @@ def test_eval_generate_report_cli(tmp_path, tiny_snapshot, capsys):
     assert main(["report", str(run)]) == 0
     assert (run / "report" / "loss.png").stat().st_size > 1000
     assert "Run report" in (run / "report" / "summary.md").read_text()
+
+
+def test_gated_norm_record_names_each_group_width_when_they_differ(monkeypatch):
+    """As nam-125m: Mamba-2's one wide group and Gated DeltaNet's heads. Where the
+    dispatch sends the widths to different backends, the record says which took what."""
+    import megacpp.ops.gated_norm as gn
+    from megacpp.model.norm import GatedRMSNorm
+    from megacpp.train.trainer import gated_norm_record
+
+    narrow, wide = 8, 48
+    model = torch.nn.ModuleList([GatedRMSNorm(wide, 1e-5, group_size=wide), GatedRMSNorm(16, 1e-5, group_size=narrow)])
+    monkeypatch.setattr(gn, "gated_norm_backend", lambda d, t, g: "triton" if g <= narrow else "reference")
+    monkeypatch.setattr(gn, "gated_norm_backend_reason", lambda d, t, g: "" if g <= narrow else "too wide")
+    rec = gated_norm_record(model, torch.device("cpu"), torch.bfloat16)
+    assert rec == {"backend": "mixed", "reason": f"{wide}: too wide",
+                   "by_group": {str(narrow): "triton", str(wide): "reference"}}
+    monkeypatch.setattr(gn, "gated_norm_backend", lambda d, t, g: "reference")
+    monkeypatch.setattr(gn, "gated_norm_backend_reason", lambda d, t, g: "no CUDA")
+    assert gated_norm_record(model, torch.device("cpu"), torch.bfloat16) == {"backend": "reference",
+                                                                              "reason": "no CUDA"}

@@ -13,8 +13,11 @@ concatenated weight is a per-call copy, small next to the activations.
 Only plain nn.Linear modules without bias are fused: a subclass (torchao's
 Float8Linear, the NVFP4 emulation) has its own forward, which must run, so
 any such module makes every projection of the call run on its own.
-MEGACPP_FUSED_PROJECTIONS=0 turns the fusion off (the A/B of
-benchmarks/gpu_jobs.txt); it is read when a call is traced or run.
+Off by default: on an H200 (2026-11-28, BENCHMARKS.md) the fused calls did
+not shorten the step: GPU busy 92.5 ms with them against 91.1 without at
+nam-125m, 275.9 against 273.4 at nam-1b, matmul time unchanged (32.5 and
+32.6 ms; 135.2 and 135.0). MEGACPP_FUSED_PROJECTIONS=1 turns the fusion on;
+it is read when a call is traced or run.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from torch import nn
 
 
 def fusion_enabled() -> bool:
-    v = os.environ.get("MEGACPP_FUSED_PROJECTIONS", "1").strip()
+    v = os.environ.get("MEGACPP_FUSED_PROJECTIONS", "0").strip()
     if v not in ("0", "1"):
         raise ValueError(f"MEGACPP_FUSED_PROJECTIONS={v!r}: expected 0 or 1")
     return v == "1"

@@ -25,14 +25,12 @@ from ..recipe import Recipe
 from ..recipe.count import summarize
 from ..recipe.pattern import FAMILY
 from .activation import apply_activation_checkpointing, apply_ssd_states
-from .compile import apply_compile, compile_stats
+from .compile import GRAPH_MODES, apply_compile, compile_stats, graph_step_begin
 from .device import device_facts, peak_flops, pick_device
 from .kernel_profile import KernelProfile, gemm_text, profile_gemms, profile_kernels, profile_text
 from .optim import Optimizers
 from .precision import Precision
 
-# compile modes whose steps replay CUDA graphs (inductor's cudagraph trees)
-GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -195,6 +193,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
         if batches is not None:
             state["batch"] = {k: v.to(dev, non_blocking=True) for k, v in next(batches).items()}
         batch = state["batch"]
+        graph_step_begin(comp)
         with precision.autocast():
             out = model(batch["input_ids"], doc_ids=batch["doc_ids"], positions=batch["positions"],
                         return_hidden_only=True)
@@ -254,10 +253,17 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
         conv_backend=_conv_backend(dev, precision.dtype, model),
         attention_backend=_attention_backend(model, dev),
         delta_rule_backend=_delta_rule_backend(model, dev, precision.dtype)["backend"] or "",
-        gated_norm_backend=gated_norm_record(model, dev, precision.dtype)["backend"] or "",
+        gated_norm_backend=_gated_norm_text(gated_norm_record(model, dev, precision.dtype)),
         fused_projections=fusion_enabled(),
         step_profile=step_prof.to_dict() if step_prof is not None else {}, family_profile=fam_prof,
         gemm_profile=gemms or [])
+
+
+def _gated_norm_text(rec: dict) -> str:
+    """'triton', 'reference', or per group width when they differ: 'triton (128), reference (1536)'."""
+    if rec["backend"] != "mixed":
+        return rec["backend"] or ""
+    return ", ".join(f"{b} ({g})" for g, b in rec["by_group"].items())
 
 
 def _conv_backend(dev, dtype, model) -> str:

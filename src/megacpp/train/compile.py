@@ -17,6 +17,23 @@ def resolve_mode(mode: str, device: torch.device | None, sharding: str = "none")
     return "reduce-overhead" if on_cuda and sharding == "none" else "default"
 
 
+# compile modes whose calls replay CUDA graphs (inductor's cudagraph trees)
+GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def graph_step_begin(info: dict) -> None:
+    """Before each forward of a run compiled with CUDA graphs (info: apply_compile's
+    record): tells the cudagraph trees that a new iteration starts, so the graph
+    outputs of the last one may be overwritten. Without it a second micro-batch
+    (gradient accumulation: nam-125m's global batch is two) found the first's
+    backward "pending" and its replay overwrote activations the backward still
+    read (torch 2.11 on an H200: "accessing tensor output of CUDAGraphs that has
+    been overwritten by a subsequent run", 2026-11-28). Every caller has run
+    the last iteration's backward and copied what it keeps."""
+    if info.get("mode") in GRAPH_MODES:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 def apply_compile(model: torch.nn.Module, spec, device: torch.device | None = None, sharding: str = "none") -> dict:
     """Compile per spec (a CompileSpec); returns what ran: the resolved mode (and
     the requested one where "auto" chose), the scope and how many targets."""

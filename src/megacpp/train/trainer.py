@@ -36,7 +36,7 @@ from ..recipe.validate import stp_layers
 from ..run.manifest import MANIFEST, git_commit, new_manifest, write_json_atomic
 from .activation import apply_activation_checkpointing, apply_ssd_states
 from .checkpoint import DCP, latest_good, load_sharded, load_weights, read_state, save_checkpoint, save_sharded
-from .compile import apply_compile, compile_stats
+from .compile import apply_compile, compile_stats, graph_step_begin
 from .device import device_facts, memory_available, peak_flops, peak_memory, pick_device
 from .metrics import MetricsWriter
 from .optim import Optimizers
@@ -427,6 +427,7 @@ class Trainer:
                 if batches and i >= batches:
                     break
                 batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                graph_step_begin(self.compile_info)
                 with self.precision.autocast():
                     out = self.model(batch["input_ids"], doc_ids=batch["doc_ids"],
                                      positions=batch["positions"], return_hidden_only=True)
@@ -460,6 +461,7 @@ class Trainer:
             collect = "final" if self.stp_layers == "final" else list(self.stp_layers)
         terms: dict[str, torch.Tensor] = {}
         dense_stage = self._dsa_dense_stage(step)
+        graph_step_begin(self.compile_info)
         with self.precision.autocast():
             out = self.train_model(batch["input_ids"], doc_ids=batch["doc_ids"],
                                    positions=batch["positions"], collect_hidden=collect,
@@ -779,16 +781,22 @@ def _conv_backend(device, dtype, model=None) -> dict:
 
 def gated_norm_record(model, device, dtype) -> dict:
     """Which gated RMSNorm the M and R layers' output norms take (triton or the
-    torch reference) and why; the widest group decides (the kernels' limit)."""
+    torch reference) and why. The choice depends on the group's width, so a
+    model whose groups differ (nam-125m: Mamba-2's 1536, Gated DeltaNet's 128)
+    can take both: then backend is "mixed" and by_group says which width took what."""
     from ..model.norm import GatedRMSNorm
     from ..ops.gated_norm import gated_norm_backend, gated_norm_backend_reason
 
-    groups = [m.group_size for m in model.modules() if isinstance(m, GatedRMSNorm)]
+    groups = sorted({m.group_size for m in model.modules() if isinstance(m, GatedRMSNorm)})
     if not groups:
         return {"backend": None, "reason": "no gated norms (no M or R layers)"}
-    g = max(groups)
-    return _kernel_choice("gated RMSNorm", lambda: {"backend": gated_norm_backend(device, dtype, g),
-                                                    "reason": gated_norm_backend_reason(device, dtype, g)})
+    recs = {g: _kernel_choice("gated RMSNorm", lambda g=g: {"backend": gated_norm_backend(device, dtype, g),
+                                                            "reason": gated_norm_backend_reason(device, dtype, g)})
+            for g in groups}
+    if len({r["backend"] for r in recs.values()}) == 1:
+        return recs[groups[-1]]
+    return {"backend": "mixed", "reason": "; ".join(f"{g}: {r['reason']}" for g, r in recs.items() if r["reason"]),
+            "by_group": {str(g): r["backend"] for g, r in recs.items()}}
 
 
 def _delta_rule_backend(model, device, dtype) -> dict:

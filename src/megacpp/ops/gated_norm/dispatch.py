@@ -6,9 +6,17 @@ has `reference.gated_rms_norm`'s signature and result. It takes the Triton
 kernels (`triton_gated_norm.gated_rms_norm_triton`) when
 `gated_norm_backend(x.device, x.dtype, group_size)` says "triton": x on
 CUDA, triton importable, MEGACPP_GATED_NORM not "reference", x not float64,
-the group at most MAX_GROUP channels. Everything else goes to the
-reference. MEGACPP_GATED_NORM=triton makes a missing Triton path an error
-instead of a silent fallback.
+the group at most MAX_GROUP channels, and, unless MEGACPP_GATED_NORM=triton,
+at most WIDE_GROUP channels. Everything else goes to the reference.
+MEGACPP_GATED_NORM=triton makes a missing Triton path an error instead of a
+silent fallback, and takes the kernels for wide groups too (for benchmarks).
+
+Why WIDE_GROUP: on an H200 (2026-11-28, `benchmarks/gated_norm_bench.py
+--sweep`, BENCHMARKS.md) the kernels beat the compiled reference at Gated
+DeltaNet's heads of 128 channels (0.575 against 0.912 ms, forward and
+backward) and lost to it at Mamba-2's one group of 1536 (1.02 at best
+against 0.71) and of 4096 (1.24 against 1.04): there a program holds one or
+two rows and spends its time in cross-warp row sums.
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ from .reference import gated_rms_norm as gated_norm_reference
 
 ENV = "MEGACPP_GATED_NORM"
 MAX_GROUP = 16384  # channels of one group the Triton kernels hold in registers
+WIDE_GROUP = 512  # wider groups take the reference unless MEGACPP_GATED_NORM=triton (see above)
 
 
 @assume_constant  # see _backend.assume_constant: dynamo bakes in the result
@@ -33,7 +42,12 @@ BACKEND = KernelBackend(ENV, "gated RMSNorm", f"{__package__}.triton_gated_norm"
 
 def gated_norm_backend_reason(device, dtype: torch.dtype | None = None, group_size: int | None = None) -> str:
     """'' if gated_rms_norm_fast runs the Triton kernels for tensors on `device` (of `dtype`), else why not."""
-    limit = f"group of {group_size} channels > {MAX_GROUP}" if group_size and group_size > MAX_GROUP else ""
+    limit = ""
+    if group_size and group_size > MAX_GROUP:
+        limit = f"group of {group_size} channels > {MAX_GROUP}"
+    elif group_size and group_size > WIDE_GROUP and BACKEND.choice() != "triton":
+        limit = (f"group of {group_size} channels > {WIDE_GROUP}: the compiled reference is faster "
+                 f"there (H200); MEGACPP_GATED_NORM=triton forces the kernels")
     return BACKEND.reason(device, dtype, limit)
 
 

@@ -42,7 +42,11 @@ from .dispatch import MAX_GROUP
 from .reference import check as _check
 
 # Elements of one program's (rows x channels) tile; rows = TILE // p2(group).
-TILE = 4096
+# 8192 with a warp per 1024 elements: the H200 sweep's fastest at Gated
+# DeltaNet's heads of 128 (0.575 ms forward + backward against 0.770 with
+# 4096 and a warp per 256; benchmarks/gated_norm_bench.py --sweep, 2026-11-28).
+TILE = 8192
+ELEMS_PER_WARP = 1024
 # Backward programs per group per streaming multiprocessor.
 BWD_PROGRAMS_PER_SM = 4
 
@@ -161,12 +165,13 @@ LAUNCH: dict[str, dict] = {"fwd": {}, "bwd": {}}
 def _block(g: int, kernel: str) -> tuple[int, int, int]:
     """(BG, BM, num_warps) of kernel "fwd" or "bwd" for a group of g channels:
     the group's power of two, as many rows as fill the tile (at most 64), and
-    a warp per 256 elements (4 to 16): offline for sm_90 the backward at one
-    group of 4096 needs 177 registers a thread with 8 warps, 109 with 16."""
+    a warp per ELEMS_PER_WARP elements (4 to 16). Offline for sm_90 the
+    backward at one group of 4096 (reached only with MEGACPP_GATED_NORM=triton:
+    dispatch.WIDE_GROUP) needs 177 registers a thread with 8 warps, no spills."""
     cfg = LAUNCH[kernel]
     bg = _p2(g)
     bm = max(1, min(64, int(cfg.get("TILE", TILE)) // bg))
-    return bg, bm, int(cfg.get("num_warps", max(4, min(16, bm * bg // 256))))
+    return bg, bm, int(cfg.get("num_warps", max(4, min(16, bm * bg // ELEMS_PER_WARP))))
 
 
 def _bwd_programs(device: torch.device, row_blocks: int, groups: int) -> int:
