@@ -84,3 +84,31 @@ def test_cuda_graph_runs_mark_a_new_iteration_before_every_forward(tiny_snapshot
     assert len(marks) == 4
     t.evaluate("val", 2)
     assert len(marks) == 6
+
+
+def test_cuda_graph_runs_keep_their_grads_outside_the_graphs(tiny_snapshot, tmp_path, monkeypatch):
+    """Under CUDA graphs every trainable parameter has a .grad of its own from the
+    start and keeps that tensor (zeroed in place) across steps, so no .grad is
+    ever a graph's output buffer; in other modes grads are dropped after a step."""
+    import torch
+
+    from megacpp.train import compile as comp
+
+    model = torch.nn.Linear(3, 2)
+    assert not comp.keep_grads_outside_graphs(model, {"mode": "default"}) and model.weight.grad is None
+    assert comp.keep_grads_outside_graphs(model, {"mode": "reduce-overhead"})
+    assert torch.equal(model.weight.grad, torch.zeros(2, 3)) and torch.equal(model.bias.grad, torch.zeros(2))
+
+    recipe = megacpp.load_recipe("nam-tiny", tiny_sets(**{"policy.eval_batches": 0, "policy.compile.mode": "none"}))
+    t = Trainer(recipe, tmp_path / "run", tiny_snapshot, device="cpu", quiet=True, max_steps=2)
+    monkeypatch.setattr(comp, "apply_compile", lambda *a, **k: {"mode": "reduce-overhead"})
+    monkeypatch.setattr("megacpp.train.trainer.apply_compile", lambda *a, **k: {"mode": "reduce-overhead"})
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
+    t._build()
+    t.loader_iter = iter(t.loader)
+    params = [p for p in t.model.parameters() if p.requires_grad]
+    ptrs = [p.grad.data_ptr() for p in params]
+    t.train_step(0)
+    t.train_step(1)
+    assert [p.grad.data_ptr() for p in params] == ptrs
+    assert all(not p.grad.any() for p in params)  # zeroed after the step, in place

@@ -25,7 +25,7 @@ from ..recipe import Recipe
 from ..recipe.count import summarize
 from ..recipe.pattern import FAMILY
 from .activation import apply_activation_checkpointing, apply_ssd_states
-from .compile import GRAPH_MODES, apply_compile, compile_stats, graph_step_begin
+from .compile import GRAPH_MODES, apply_compile, compile_stats, graph_step_begin, keep_grads_outside_graphs
 from .device import device_facts, peak_flops, pick_device
 from .kernel_profile import KernelProfile, gemm_text, profile_gemms, profile_kernels, profile_text
 from .optim import Optimizers
@@ -168,6 +168,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
     ac = apply_activation_checkpointing(model, recipe.layers.letters, pol.activation_checkpointing)
     apply_ssd_states(model, pol.kernels.ssd_states)  # before compile: read at trace time
     comp = apply_compile(model, pol.compile, dev, pol.parallel.sharding)
+    grads_in_place = keep_grads_outside_graphs(model, comp)
     opt = Optimizers(model, pol.optimizer, dev)
     B = micro_batch or pol.micro_batch
     if accum < 0:
@@ -211,7 +212,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
         if pol.optimizer.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), pol.optimizer.grad_clip, foreach=True)
         precision.step(opt.optimizers)
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=not grads_in_place)
 
     times = []
     for i in range(warmup + steps):

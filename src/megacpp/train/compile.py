@@ -34,6 +34,24 @@ def graph_step_begin(info: dict) -> None:
         torch.compiler.cudagraph_mark_step_begin()
 
 
+def keep_grads_outside_graphs(model: torch.nn.Module, info: dict) -> bool:
+    """Under CUDA graphs, gives every trainable parameter a zero .grad of its own
+    and returns True: the caller then zeroes grads in place (set_to_none=False)
+    instead of dropping them. Otherwise autograd makes a None .grad *be* the
+    backward graph's output buffer, the next micro-batch's replay overwrites it
+    and the accumulation reads the overwritten buffer (torch 2.11 on an H200,
+    2026-11-28: "accessing tensor output of CUDAGraphs that has been overwritten"
+    at nam-125m's second micro-batch, its stack the weight's forward use, with
+    the step marker or without). Returns False (nothing done) in other modes."""
+    if info.get("mode") not in GRAPH_MODES:
+        return False
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+    return True
+
+
 def apply_compile(model: torch.nn.Module, spec, device: torch.device | None = None, sharding: str = "none") -> dict:
     """Compile per spec (a CompileSpec); returns what ran: the resolved mode (and
     the requested one where "auto" chose), the scope and how many targets."""

@@ -118,9 +118,11 @@ class Optimizers:
         for o in self.optimizers:
             o.step()
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """set_to_none=False keeps each .grad tensor (zeroed): under CUDA graphs
+        (compile.keep_grads_outside_graphs) a None .grad would become a graph buffer."""
         for o in self.optimizers:
-            o.zero_grad(set_to_none=True)
+            o.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
         return {"adamw": self.adamw.state_dict(), "muon": self.muon.state_dict() if self.muon else None}

@@ -36,7 +36,7 @@ from ..recipe.validate import stp_layers
 from ..run.manifest import MANIFEST, git_commit, new_manifest, write_json_atomic
 from .activation import apply_activation_checkpointing, apply_ssd_states
 from .checkpoint import DCP, latest_good, load_sharded, load_weights, read_state, save_checkpoint, save_sharded
-from .compile import apply_compile, compile_stats, graph_step_begin
+from .compile import apply_compile, compile_stats, graph_step_begin, keep_grads_outside_graphs
 from .device import device_facts, memory_available, peak_flops, peak_memory, pick_device
 from .metrics import MetricsWriter
 from .optim import Optimizers
@@ -263,6 +263,7 @@ class Trainer:
         apply_ssd_states(self.model, pol.kernels.ssd_states)  # before compile: read at trace time
         self.train_model = self.dist.wrap(self.model, self.recipe)
         self.compile_info = apply_compile(self.model, pol.compile, self.device, pol.parallel.sharding)
+        self.grads_in_place = keep_grads_outside_graphs(self.model, self.compile_info)
         self.opt = Optimizers(self.model, pol.optimizer, self.device)
         has = set(self.letters)
         self.gates = GateSet.from_policy(pol.aux, {"moe": "E" in has, "dsa": "D" in has,
@@ -564,7 +565,7 @@ class Trainer:
             self.nonfinite_total += 1
             self.nonfinite_run += 1
             self.precision.skip_step()  # fp16: back the loss scale off, restart its growth count
-        self.opt.zero_grad()
+        self.opt.zero_grad(set_to_none=not self.grads_in_place)
         record = {"kind": "train", "step": step, "lr": lr, "grad_norm": float(gnorm),
                   "loss": float(lm_mean), "total_loss": float(loss_val),
                   "tokens": tokens * self.dist.world_size, "finite": finite, "stepped": stepped,
