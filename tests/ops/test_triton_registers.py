@@ -46,7 +46,9 @@ def test_conv_launches_are_recorded_on_both_paths_and_rows_per_step_lower_dpre_r
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles for a GPU target")
 def test_gated_norm_compiles_for_sm90_without_spills():
     """Both gated-norm kernels at nam-1b's Mamba-2 group (4096 channels) and its R
-    heads (128): compiled for sm_90, a warp per 256 elements, no stack."""
+    heads (128): compiled for sm_90 at their launches (8192-element tiles; a warp
+    per 1024 elements, at least one per 256 channels: 16 warps at 4096, 8 at 128),
+    no stack."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import triton_registers
 
@@ -54,4 +56,5 @@ def test_gated_norm_compiles_for_sm90_without_spills():
     assert sorted({r["kernel"] for r in rows}) == ["_gnorm_bwd_kernel", "_gnorm_fwd_kernel"]
     assert {r["blocks"]["BG"] for r in rows} == {4096, 128}
     for r in rows:
-        assert r["stack"] == 0 and 0 < r["registers"] <= 255 and r["warps"] == 16, r
+        assert r["stack"] == 0 and 0 < r["registers"] <= 255, r
+        assert r["warps"] == (16 if r["blocks"]["BG"] == 4096 else 8), r

@@ -165,13 +165,20 @@ LAUNCH: dict[str, dict] = {"fwd": {}, "bwd": {}}
 def _block(g: int, kernel: str) -> tuple[int, int, int]:
     """(BG, BM, num_warps) of kernel "fwd" or "bwd" for a group of g channels:
     the group's power of two, as many rows as fill the tile (at most 64), and
-    a warp per ELEMS_PER_WARP elements (4 to 16). Offline for sm_90 the
-    backward at one group of 4096 (reached only with MEGACPP_GATED_NORM=triton:
-    dispatch.WIDE_GROUP) needs 177 registers a thread with 8 warps, no spills."""
+    a warp per ELEMS_PER_WARP elements, and at least a warp per 256 channels
+    of the group (4 to 16 warps). Groups of 2048 channels and more (reached
+    only with MEGACPP_GATED_NORM=triton: dispatch.WIDE_GROUP) take one row a
+    tile unless LAUNCH sets TILE: offline for sm_90 the backward at 4096
+    channels spilled with two rows (72 bytes at 8 warps, 96 at 16) and holds
+    one row in 109 registers at 16 warps; test_triton_registers checks it."""
     cfg = LAUNCH[kernel]
     bg = _p2(g)
-    bm = max(1, min(64, int(cfg.get("TILE", TILE)) // bg))
-    return bg, bm, int(cfg.get("num_warps", max(4, min(16, bm * bg // ELEMS_PER_WARP))))
+    if "TILE" not in cfg and bg >= 2048:
+        bm = 1
+    else:
+        bm = max(1, min(64, int(cfg.get("TILE", TILE)) // bg))
+    warps = max(4, min(16, max(bm * bg // ELEMS_PER_WARP, bg // 256)))
+    return bg, bm, int(cfg.get("num_warps", warps))
 
 
 def _bwd_programs(device: torch.device, row_blocks: int, groups: int) -> int:
