@@ -49,3 +49,11 @@ def test_only_runs_the_named_jobs_in_the_order_given(tmp_path):
                         "--only", "c", "a"])
     assert rc == 0
     assert (jobdir / "order.txt").read_text().split() == ["c", "a"]
+
+
+def test_a_job_as_long_as_the_deadline_still_starts(tmp_path):
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("alone 30 echo ran > $JOBDIR/alone.txt\n")
+    jobdir = tmp_path / "jd"
+    assert gpu_pool.main([str(jobs), "--gpus", "1", "--deadline", "30", "--jobdir", str(jobdir)]) == 0
+    assert (jobdir / "alone.txt").read_text().strip() == "ran"
