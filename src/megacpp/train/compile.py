@@ -42,7 +42,10 @@ def keep_grads_outside_graphs(model: torch.nn.Module, info: dict) -> bool:
     and the accumulation reads the overwritten buffer (torch 2.11 on an H200,
     2026-11-28: "accessing tensor output of CUDAGraphs that has been overwritten"
     at nam-125m's second micro-batch, its stack the weight's forward use, with
-    the step marker or without). Returns False (nothing done) in other modes."""
+    the step marker or without). The price: the gradients stay allocated through
+    the forward (float32 parameters: 4 bytes each, 0.9 GB at nam-125m's 230M),
+    where set_to_none freed them between steps. Returns False (nothing done) in
+    other modes."""
     if info.get("mode") not in GRAPH_MODES:
         return False
     with torch.no_grad():
