@@ -32,7 +32,6 @@ from .optim import Optimizers
 from .precision import Precision
 
 
-
 @dataclass
 class BenchResult:
     recipe: str

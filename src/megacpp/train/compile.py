@@ -24,12 +24,12 @@ GRAPH_MODES = ("reduce-overhead", "max-autotune")
 def graph_step_begin(info: dict) -> None:
     """Before each forward of a run compiled with CUDA graphs (info: apply_compile's
     record): tells the cudagraph trees that a new iteration starts, so the graph
-    outputs of the last one may be overwritten. Without it a second micro-batch
-    (gradient accumulation: nam-125m's global batch is two) found the first's
-    backward "pending" and its replay overwrote activations the backward still
-    read (torch 2.11 on an H200: "accessing tensor output of CUDAGraphs that has
-    been overwritten by a subsequent run", 2026-11-28). Every caller has run
-    the last iteration's backward and copied what it keeps."""
+    outputs of the last one may be overwritten, as torch's error message asks of
+    training loops. Every caller has run the last iteration's backward and copied
+    what it keeps. On its own it did not cure the failure seen at nam-125m's second
+    micro-batch (H200, 2026-11-28): that was the gradients, see
+    keep_grads_outside_graphs; the runs that trained equal to the default mode
+    had both."""
     if info.get("mode") in GRAPH_MODES:
         torch.compiler.cudagraph_mark_step_begin()
 
