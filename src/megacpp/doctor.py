@@ -61,9 +61,11 @@ def rows(device: torch.device) -> list[dict]:
                            "Triton conv, SiLU fused (ops.causal_conv.triton_conv)",
                            "pure-torch reference (ops.causal_conv)"))
     from .ops.gated_norm import gated_norm_backend_reason
+    from .ops.gated_norm.dispatch import WIDE_GROUP
     out.append(_kernel_row("gated RMSNorm (M, R outputs)", "Triton gated norm",
                            lambda: gated_norm_backend_reason(device, dt),
-                           "Triton one-pass forward and backward (ops.gated_norm.triton_gated_norm)",
+                           (f"Triton one-pass forward and backward for groups of up to {WIDE_GROUP} channels (R heads); "
+                            "wider groups (M) take the compiled reference (ops.gated_norm)"),
                            "pure-torch reference (ops.gated_norm)"))
     from .ops.delta_rule.dispatch import fla_reason
     try:

@@ -64,7 +64,7 @@ class BenchResult:
     attention_backend: str = ""
     delta_rule_backend: str = ""
     gated_norm_backend: str = ""
-    fused_projections: bool = True
+    fused_projections: bool = False  # model.projections.fusion_enabled(): off unless asked
     # torch.profiler on CUDA (kernels=True): the whole step, and per family
     # {"layers": n, "per_layer": KernelProfile} of one layer's isolated fwd + bwd
     step_profile: dict = field(default_factory=dict)
