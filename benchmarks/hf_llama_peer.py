@@ -4,7 +4,7 @@ Same step as `megacpp bench` (AdamW fused, bf16 autocast, random tokens,
 median step time after warm-up). Run in the same call as `megacpp bench` so
 both numbers come from one card.
 
-    python benchmarks/hf_llama_peer.py --recipe dense-125m [--batch 16] [--steps 20] [--accum 1] [--json OUT]
+    python benchmarks/hf_llama_peer.py --recipe dense-125m [--batch 16] [--steps 20] [--accum 1] [--layers N] [--json OUT]
 
 --accum N: micro-batches forward and backward per optimizer step, as
 `megacpp bench --accum N` (0 = the recipe's global batch / micro batch).
@@ -30,6 +30,8 @@ def main() -> int:
     ap.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
                     help="torch.compile mode of the peer (reduce-overhead: CUDA graphs, as megacpp's \"auto\")")
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (0 = the recipe's)")
+    ap.add_argument("--layers", type=int, default=0,
+                    help="Llama decoder layers (0: one per attention layer of the recipe, the matched peer)")
     ap.add_argument("--json")
     args = ap.parse_args()
     import megacpp
@@ -38,7 +40,7 @@ def main() -> int:
     r = megacpp.load_recipe(args.recipe)
     m = r.model
     layers = r.layers.counts()
-    depth = layers["A"] + layers["D"] or m.depth  # one Llama block per attention layer
+    depth = args.layers or layers["A"] + layers["D"] or m.depth  # one Llama block per attention layer
     cfg = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_size,
                       num_hidden_layers=depth, num_attention_heads=m.attention.num_heads,
                       num_key_value_heads=m.attention.num_kv_heads, max_position_embeddings=r.policy.seq_len,
