@@ -166,6 +166,63 @@ def test_flex_inside_compiled_block(seed, monkeypatch):
     assert attention._FLEX_COMPILED is None  # flex was lowered by the block's compile
 
 
+def test_flex_inside_compiled_model(seed, monkeypatch):
+    """Compile scope "model": flex is traced inside the model's graph, its block
+    mask built between graphs (inlined, on CUDA inductor fused the mask into
+    flex's kernel, which read out of bounds at the first evaluation: H200,
+    2026-11-28; the GPU test below runs that case); no-grad outputs equal the
+    eager SDPA model's."""
+    monkeypatch.setattr(attention, "_FLEX_COMPILED", None)
+    spec = ALL_LETTER_SPECS["ADMREF-mamba2-gqa"]
+    model = build(spec, torch.float32)
+    ids = torch.randint(0, spec.vocab_size, (3, 200))
+    doc = _doc_ids(3, 200)
+    compiled = torch.compile(model, dynamic=False)
+    with torch.no_grad():
+        monkeypatch.setattr(attention, "ATTENTION_BACKEND", "sdpa")
+        ref = model(ids, doc_ids=doc).logits
+        monkeypatch.setattr(attention, "ATTENTION_BACKEND", "flex")
+        out = compiled(ids, doc_ids=doc).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=3e-5)
+    assert attention._FLEX_COMPILED is None  # flex was lowered by the model's compile
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the failure it guards against was CUDA's")
+def test_flex_inside_compiled_model_cuda(seed):
+    """The scope "model" case that failed on an H200: one graph for the model,
+    a training step, then a no-grad forward; both equal the eager SDPA model."""
+    spec = make_spec("ADMREF", hidden_size=64, mamba={"version": 2},
+                     attention={"kind": "gqa", "qk_head_dim": 16},
+                     moe={"score": "sigmoid", "bias_balancing": True})
+    old_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    old_backend = attention.ATTENTION_BACKEND
+    try:
+        model = build(spec, torch.float32).cuda()
+        ids = torch.randint(0, spec.vocab_size, (3, 300), device="cuda")
+        doc = _doc_ids(3, 300).cuda()
+        attention.ATTENTION_BACKEND = "sdpa"
+        ref = model(ids, doc_ids=doc).logits
+        ref.float().square().mean().backward()
+        ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        attention.ATTENTION_BACKEND = "flex"
+        compiled = torch.compile(model, dynamic=False)
+        out = compiled(ids, doc_ids=doc).logits
+        out.float().square().mean().backward()
+        with torch.no_grad():
+            evaluated = compiled(ids, doc_ids=doc).logits
+        torch.cuda.synchronize()
+    finally:
+        attention.ATTENTION_BACKEND = old_backend
+        torch.backends.cuda.matmul.allow_tf32 = old_tf32
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(evaluated, ref.detach(), rtol=1e-4, atol=1e-4)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, rtol=1e-4, atol=1e-4, msg=n)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="torch has no FlexAttention backward on CPU: gradients need CUDA")

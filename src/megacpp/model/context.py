@@ -49,14 +49,15 @@ def _document_mask_mod(doc_ids: torch.Tensor):
 _CREATE_BLOCK_MASK_COMPILED = None
 
 
-def document_block_mask(doc_ids: torch.Tensor):
-    """BlockMask (batch, 1, seqlen, seqlen) for packed rows; 128-token blocks, any seqlen."""
+def _build_block_mask(doc_ids: torch.Tensor):
+    """create_block_mask of the document pattern, run as code of its own (eager,
+    or its own compiled graph on CUDA), never traced into a caller's graph."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     global _CREATE_BLOCK_MASK_COMPILED
     b, t = doc_ids.shape
     build = create_block_mask
-    if doc_ids.is_cuda and not torch.compiler.is_compiling():
+    if doc_ids.is_cuda:
         # Eager create_block_mask materialises the whole (b, t, t) mask (and
         # int64 gathers of that size) before reducing it to blocks; compiled,
         # it fuses the reduction. A fresh closure per forward does not
@@ -65,6 +66,25 @@ def document_block_mask(doc_ids: torch.Tensor):
             _CREATE_BLOCK_MASK_COMPILED = torch.compile(create_block_mask, dynamic=False)
         build = _CREATE_BLOCK_MASK_COMPILED
     return build(_document_mask_mod(doc_ids), b, None, t, t, device=doc_ids.device)
+
+
+@torch.compiler.disable
+def _block_mask_between_graphs(doc_ids: torch.Tensor):
+    """_build_block_mask with a graph break around it, for a trace of the whole
+    model: inlined, inductor fused the mask's construction (its sort, compares
+    and slices) into FlexAttention's forward kernel of the no-grad graph, which
+    then read out of bounds (nam-125m with compile scope "model", torch 2.11 on
+    an H200, 2026-11-28: "illegal memory access" at the first evaluation, found
+    with CUDA_LAUNCH_BLOCKING=1). Between graphs it runs as under per-block
+    compile; the model's graph takes its tensors as inputs."""
+    return _build_block_mask(doc_ids)
+
+
+def document_block_mask(doc_ids: torch.Tensor):
+    """BlockMask (batch, 1, seqlen, seqlen) for packed rows; 128-token blocks, any seqlen."""
+    if torch.compiler.is_compiling():
+        return _block_mask_between_graphs(doc_ids)
+    return _build_block_mask(doc_ids)
 
 
 class SeqContext:

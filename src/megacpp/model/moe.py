@@ -106,12 +106,37 @@ def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
     return inverse
 
 
-def permute_rows(v: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """v[order] for the permutation whose inverse is `inverse`, written as a
-    scatter to unique rows. Autograd's backward of v[order] adds into rows
-    that may repeat (an accumulating index_put: sort-based in eager CUDA,
-    atomic adds under inductor); this one's backward is a plain gather."""
-    return v.new_empty(v.shape).index_put((inverse,), v)
+class _GatherRows(torch.autograd.Function):
+    """out = v[src] where every row of out has one source row and the rows of v
+    are each read `k` times (k = len(src) / len(v)); `back` lists, for the rows
+    of v in order, the k rows of out that read each. Both directions are plain
+    gathers (the backward a gather and a sum over k): no scatter for inductor to
+    materialise, no accumulating index_put (sort-based in eager CUDA, atomics
+    under inductor), deterministic. Under compile both are traced, so each
+    gather fuses into the kernel that produces or consumes its rows."""
+
+    @staticmethod
+    def forward(ctx, v, src, back):
+        ctx.save_for_backward(back)
+        ctx.rows = v.shape[0]
+        return v[src]
+
+    @staticmethod
+    def backward(ctx, g):
+        (back,) = ctx.saved_tensors
+        picked = g[back]
+        if back.numel() == ctx.rows:
+            return picked, None, None
+        return picked.view(ctx.rows, -1, *g.shape[1:]).sum(1), None, None
+
+
+def permute_rows(v: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor | None = None) -> torch.Tensor:
+    """v[order] for a permutation `order` (inverse: its inverse, made if not given);
+    the backward is the gather by `inverse` (autograd's backward of v[order]
+    would add into rows through an accumulating index_put)."""
+    if inverse is None:
+        inverse = inverse_permutation(order)
+    return _GatherRows.apply(v, order, inverse)
 
 
 def gather_slots(x: torch.Tensor, order: torch.Tensor, k: int,
@@ -122,16 +147,14 @@ def gather_slots(x: torch.Tensor, order: torch.Tensor, k: int,
     Autograd's backward of a plain gather (x[idx], index_select) accumulates
     into repeated rows: on CUDA an index_put with accumulate, whose sort-based
     kernel took 9% of a compiled nam-125m step on an H200 (BENCHMARKS.md).
-    Written as a scatter of the slots to unique rows (rows[inverse[s]] = x[s // k]),
-    its backward is a gather and a sum over each token's k slots: no atomics,
-    no sort, deterministic. Plain ops, not an autograd.Function, so compile
-    traces it like any other code."""
+    Here the backward gathers each token's k slots (rows inverse[t*k .. t*k+k-1])
+    and sums them: no atomics, no sort, deterministic."""
     T, d = x.shape
     if order.numel() != T * k:
         raise ValueError(f"gather_slots: order has {order.numel()} slots, expected T*k = {T * k}")
     if inverse is None:
         inverse = inverse_permutation(order)
-    return permute_rows(x.unsqueeze(1).expand(T, k, d).reshape(T * k, d), inverse)
+    return _GatherRows.apply(x, torch.div(order, k, rounding_mode="floor"), inverse)
 
 
 _GROUPED_MM_OK: dict = {}
@@ -374,20 +397,20 @@ class MoE(nn.Module):
         if slot_order:
             # The rows in expert order are a permutation of the T*k slots, so
             # their backward needs no accumulating scatter (see gather_slots).
-            # Cast first: the scatter then writes the experts' dtype (bf16
-            # under autocast), not float32 rows for a separate cast to read.
+            # Cast first: the gather then moves the experts' dtype (bf16 under
+            # autocast), not float32 rows for a separate cast to read.
             rows = gather_slots(xt.to(dtype), order, k, inverse)
             out = self.experts(rows, counts, self.activation, self.impl, dtype)
-            # Every token holds exactly k slots (flat slot j = token j // k): put
-            # each row back in its slot (a scatter to unique targets, whose
-            # backward is a gather; `order` is the inverse of `inverse`, so this
-            # puts row j at slot order[j]), then weight and sum a token's k rows
-            # in float32. The gates are already in slot order.
-            slots = permute_rows(out, order).view(T, k, -1)
+            # Every token holds exactly k slots (flat slot j = token j // k):
+            # slot s reads expert row inverse[s] (a gather, whose backward is the
+            # gather by `order`), then a token's k rows are weighted and summed in
+            # float32; compiled, the gather is a load of that sum's kernel. The
+            # gates are already in slot order.
+            slots = permute_rows(out, inverse, order).view(T, k, -1)
             y = (fp(slots) * r.gate.view(T, k, 1).to(fp(slots).dtype)).sum(dim=1).to(x.dtype)
         else:
             # the gates in expert order; order is a permutation, so no accumulating backward
-            token, gate = r.token[order], permute_rows(r.gate, inverse)
+            token, gate = r.token[order], permute_rows(r.gate, order, inverse)
             out = self.experts(torch.index_select(xt, 0, token), counts, self.activation, self.impl, dtype)
             out = fp(out) * gate[:, None].to(fp(out).dtype)
             y = torch.zeros_like(xt).index_add(0, token, out.to(x.dtype))
