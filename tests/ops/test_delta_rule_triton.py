@@ -309,6 +309,33 @@ def test_solve_choice_is_checked(monkeypatch):
         T._solve_blocks_on()
 
 
+def test_launch_overrides(monkeypatch):
+    """_cfg: the defaults, then TUNED (half-precision operands only), then LAUNCH
+    (a sweep's variant); tiles capped by the head dims; unknown options refused;
+    nothing overridden under the interpreter."""
+    if not HAS_TRITON:
+        pytest.skip("triton not installed")
+    from types import SimpleNamespace
+
+    from megacpp.ops.delta_rule import triton_delta_rule as T
+    assert set(T.KERNELS) == {k[1:-len("_kernel")] for k in T._CONFIG}
+    half = SimpleNamespace(ieee=False, dk=128, dv=128)
+    f32 = SimpleNamespace(ieee=True, dk=128, dv=128)
+    monkeypatch.setattr(T, "INTERPRET", False)
+    monkeypatch.setitem(T.TUNED, "dqk", {"BV": 64, "num_warps": 4})
+    bk, bv, nw, ns = T._CONFIG["_dqk_kernel"][0]
+    assert T._cfg("_dqk_kernel", half) == dict(BK=bk, BV=64, num_warps=4, num_stages=ns)
+    assert T._cfg("_dqk_kernel", f32)["BV"] == T._CONFIG["_dqk_kernel"][1][1]  # TUNED is bf16's
+    monkeypatch.setitem(T.LAUNCH, "dqk", {"BV": 256, "num_stages": 1})
+    cfg = T._cfg("_dqk_kernel", half)
+    assert (cfg["BV"], cfg["num_warps"], cfg["num_stages"]) == (128, 4, 1)  # capped at dv
+    monkeypatch.setitem(T.LAUNCH, "state_fwd", {"BK": 64})  # the scans hold all of dk
+    with pytest.raises(ValueError, match="state_fwd has no launch option"):
+        T._cfg("_state_fwd_kernel", half)
+    monkeypatch.setattr(T, "INTERPRET", True)
+    assert T._cfg("_dqk_kernel", half)["BV"] == bv
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 @pytest.mark.skipif(CHILD, reason="this is the parent")
 def test_triton_interpreter_on_cpu():

@@ -97,7 +97,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from .._triton_util import INTERPRET  # noqa: F401  (the kernels' mode, as before)
+from .._triton_util import INTERPRET
 from .._triton_util import blk as _blk
 from .._triton_util import device_ctx as _device_ctx
 from .._triton_util import dot_dtype as _dot_dtype
@@ -617,17 +617,25 @@ _STAGES: dict[str, int] = {}  # kernel name -> num_stages after an out-of-shared
 
 def _launch(kernel, grid, *args, **kw):
     """kernel[grid](*args, **kw), retried with num_stages=1 if the pipelined
-    variant needs more shared memory than the GPU has (remembered per kernel)."""
+    variant needs more shared memory than the GPU has (remembered per kernel).
+    A launch pinned through LAUNCH (a sweep's variant) is never retried: the
+    sweep must see that the variant it asked for does not fit."""
     name = kernel.fn.__name__
-    if name in _STAGES:
+    pinned = bool(LAUNCH.get(_short(name)))
+    if name in _STAGES and not pinned:
         kw["num_stages"] = _STAGES[name]
     try:
         kernel[grid](*args, **kw)
     except OutOfResources:
-        if kw.get("num_stages") == 1:
+        if pinned or kw.get("num_stages") == 1:
             raise
         kw["num_stages"] = _STAGES[name] = 1
         kernel[grid](*args, **kw)
+
+
+def _short(kernel_name: str) -> str:
+    """"_wy_fwd_kernel" -> "wy_fwd" (the names of KERNELS, TUNED and LAUNCH)."""
+    return kernel_name[1:-len("_kernel")]
 
 
 # Launch configuration per kernel: (BK, BV, num_warps, num_stages) for half
@@ -661,11 +669,32 @@ def _solve_blocks_on() -> bool:
     return SOLVE == "blocks"
 
 
+# Per-kernel overrides of _CONFIG (short names; keys BK, BV, num_warps,
+# num_stages), as for the Triton SSD: TUNED holds what a sweep on a GPU chose
+# (benchmarks/delta_tune.py; half-precision operands only: the sweep runs in
+# bf16), LAUNCH what a sweep is trying now. Neither applies under the
+# interpreter (CPU tests), which checks the defaults.
+KERNELS = tuple(_short(k) for k in _CONFIG)
+TUNED: dict[str, dict] = {k: {} for k in KERNELS}
+LAUNCH: dict[str, dict] = {k: {} for k in KERNELS}
+
+
 def _cfg(name: str, p) -> dict:
     bk, bv, nw, ns = _CONFIG[name][1 if p.ieee else 0]
-    out = dict(BV=_blk(p.dv, bv), num_warps=nw, num_stages=ns)
+    out = dict(BV=bv, num_warps=nw, num_stages=ns)
     if bk:
-        out["BK"] = _blk(p.dk, bk)
+        out["BK"] = bk
+    if not INTERPRET:
+        short = _short(name)
+        for over in ((TUNED[short] if not p.ieee else {}), LAUNCH[short]):
+            bad = set(over) - set(out)
+            if bad:
+                raise ValueError(f"triton_delta_rule: {short} has no launch option {sorted(bad)} "
+                                 f"(it takes {sorted(out)})")
+            out.update(over)
+    out["BV"] = _blk(p.dv, out["BV"])
+    if "BK" in out:
+        out["BK"] = _blk(p.dk, out["BK"])
     return out
 
 
