@@ -95,6 +95,32 @@ def test_compile_mode_auto_resolves_by_device_and_sharding():
         assert resolve_mode(m, cuda, "fsdp2") == m
 
 
+def test_compile_tune_kernels_sets_inductor_and_is_recorded():
+    """policy.compile.tune_kernels turns on inductor's coordinate-descent tuning
+    before compiling and says so in the compile record; off, nothing is touched;
+    with compile off there is nothing to tune."""
+    import torch
+    import torch._inductor.config as icfg
+
+    from megacpp.recipe.policy import CompileSpec
+    from megacpp.train.compile import apply_compile
+
+    # inductor's own patch restores the flag afterwards (monkeypatch's undo
+    # left the config module without the attribute)
+    with icfg.patch(coordinate_descent_tuning=False):
+        model = torch.nn.Module()
+        model.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4)])
+        info = apply_compile(model, CompileSpec(mode="default"), torch.device("cpu"))
+        assert "tune_kernels" not in info and icfg.coordinate_descent_tuning is False
+        info = apply_compile(model, CompileSpec(mode="none", tune_kernels=True), torch.device("cpu"))
+        assert info == {"mode": "none", "targets": 0} and icfg.coordinate_descent_tuning is False
+        info = apply_compile(model, CompileSpec(mode="default", tune_kernels=True), torch.device("cpu"))
+        assert info["tune_kernels"] is True and icfg.coordinate_descent_tuning is True
+        x = torch.randn(2, 4)
+        lin = model.layers[0]
+        torch.testing.assert_close(lin(x), x @ lin.weight.t() + lin.bias)
+
+
 def test_bench_records_what_auto_compiled_to(monkeypatch):
     """On CPU "auto" compiles in inductor's default mode: the result says so and
     names the request; the families are timed (no CUDA graphs)."""

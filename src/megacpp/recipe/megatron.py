@@ -221,6 +221,8 @@ def translate(recipe: Recipe) -> Translation:
         issues.add("activation checkpointing differs per family: Megatron has one recompute policy")
     if p.compile.mode != "none":
         issues.add("torch.compile mode has no Megatron flag (Megatron uses fused kernels instead)")
+    if p.compile.tune_kernels:
+        issues.add("compile.tune_kernels (inductor's kernel tuning) has no Megatron flag")
     if p.kernels.ssd_states != "recompute":
         issues.add("kernels.ssd_states (megacpp's Triton scan keeping its chunk states) has no Megatron flag")
 

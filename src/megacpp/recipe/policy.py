@@ -53,6 +53,11 @@ class CompileSpec:
     mode: str = "none"
     scope: str = "block"             # block (each layer) | model
     fullgraph: bool = False
+    # inductor's coordinate-descent tuning of the launches of its own Triton
+    # kernels (torch._inductor.config.coordinate_descent_tuning): each fused
+    # kernel is timed at a few block sizes / warp counts while compiling, so
+    # the compile takes longer. No effect off CUDA.
+    tune_kernels: bool = False
 
 
 @dataclass(frozen=True)

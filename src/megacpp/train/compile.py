@@ -62,6 +62,12 @@ def apply_compile(model: torch.nn.Module, spec, device: torch.device | None = No
     asked = {"requested": spec.mode} if spec.mode != mode else {}
     if mode == "none":
         return {"mode": "none", "targets": 0}
+    if getattr(spec, "tune_kernels", False):
+        # process-wide, as inductor's config is: every later compile of this
+        # process tunes too (a run compiles one model)
+        import torch._inductor.config as icfg
+        icfg.coordinate_descent_tuning = True
+        asked["tune_kernels"] = True
     kwargs = {"fullgraph": spec.fullgraph}
     if mode != "default":
         kwargs["mode"] = mode
