@@ -19,7 +19,6 @@ default); chunk 64, bf16, no initial state, as the model calls it.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from megacpp.ops.delta_rule import triton_delta_rule as T
-from tune_util import Target, sweep
+from tune_util import Target, tune_main
 
 _TILES = {"BK": [32, 64, 128], "BV": [16, 32, 64, 128]}
 _LAUNCH = {"num_warps": [2, 4, 8], "num_stages": [1, 2, 3]}
@@ -69,20 +68,9 @@ def fwd_bwd(inputs):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tune-shape", default="16,2048,6,128,128")
-    ap.add_argument("--shapes", nargs="+", default=["16,2048,6,128,128", "8,2048,16,128,128"])
-    ap.add_argument("--kernels", nargs="+", default=list(OPTIONS), choices=list(OPTIONS))
-    ap.add_argument("--tol", type=float, default=2e-3)
-    ap.add_argument("--json")
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("delta_tune: needs a CUDA GPU", file=sys.stderr)
-        return 2
-    target = Target("gated delta rule fwd+bwd (bf16, chunk 64)", "batch,seqlen,heads,dk,dv",
-                    T, OPTIONS, KERNEL_NAME, make_inputs, fwd_bwd)
-    sweep(target, args.tune_shape, args.shapes, args.kernels, args.tol, args.json)
-    return 0
+    target = Target("gated delta rule fwd+bwd (bf16, chunk 64)", "batch,seqlen,heads,dk,dv", T, OPTIONS, KERNEL_NAME, make_inputs, fwd_bwd)
+    return tune_main(target, argv, "delta_tune", "16,2048,6,128,128",
+                     ["16,2048,6,128,128", "8,2048,16,128,128"], OPTIONS)
 
 
 if __name__ == "__main__":

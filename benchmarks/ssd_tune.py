@@ -17,13 +17,12 @@ nam-125m's, nam-1b's by default); chunk 128, bf16, D on.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
 from megacpp.ops.ssd import triton_ssd as T
-from tune_util import Target, sweep
+from tune_util import Target, tune_main
 
 OPTIONS = {
     "cb": {"BM": [32, 64, 128], "BN": [32, 64, 128], "BK": [32, 64, 128], "num_warps": [2, 4, 8],
@@ -68,21 +67,9 @@ def fwd_bwd(inputs, chunk=128):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tune-shape", default="8,2048,24,64,1,128")
-    ap.add_argument("--shapes", nargs="+", default=["8,2048,24,64,1,128", "16,2048,24,64,1,128",
-                                                     "8,2048,64,64,1,128"])
-    ap.add_argument("--kernels", nargs="+", default=list(OPTIONS))
-    ap.add_argument("--tol", type=float, default=2e-3)
-    ap.add_argument("--json")
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("ssd_tune: needs a CUDA GPU", file=sys.stderr)
-        return 2
-    target = Target("SSD fwd+bwd (bf16, chunk 128)", "batch,seqlen,heads,headdim,groups,state",
-                    T, OPTIONS, KERNEL_NAME, make_inputs, fwd_bwd)
-    sweep(target, args.tune_shape, args.shapes, args.kernels, args.tol, args.json)
-    return 0
+    target = Target("SSD fwd+bwd (bf16, chunk 128)", "batch,seqlen,heads,headdim,groups,state", T, OPTIONS, KERNEL_NAME, make_inputs, fwd_bwd)
+    return tune_main(target, argv, "ssd_tune", "8,2048,24,64,1,128",
+                     ["8,2048,24,64,1,128", "16,2048,24,64,1,128", "8,2048,64,64,1,128"], OPTIONS)
 
 
 if __name__ == "__main__":

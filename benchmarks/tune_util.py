@@ -167,3 +167,24 @@ def sweep(t: Target, tune_shape: str, shapes: list[str], kernels: list[str], tol
         with open(json_path, "w") as f:
             json.dump(out, f, indent=1)
     return out
+
+
+def tune_main(target: Target, argv, name: str, tune_shape: str, shapes: list[str], options: dict) -> int:
+    """The command line of a kernel module's sweep (ssd_tune.py, delta_tune.py):
+    --tune-shape, --shapes, --kernels (default all of `options`), --tol, --json."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog=name, description=f"{target.title}: launch sweep")
+    ap.add_argument("--tune-shape", default=tune_shape, help=f"{target.shape_doc} of the layer tuned at")
+    ap.add_argument("--shapes", nargs="+", default=shapes, help="shapes the chosen set is timed at")
+    ap.add_argument("--kernels", nargs="+", default=list(options), choices=list(options))
+    ap.add_argument("--tol", type=float, default=2e-3, help="largest relative difference from the defaults")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(f"{name}: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    sweep(target, args.tune_shape, args.shapes, args.kernels, args.tol, args.json)
+    return 0
+

@@ -113,18 +113,23 @@ def test_layer_flex_equals_sdpa(name, t, seed, eager_flex, monkeypatch):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["ADMREF-mamba2-gqa", "ADMREF-mamba3-mla"])
-def test_model_flex_equals_sdpa(name, seed, eager_flex, monkeypatch):
-    spec = ALL_LETTER_SPECS[name]
-    model = build(spec, torch.float32)
-    t = 200
-    ids = torch.randint(0, spec.vocab_size, (3, t))
+def _model_flex_and_sdpa(model, flex_model, monkeypatch, t: int = 200):
+    """No-grad logits of flex_model on the flex backend and of model on SDPA's,
+    for three packed rows of t tokens."""
+    ids = torch.randint(0, model.spec.vocab_size, (3, t))
     doc = _doc_ids(3, t)
     with torch.no_grad():
         monkeypatch.setattr(attention, "ATTENTION_BACKEND", "sdpa")
         ref = model(ids, doc_ids=doc).logits
         monkeypatch.setattr(attention, "ATTENTION_BACKEND", "flex")
-        out = model(ids, doc_ids=doc).logits
+        out = flex_model(ids, doc_ids=doc).logits
+    return out, ref
+
+
+@pytest.mark.parametrize("name", ["ADMREF-mamba2-gqa", "ADMREF-mamba3-mla"])
+def test_model_flex_equals_sdpa(name, seed, eager_flex, monkeypatch):
+    model = build(ALL_LETTER_SPECS[name], torch.float32)
+    out, ref = _model_flex_and_sdpa(model, model, monkeypatch)
     # float32 summation order (flex vs SDPA) through the whole model: over 60
     # seeds the largest logit gap was 1.03e-5 on logits up to ~3.7 (and a CI
     # run hit 1.2e-5 at atol 1e-5); a document-mask error is ~1e-1
@@ -173,16 +178,8 @@ def test_flex_inside_compiled_model(seed, monkeypatch):
     2026-11-28; the GPU test below runs that case); no-grad outputs equal the
     eager SDPA model's."""
     monkeypatch.setattr(attention, "_FLEX_COMPILED", None)
-    spec = ALL_LETTER_SPECS["ADMREF-mamba2-gqa"]
-    model = build(spec, torch.float32)
-    ids = torch.randint(0, spec.vocab_size, (3, 200))
-    doc = _doc_ids(3, 200)
-    compiled = torch.compile(model, dynamic=False)
-    with torch.no_grad():
-        monkeypatch.setattr(attention, "ATTENTION_BACKEND", "sdpa")
-        ref = model(ids, doc_ids=doc).logits
-        monkeypatch.setattr(attention, "ATTENTION_BACKEND", "flex")
-        out = compiled(ids, doc_ids=doc).logits
+    model = build(ALL_LETTER_SPECS["ADMREF-mamba2-gqa"], torch.float32)
+    out, ref = _model_flex_and_sdpa(model, torch.compile(model, dynamic=False), monkeypatch)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=3e-5)
     assert attention._FLEX_COMPILED is None  # flex was lowered by the model's compile
 

@@ -80,3 +80,21 @@ def test_sweep_drops_mismatching_variants_times_the_choice_and_resets_the_tables
     assert mod.LAUNCH == {"a": {}, "b": {}} and mod.TUNED == {"a": {}, "b": {}}
     assert json.loads((tmp_path / "s.json").read_text())["chosen"]["a"]["config"] == {"X": 2}
     assert 'TUNED = {"a": {"X": 2}, "b": {}}' in capsys.readouterr().out
+
+
+def test_tune_main_parses_and_refuses_without_cuda(monkeypatch, capsys):
+    """The sweeps' shared command line: defaults, the kernel choice checked,
+    the arguments handed to sweep(); exit 2 with a message without CUDA."""
+    seen = []
+    monkeypatch.setattr(tune_util, "sweep", lambda *a: seen.append(a))
+    target = tune_util.Target("t", "batch,seqlen", object(), {}, {}, None, None)
+    opts = {"a": {}, "b": {}}
+    monkeypatch.setattr(tune_util.torch.cuda, "is_available", lambda: False)
+    assert tune_util.tune_main(target, [], "x_tune", "1,2", ["1,2"], opts) == 2
+    assert "x_tune: needs a CUDA GPU" in capsys.readouterr().err and not seen
+    monkeypatch.setattr(tune_util.torch.cuda, "is_available", lambda: True)
+    assert tune_util.tune_main(target, ["--kernels", "b", "--tol", "1e-3"], "x_tune", "1,2", ["1,2", "3,4"],
+                               opts) == 0
+    assert seen == [(target, "1,2", ["1,2", "3,4"], ["b"], 1e-3, None)]
+    with pytest.raises(SystemExit):
+        tune_util.tune_main(target, ["--kernels", "c"], "x_tune", "1,2", ["1,2"], opts)
