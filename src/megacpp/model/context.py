@@ -70,13 +70,13 @@ def _build_block_mask(doc_ids: torch.Tensor):
 
 @torch.compiler.disable
 def _block_mask_between_graphs(doc_ids: torch.Tensor):
-    """_build_block_mask with a graph break around it, for a trace of the whole
-    model: inlined, inductor fused the mask's construction (its sort, compares
-    and slices) into FlexAttention's forward kernel of the no-grad graph, which
-    then read out of bounds (nam-125m with compile scope "model", torch 2.11 on
-    an H200, 2026-11-28: "illegal memory access" at the first evaluation, found
-    with CUDA_LAUNCH_BLOCKING=1). Between graphs it runs as under per-block
-    compile; the model's graph takes its tensors as inputs."""
+    """_build_block_mask with a graph break around it, for a caller that traces
+    the mask's construction. Traced, inductor fused it (its sort, compares and
+    slices) into FlexAttention's forward kernel of the no-grad graph, which
+    read out of bounds (nam-125m with compile scope "model", torch 2.11 on an
+    H200, 2026-11-28: "illegal memory access" at the first evaluation, found
+    with CUDA_LAUNCH_BLOCKING=1). The model itself builds its context before
+    its compiled body (HybridLM.compile_body) and never comes here."""
     return _build_block_mask(doc_ids)
 
 
@@ -91,7 +91,7 @@ class SeqContext:
     """What every layer of one forward needs to know about the sequence."""
 
     def __init__(self, batch: int, seqlen: int, device, doc_ids: torch.Tensor | None = None,
-                 positions: torch.Tensor | None = None, want_state: bool = False):
+                 positions: torch.Tensor | None = None, want_state: bool = False, block_mask=None):
         if doc_ids is not None and tuple(doc_ids.shape) != (batch, seqlen):
             raise ValueError(f"doc_ids must be {(batch, seqlen)}, got {tuple(doc_ids.shape)}")
         self.batch, self.seqlen, self.device = batch, seqlen, device
@@ -107,6 +107,11 @@ class SeqContext:
         # Prefill: mixers also return the state that decoding continues from.
         self.want_state = want_state
         self._memo: dict = {}
+        if block_mask is not None:
+            # built by the caller for these doc_ids (HybridLM: outside its compiled body)
+            if doc_ids is None:
+                raise ValueError("a block mask needs the doc_ids it was built from")
+            self._memo["block_mask"] = block_mask
 
     # -- packing ---------------------------------------------------------
     @property

@@ -34,7 +34,7 @@ from ..recipe.shapes import mtp_letters
 from ..recipe.spec import ModelSpec
 from . import init as winit
 from .block import Block, variant_name
-from .context import SeqContext
+from .context import SeqContext, document_block_mask
 from .moe import RouterStats
 from .norm import build_norm
 
@@ -170,10 +170,29 @@ class HybridLM(nn.Module):
         """input_ids (b, t); doc_ids (b, t) segment ids of packed documents;
         positions (b, t) or (t,) (default: restart at 0 per document);
         collect_hidden: None | "final" | list of layer indices."""
+        want = tuple(sorted(self._collect_set(collect_hidden)))
+        return self._body(input_ids, doc_ids, positions, self._block_mask(doc_ids), want, return_hidden_only)
+
+    def compile_body(self, **kwargs) -> None:
+        """One torch.compile graph for the whole forward but FlexAttention's block
+        mask (compile scope "model"): the mask is built before it, as under
+        per-block compile, and enters the graph as an input. Traced into the
+        model's graph, inductor fused the mask's construction into flex's
+        forward kernel, which read out of bounds (torch 2.11, H200, 2026-11-28)."""
+        self._body = torch.compile(self._body, **kwargs)
+
+    def _block_mask(self, doc_ids: torch.Tensor | None):
+        """FlexAttention's block mask for these packed rows, or None where no A
+        layer takes flex; built outside the compiled body (see compile_body)."""
+        if doc_ids is None or "flex" not in self._attention_kinds(doc_ids.device):
+            return None
+        return document_block_mask(doc_ids)
+
+    def _body(self, input_ids: torch.Tensor, doc_ids, positions, block_mask, want: tuple,
+              return_hidden_only: bool):
         b, t = input_ids.shape
-        ctx = SeqContext(b, t, input_ids.device, doc_ids, positions)
+        ctx = SeqContext(b, t, input_ids.device, doc_ids, positions, block_mask=block_mask)
         self._precompute_context(ctx)
-        want = self._collect_set(collect_hidden)
         x = self.embed(input_ids)
         aux: dict = {"moe": [], "dsa": [], "layers": {}}
         collected: dict = {}
@@ -196,9 +215,9 @@ class HybridLM(nn.Module):
                 out.mtp_logits.append(F.linear(hk, self.head_weight))
         return out
 
-    def _precompute_context(self, ctx: SeqContext) -> None:
-        """Everything this model's layers (MTP depths included) read from ctx, computed once up front."""
-        from .attention import _Attention, attention_backend
+    def _context_needs(self) -> tuple:
+        """(rope (rot_dim, theta) pairs, conv widths, any D layer, the A layers' smallest head dims)."""
+        from .attention import _Attention
 
         if getattr(self, "_ctx_needs", None) is None:
             rope, convs, dense, plain_dims = set(), set(), False, set()
@@ -216,9 +235,19 @@ class HybridLM(nn.Module):
                 if isinstance(getattr(m, "conv_width", None), int):
                     convs.add(m.conv_width)
             self._ctx_needs = (tuple(sorted(rope)), tuple(sorted(convs)), dense, tuple(sorted(plain_dims)))
-        rope, convs, dense, plain_dims = self._ctx_needs
-        # each plain A layer picks its backend by its head dims: build what any of them takes
-        kinds = ({attention_backend(ctx.doc_ids.device, d) for d in plain_dims} if ctx.doc_ids is not None
+        return self._ctx_needs
+
+    def _attention_kinds(self, device) -> set:
+        """The backends the plain A layers take for packed rows on `device`
+        (each picks by its head dims)."""
+        from .attention import attention_backend
+
+        return {attention_backend(device, d) for d in self._context_needs()[3]}
+
+    def _precompute_context(self, ctx: SeqContext) -> None:
+        """Everything this model's layers (MTP depths included) read from ctx, computed once up front."""
+        rope, convs, dense, plain_dims = self._context_needs()
+        kinds = (self._attention_kinds(ctx.doc_ids.device) if ctx.doc_ids is not None
                  else {"sdpa"} if plain_dims else set())
         ctx.precompute(rope=rope, conv_widths=convs, attn_mask=dense or "sdpa" in kinds,
                        block_mask="flex" in kinds)

@@ -72,7 +72,12 @@ def apply_compile(model: torch.nn.Module, spec, device: torch.device | None = No
     if mode != "default":
         kwargs["mode"] = mode
     if spec.scope == "model":
-        model.compile(**kwargs)
+        # a HybridLM compiles what follows its eager sequence context (see
+        # HybridLM.compile_body); any other module as a whole
+        if hasattr(model, "compile_body"):
+            model.compile_body(**kwargs)
+        else:
+            model.compile(**kwargs)
         return {"mode": mode, **asked, "scope": "model", "targets": 1}
     # Layers share Block.forward's code object, so each family (and variant)
     # is a recompile of one frame; dynamo's default limit of 8 would leave
