@@ -75,8 +75,8 @@ def _block_mask_between_graphs(doc_ids: torch.Tensor):
     slices) into FlexAttention's forward kernel of the no-grad graph, which
     read out of bounds (nam-125m with compile scope "model", torch 2.11 on an
     H200, 2026-11-28: "illegal memory access" at the first evaluation, found
-    with CUDA_LAUNCH_BLOCKING=1). The model itself builds its context before
-    its compiled body (HybridLM.compile_body) and never comes here."""
+    with CUDA_LAUNCH_BLOCKING=1). HybridLM builds its block mask before its
+    compiled body (HybridLM.compile_body) and never comes here."""
     return _build_block_mask(doc_ids)
 
 
