@@ -62,7 +62,7 @@ def apply_compile(model: torch.nn.Module, spec, device: torch.device | None = No
     asked = {"requested": spec.mode} if spec.mode != mode else {}
     if mode == "none":
         return {"mode": "none", "targets": 0}
-    if getattr(spec, "tune_kernels", False):
+    if spec.tune_kernels:
         # process-wide, as inductor's config is: every later compile of this
         # process tunes too (a run compiles one model)
         import torch._inductor.config as icfg
@@ -72,8 +72,8 @@ def apply_compile(model: torch.nn.Module, spec, device: torch.device | None = No
     if mode != "default":
         kwargs["mode"] = mode
     if spec.scope == "model":
-        # a HybridLM compiles what follows its eager sequence context (see
-        # HybridLM.compile_body); any other module as a whole
+        # a HybridLM compiles all of its forward but FlexAttention's block mask
+        # (see HybridLM.compile_body); any other module as a whole
         if hasattr(model, "compile_body"):
             model.compile_body(**kwargs)
         else:
