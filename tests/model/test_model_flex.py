@@ -199,6 +199,27 @@ def test_flex_inside_compiled_model(seed, monkeypatch):
     assert attention._FLEX_COMPILED is None  # flex was lowered by the model's compile
 
 
+def test_compiled_body_takes_rotary_tables_as_inputs():
+    """Scope "model" must not trace the rotary tables: inductor recomputed their
+    float64 cos/sin inside every attention layer's kernels (+10 ms of nam-125m's
+    step on an H200, 2026-11-28). The body's graph has no cos or sin."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = build(make_spec("AMRF"), torch.float32)
+    model.compile_body(backend=capture, dynamic=False)
+    ids = torch.randint(0, model.spec.vocab_size, (2, 64))
+    doc = torch.zeros(2, 64, dtype=torch.long)
+    doc[:, 40:] = 1
+    model(ids, doc_ids=doc)
+    assert graphs, "the body was not compiled"
+    traced = {str(n.target) for gm in graphs for n in gm.graph.nodes}
+    assert not any("cos" in t or "sin" in t for t in traced), sorted(traced)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the failure it guards against was CUDA's")
 def test_flex_inside_compiled_model_cuda(seed):

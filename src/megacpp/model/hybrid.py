@@ -171,14 +171,20 @@ class HybridLM(nn.Module):
         positions (b, t) or (t,) (default: restart at 0 per document);
         collect_hidden: None | "final" | list of layer indices."""
         want = tuple(sorted(self._collect_set(collect_hidden)))
-        return self._body(input_ids, doc_ids, positions, self._block_mask(doc_ids), want, return_hidden_only)
+        b, t = input_ids.shape
+        ctx = SeqContext(b, t, input_ids.device, doc_ids, positions,
+                         block_mask=self._block_mask(doc_ids))
+        self._precompute_context(ctx)
+        return self._body(input_ids, ctx, want, return_hidden_only)
 
     def compile_body(self, **kwargs) -> None:
-        """One torch.compile graph for the whole forward but FlexAttention's block
-        mask (compile scope "model"): the mask is built before it, as under
-        per-block compile, and enters the graph as an input. Traced into the
-        model's graph, inductor fused the mask's construction into flex's
-        forward kernel, which read out of bounds (torch 2.11, H200, 2026-11-28)."""
+        """One torch.compile graph for the whole forward but the sequence context
+        (compile scope "model"): FlexAttention's block mask, the rotary tables
+        and the conv masks are built before it, as under per-block compile, and
+        enter the graph as inputs. Traced into the model's graph, inductor fused
+        the mask's construction into flex's forward kernel, which read out of
+        bounds, and recomputed the rotary tables' cos/sin inside every attention
+        layer's kernels (+10 ms of nam-125m's step; torch 2.11, H200, 2026-11-28)."""
         self._body = torch.compile(self._body, **kwargs)
 
     def _block_mask(self, doc_ids: torch.Tensor | None):
@@ -188,11 +194,7 @@ class HybridLM(nn.Module):
             return None
         return document_block_mask(doc_ids)
 
-    def _body(self, input_ids: torch.Tensor, doc_ids, positions, block_mask, want: tuple,
-              return_hidden_only: bool):
-        b, t = input_ids.shape
-        ctx = SeqContext(b, t, input_ids.device, doc_ids, positions, block_mask=block_mask)
-        self._precompute_context(ctx)
+    def _body(self, input_ids: torch.Tensor, ctx: SeqContext, want: tuple, return_hidden_only: bool):
         x = self.embed(input_ids)
         aux: dict = {"moe": [], "dsa": [], "layers": {}}
         collected: dict = {}
