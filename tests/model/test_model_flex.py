@@ -100,6 +100,61 @@ def test_backend_choice(monkeypatch):
         attention.attention_backend("cpu")
 
 
+class _FakeQ:
+    """What flex_kernel_options reads of q, for a CUDA case without a GPU."""
+    def __init__(self, head_dim, dtype=torch.bfloat16, index=0):
+        self.is_cuda, self.dtype, self.shape = True, dtype, (2, 8, 4, head_dim)
+        self.device = torch.device("cuda", index)
+
+
+def test_flex_launch_table_and_forcing(monkeypatch):
+    """Tuned launches apply only on the capability and head dim they were
+    swept at, in half dtypes; MEGACPP_FLEX_OPTIONS replaces them; bad JSON
+    names the variable."""
+    monkeypatch.delenv("MEGACPP_FLEX_OPTIONS", raising=False)
+    monkeypatch.setattr(attention, "FLEX_TUNED", {(9, 0, 64): {"bwd_num_warps": 4}})
+    monkeypatch.setattr(attention, "_CAPABILITY", {0: (9, 0), 1: (8, 0)})
+    attention.note_flex_device("cpu")
+    assert attention.flex_kernel_options(_FakeQ(64)) == {"bwd_num_warps": 4}
+    assert attention.flex_kernel_options(_FakeQ(128)) is None            # head dim not swept
+    assert attention.flex_kernel_options(_FakeQ(64, index=1)) is None    # another GPU
+    assert attention.flex_kernel_options(_FakeQ(64, torch.float32)) is None
+    assert attention.flex_kernel_options(torch.zeros(2, 8, 4, 64)) is None  # CPU
+    monkeypatch.setenv("MEGACPP_FLEX_OPTIONS", '{"fwd_BLOCK_M": 64}')
+    attention.note_flex_device("cpu")
+    assert attention.flex_kernel_options(_FakeQ(128)) == {"fwd_BLOCK_M": 64}
+    monkeypatch.setenv("MEGACPP_FLEX_OPTIONS", "BLOCK_M=64")
+    with pytest.raises(ValueError, match="MEGACPP_FLEX_OPTIONS: not JSON"):
+        attention.note_flex_device("cpu")
+    monkeypatch.delenv("MEGACPP_FLEX_OPTIONS")
+    attention.note_flex_device("cpu")
+
+
+def test_model_hands_the_forced_launch_to_flex(monkeypatch, seed):
+    """A hybrid's packed A layers pass the launch options to FlexAttention (a
+    stand-in records them), and the run record says which launch it was."""
+    from megacpp.train.trainer import _attention_backend
+    seen = []
+
+    def fake_flex(q, k, v, block_mask=None, enable_gqa=False, kernel_options=None):
+        seen.append(kernel_options)
+        return torch.zeros_like(q)
+
+    monkeypatch.setattr(attention, "ATTENTION_BACKEND", "flex")
+    monkeypatch.setattr(attention, "_flex_fn", lambda: fake_flex)
+    monkeypatch.setenv("MEGACPP_FLEX_OPTIONS", '{"bwd_BLOCK_M1": 32}')
+    model = build(make_spec("AMA"), torch.float32)
+    ids = torch.randint(0, model.spec.vocab_size, (2, 40))
+    doc = torch.zeros(2, 40, dtype=torch.long)
+    doc[:, 25:] = 1
+    with torch.no_grad():
+        model(ids, doc_ids=doc)
+    assert seen == [{"bwd_BLOCK_M1": 32}] * 2
+    assert _attention_backend(model, "cpu") == 'flex (launch: MEGACPP_FLEX_OPTIONS {"bwd_BLOCK_M1": 32})'
+    monkeypatch.delenv("MEGACPP_FLEX_OPTIONS")
+    assert _attention_backend(model, "cpu") == "flex (launch: inductor default)"
+
+
 @pytest.mark.parametrize("t", [200, 256])
 @pytest.mark.parametrize("name", ATTN)
 def test_layer_flex_equals_sdpa(name, t, seed, eager_flex, monkeypatch):

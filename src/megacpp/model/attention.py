@@ -27,6 +27,7 @@ top-k selection is a per-query key set, not a block pattern. Decoding
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -150,6 +151,72 @@ def _flex_fn():
     return _FLEX_COMPILED
 
 
+# FlexAttention launch options (its `kernel_options`) by (compute capability
+# major, minor, q/k head dim) for half dtypes, from benchmarks/flex_tune.py on
+# the GPU BENCHMARKS.md names; a device or head dim not listed keeps inductor's
+# default launch. MEGACPP_FLEX_OPTIONS (a JSON object) replaces the table for
+# every call (A/B runs). The device's capability is read eagerly, by
+# note_flex_device (HybridLM calls it where it builds the block mask), since
+# dynamo cannot be trusted to fold the query; the traced _flex reads dicts only.
+FLEX_TUNED: dict[tuple[int, int, int], dict] = {}
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+_FORCED_OPTIONS: list = [None]   # [dict | None], from MEGACPP_FLEX_OPTIONS at note time
+
+
+def _forced_flex_options() -> dict | None:
+    raw = os.environ.get("MEGACPP_FLEX_OPTIONS") or None
+    if raw is None:
+        return None
+    try:
+        opts = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"MEGACPP_FLEX_OPTIONS: not JSON ({e})") from None
+    if not isinstance(opts, dict):
+        raise ValueError(f"MEGACPP_FLEX_OPTIONS: expected a JSON object, got {raw!r}")
+    return opts
+
+
+def note_flex_device(device) -> None:
+    """Record `device`'s compute capability and MEGACPP_FLEX_OPTIONS for
+    flex_kernel_options; eager code only (a no-op off CUDA)."""
+    device = torch.device(device)
+    _FORCED_OPTIONS[0] = _forced_flex_options()
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _CAPABILITY:
+            _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+
+
+def flex_kernel_options(q: torch.Tensor) -> dict | None:
+    """The kernel_options _flex passes for q (b, t, H, d): forced, tuned, or None."""
+    if _FORCED_OPTIONS[0] is not None:
+        return _FORCED_OPTIONS[0]
+    if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    cap = _CAPABILITY.get(q.device.index)
+    if cap is None:
+        return None
+    return FLEX_TUNED.get((cap[0], cap[1], q.shape[-1]))
+
+
+def flex_launch_note(model: nn.Module, device) -> str:
+    """Which launch the model's flex layers take on `device`, for the run record."""
+    note_flex_device(device)
+    if _FORCED_OPTIONS[0] is not None:
+        return f"launch: MEGACPP_FLEX_OPTIONS {json.dumps(_FORCED_OPTIONS[0], sort_keys=True)}"
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "launch: inductor default"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cap = _CAPABILITY[index]
+    dims = sorted({m.qk_head_dim_for_flex for m in model.modules()
+                   if isinstance(m, _Attention) and m.indexer is None})
+    tuned = [d for d in dims if (cap[0], cap[1], d) in FLEX_TUNED]
+    if not tuned:
+        return f"launch: inductor default (sm{cap[0]}{cap[1]})"
+    return f"launch: tuned for sm{cap[0]}{cap[1]}, head dim {', '.join(map(str, tuned))}"
+
+
 def _flex(q, k, v, block_mask):
     """_sdpa's contract with a FlexAttention BlockMask in place of the bool mask.
 
@@ -163,7 +230,7 @@ def _flex(q, k, v, block_mask):
     # rest and copies only such views.
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     o = _flex_fn()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                   block_mask=block_mask, enable_gqa=H != Hk)
+                   block_mask=block_mask, enable_gqa=H != Hk, kernel_options=flex_kernel_options(q))
     return o.transpose(1, 2)
 
 
@@ -332,6 +399,7 @@ class GQAttention(_Attention):
         a, d = spec.attention, spec.hidden_size
         self.heads, self.kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, spec.attn_head_dim
         self.min_head_dim = self.head_dim
+        self.qk_head_dim_for_flex = self.head_dim
         self.rot_dim, self.theta = spec.rotary_dim, a.rope_theta
         self.q_proj = nn.Linear(d, self.heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(d, self.kv_heads * self.head_dim, bias=False)
@@ -377,6 +445,7 @@ class MLAttention(_Attention):
         self.rot_dim, self.theta = a.qk_rope_dim, a.rope_theta
         qk = self.nope + self.rope
         self.min_head_dim = min(qk, self.v_dim)
+        self.qk_head_dim_for_flex = qk
         if a.q_lora_rank:
             self.q_down = nn.Linear(d, a.q_lora_rank, bias=False)
             self.q_norm = RMSNorm(a.q_lora_rank, spec.norm.eps)

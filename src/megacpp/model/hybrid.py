@@ -192,6 +192,8 @@ class HybridLM(nn.Module):
         layer takes flex; built outside the compiled body (see compile_body)."""
         if doc_ids is None or "flex" not in self._attention_kinds(doc_ids.device):
             return None
+        from .attention import note_flex_device
+        note_flex_device(doc_ids.device)  # the flex layers' tuned launch needs the device's capability
         return document_block_mask(doc_ids)
 
     def _body(self, input_ids: torch.Tensor, ctx: SeqContext, want: tuple, return_hidden_only: bool):

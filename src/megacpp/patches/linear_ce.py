@@ -3,13 +3,17 @@
 Replaces `F.cross_entropy(hidden @ W.T, target)`, which holds a (tokens,
 vocab) float32 logits tensor and its gradient (6 GiB at 16k tokens and vocab
 32768, FACTS §3). Backends, best first: Liger's fused linear cross-entropy
-(CUDA, when liger-kernel is installed) and the project's chunked op
-(`megacpp.ops.linear_ce`, any device). The model calls `model.lm_loss_fn`,
+(CUDA, when liger-kernel is installed), the project's Triton op (CUDA:
+4096-token chunks, bf16 GEMMs, `ops/linear_ce/triton_linear_ce.py`) and its
+chunked reference (`megacpp.ops.linear_ce`, any device).
+MEGACPP_LINEAR_CE=liger|triton|chunked forces one (A/B runs). The model calls `model.lm_loss_fn`,
 which this patch sets; without the patch it is the plain path.
 """
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
+import os
 from functools import partial
 
 import torch
@@ -46,7 +50,14 @@ def chunked_linear_ce(hidden, weight, target, ignore_index=IGNORE, reduction="me
                                 reduction=reduction, chunk_size=chunk_size)
 
 
-BACKENDS = {"liger": liger_linear_ce, "chunked": chunked_linear_ce}
+def triton_linear_ce(hidden, weight, target, ignore_index=IGNORE, reduction="mean", chunk_size=4096):
+    from ..ops.linear_ce.triton_linear_ce import linear_cross_entropy_triton
+    return linear_cross_entropy_triton(hidden, weight, target, ignore_index=ignore_index,
+                                       reduction=reduction, chunk_size=chunk_size)
+
+
+BACKENDS = {"liger": liger_linear_ce, "triton": triton_linear_ce, "chunked": chunked_linear_ce}
+ORDER = ("liger", "triton", "chunked")  # best first, where no backend is forced
 # Relative-error tolerances of the parity check, per compute dtype: float32
 # sums in a different order; bf16 inputs round each logit to ~3 digits.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float64: 1e-10}
@@ -57,6 +68,7 @@ class LinearCEPatch(Patch):
     replaces = "output head logits + F.cross_entropy (tokens x vocab float32 logits)"
 
     def backends(self, device):
+        import megacpp
         v = _liger_version()
         if device.type != "cuda":
             liger = Backend("liger", False, "needs CUDA (Triton kernels)")
@@ -64,8 +76,22 @@ class LinearCEPatch(Patch):
             liger = Backend("liger", False, "liger-kernel not installed")
         else:
             liger = Backend("liger", True, version=v)
-        import megacpp
-        return [liger, Backend("chunked", True, version=f"megacpp {megacpp.__version__}")]
+        if device.type != "cuda":
+            tri = Backend("triton", False, "needs CUDA")
+        elif importlib.util.find_spec("triton") is None:
+            tri = Backend("triton", False, "triton not installed")
+        else:
+            tri = Backend("triton", True, version=f"megacpp {megacpp.__version__}")
+        found = {"liger": liger, "triton": tri,
+                 "chunked": Backend("chunked", True, version=f"megacpp {megacpp.__version__}")}
+        forced = os.environ.get("MEGACPP_LINEAR_CE") or None
+        if forced is not None:
+            if forced not in BACKENDS:
+                raise ValueError(f"MEGACPP_LINEAR_CE={forced!r}: expected one of {sorted(BACKENDS)}")
+            for name, b in found.items():
+                if name != forced and b.available:
+                    found[name] = Backend(name, False, f"MEGACPP_LINEAR_CE={forced}")
+        return [found[n] for n in ORDER]
 
     def install(self, model, backend):
         model.lm_loss_fn = BACKENDS[backend]

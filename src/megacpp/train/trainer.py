@@ -823,8 +823,9 @@ def _delta_rule_backend(model, device, dtype) -> dict:
 
 def _attention_backend(model, device) -> str:
     """Which attention kernel the model's packed rows take (sdpa with a mask, flex, both, none)."""
-    from ..model.attention import model_attention_backend
-    return model_attention_backend(model, device)
+    from ..model.attention import flex_launch_note, model_attention_backend
+    kind = model_attention_backend(model, device)
+    return f"{kind} ({flex_launch_note(model, device)})" if "flex" in kind else kind
 
 
 def bits_per_byte(loss_nats: float, snapshot, split: str) -> float:
