@@ -4,7 +4,11 @@ Loss path (FACTS §3 shapes): 16384 tokens, hidden 1024, vocab 32768 and 65536,
 bf16 inputs, forward + backward of mean cross-entropy:
   naive   = logits = hidden @ W.T, then F.cross_entropy (the unpatched path)
   liger   = Liger's fused linear cross-entropy (linear_ce patch, CUDA backend)
+  triton  = megacpp's Triton op (linear_ce patch, CUDA backend; 4096-token
+            chunks, and 8192 as "triton-8192")
   chunked = megacpp.ops.linear_ce (linear_ce patch, portable backend)
+and nam-125m's head as the trainer calls it: 32768 tokens, hidden 768, vocab
+32768, bf16 hidden states against the float32 master weight.
 DSA indexer: batch 1, sequence 4096 and 8192, 8 index heads of dim 64,
 top-k 256 (NAM56R), causal:
   naive   = full (batch, seq, seq) scores, then top-k (the unpatched path)
@@ -37,28 +41,34 @@ def measure(fn, reps=10, warmup=2):
     return extra / 2**30, cuda_time(fn, reps, warmup=0)  # warmed up above
 
 
-def loss_path(rows):
-    from megacpp.patches.linear_ce import chunked_linear_ce, liger_linear_ce, plain_linear_ce
+def loss_path(rows, shapes):
+    from functools import partial
 
-    tokens, d = 16384, 1024
-    for vocab in (32768, 65536):
+    from megacpp.patches.linear_ce import chunked_linear_ce, liger_linear_ce, plain_linear_ce, triton_linear_ce
+
+    impls = (("naive", plain_linear_ce), ("liger", liger_linear_ce), ("triton", triton_linear_ce),
+             ("triton-8192", partial(triton_linear_ce, chunk_size=8192)), ("chunked", chunked_linear_ce))
+    for tokens, d, vocab, wdtype in shapes:
         h0 = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
-        w0 = (torch.randn(vocab, d, device="cuda") * d ** -0.5).to(torch.bfloat16)
+        w0 = (torch.randn(vocab, d, device="cuda") * d ** -0.5).to(wdtype)
         tgt = torch.randint(0, vocab, (tokens,), device="cuda")
         h = h0.clone().requires_grad_()
         w = w0.clone().requires_grad_()
-        for name, fn in (("naive", plain_linear_ce), ("liger", liger_linear_ce), ("chunked", chunked_linear_ce)):
+        for name, fn in impls:
             def run():
                 h.grad = w.grad = None
                 fn(h, w, tgt).backward()
             try:
                 gib, ms = measure(run)
-                rows.append({"bench": "loss_path", "vocab": vocab, "impl": name, "extra_gib": gib, "ms": ms})
+                rows.append({"bench": "loss_path", "vocab": vocab, "tokens": tokens, "hidden": d,
+                             "weight": str(wdtype).replace("torch.", ""), "impl": name, "extra_gib": gib, "ms": ms})
             except Exception as e:  # a missing backend is reported, not fatal
                 rows.append({"bench": "loss_path", "vocab": vocab, "impl": name, "error": repr(e)[:200]})
             h.grad = w.grad = None
         del h, w, h0, w0
         torch.cuda.empty_cache()
+    from megacpp.ops.linear_ce import triton_linear_ce as T
+    rows.append({"bench": "loss_path", "vocab": 0, "impl": "triton d_weight path", "value_str": str(T.DW_PATH)})
 
 
 def dsa_indexer(rows):
@@ -89,19 +99,26 @@ def dsa_indexer(rows):
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
+    ap.add_argument("--loss-only", action="store_true", help="the loss path only (no DSA indexer)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs CUDA", file=sys.stderr)
         return 2
     rows: list[dict] = []
-    loss_path(rows)
-    dsa_indexer(rows)
+    # FACTS §3's shapes (bf16 weight), then nam-125m's head as the trainer calls it
+    # (two micro-batches' worth is two calls: 16 x 2048 tokens, float32 master weight)
+    loss_path(rows, [(16384, 1024, 32768, torch.bfloat16), (16384, 1024, 65536, torch.bfloat16),
+                     (32768, 768, 32768, torch.float32)])
+    if not args.loss_only:
+        dsa_indexer(rows)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(f"{'bench':12} {'size':>6} {'impl':16} {'extra peak GiB':>15} {'ms':>9}")
     for r in rows:
         size = r.get("vocab", r.get("seq"))
         if "error" in r:
             print(f"{r['bench']:12} {size:>6} {r['impl']:16} {r['error']}")
+        elif "value_str" in r:
+            print(f"{r['bench']:12} {size:>6} {r['impl']:16} {r['value_str']}")
         elif "value" in r:
             print(f"{r['bench']:12} {size:>6} {r['impl']:16} {r['value']:>15.4f}")
         else:
