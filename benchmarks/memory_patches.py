@@ -8,7 +8,7 @@ bf16 inputs, forward + backward of mean cross-entropy:
             chunks, and 8192 as "triton-8192")
   chunked = megacpp.ops.linear_ce (linear_ce patch, portable backend)
 and nam-125m's head as the trainer calls it: 32768 tokens, hidden 768, vocab
-32768, bf16 hidden states against the float32 master weight.
+32768, float32 hidden states and master weight under bf16 autocast.
 DSA indexer: batch 1, sequence 4096 and 8192, 8 index heads of dim 64,
 top-k 256 (NAM56R), causal:
   naive   = full (batch, seq, seq) scores, then top-k (the unpatched path)
@@ -48,8 +48,9 @@ def loss_path(rows, shapes):
 
     impls = (("naive", plain_linear_ce), ("liger", liger_linear_ce), ("triton", triton_linear_ce),
              ("triton-8192", partial(triton_linear_ce, chunk_size=8192)), ("chunked", chunked_linear_ce))
-    for tokens, d, vocab, wdtype in shapes:
-        h0 = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
+    for tokens, d, vocab, wdtype, autocast in shapes:
+        # autocast: float32 hidden states and weight under bf16 autocast, as the trainer calls the head
+        h0 = torch.randn(tokens, d, device="cuda", dtype=torch.float32 if autocast else torch.bfloat16)
         w0 = (torch.randn(vocab, d, device="cuda") * d ** -0.5).to(wdtype)
         tgt = torch.randint(0, vocab, (tokens,), device="cuda")
         h = h0.clone().requires_grad_()
@@ -57,11 +58,13 @@ def loss_path(rows, shapes):
         for name, fn in impls:
             def run():
                 h.grad = w.grad = None
-                fn(h, w, tgt).backward()
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                    loss = fn(h, w, tgt)
+                loss.backward()
             try:
                 gib, ms = measure(run)
                 rows.append({"bench": "loss_path", "vocab": vocab, "tokens": tokens, "hidden": d,
-                             "weight": str(wdtype).replace("torch.", ""), "impl": name, "extra_gib": gib, "ms": ms})
+                             "weight": str(wdtype).replace("torch.", ""), "autocast": autocast, "impl": name, "extra_gib": gib, "ms": ms})
             except Exception as e:  # a missing backend is reported, not fatal
                 rows.append({"bench": "loss_path", "vocab": vocab, "impl": name, "error": repr(e)[:200]})
             h.grad = w.grad = None
@@ -107,8 +110,8 @@ def main() -> int:
     rows: list[dict] = []
     # FACTS §3's shapes (bf16 weight), then nam-125m's head as the trainer calls it
     # (two micro-batches' worth is two calls: 16 x 2048 tokens, float32 master weight)
-    loss_path(rows, [(16384, 1024, 32768, torch.bfloat16), (16384, 1024, 65536, torch.bfloat16),
-                     (32768, 768, 32768, torch.float32)])
+    loss_path(rows, [(16384, 1024, 32768, torch.bfloat16, False), (16384, 1024, 65536, torch.bfloat16, False),
+                     (32768, 768, 32768, torch.float32, True)])
     if not args.loss_only:
         dsa_indexer(rows)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")

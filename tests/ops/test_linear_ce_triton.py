@@ -155,3 +155,28 @@ def test_patch_lists_triton_and_obeys_the_forcing_variable(monkeypatch):
     monkeypatch.setenv("MEGACPP_LINEAR_CE", "fast")
     with pytest.raises(ValueError, match="MEGACPP_LINEAR_CE='fast'"):
         p.backends(torch.device("cpu"))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_operand_dtype_follows_autocast():
+    """Under autocast the GEMMs take the autocast dtype even for float32 hidden
+    states and weight (the trainer's case: without it the head ran as TF32)."""
+    from megacpp.ops.linear_ce.triton_linear_ce import operand_dtype
+    h, w = torch.randn(4, 8), torch.randn(10, 8)
+    assert operand_dtype(h, w) == torch.float32
+    assert operand_dtype(h.bfloat16(), w) == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert operand_dtype(h, w) == torch.bfloat16
+
+
+@cuda_only
+@pytest.mark.gpu
+def test_cuda_autocast_float32_inputs_take_bf16_gemms(gen):
+    """float32 hidden and weight under bf16 autocast give exactly what bf16
+    hidden with the float32 weight gives outside it (the same bf16 GEMMs)."""
+    from megacpp.ops.linear_ce.triton_linear_ce import linear_cross_entropy_triton
+    hidden, weight, target = make(gen, 1500, 128, 3000, "cuda", torch.float32)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        a = linear_cross_entropy_triton(hidden, weight, target, reduction="sum", chunk_size=512)
+    b = linear_cross_entropy_triton(hidden.detach().bfloat16(), weight, target, reduction="sum", chunk_size=512)
+    assert torch.equal(a, b)
