@@ -145,7 +145,7 @@ def test_patch_lists_triton_and_obeys_the_forcing_variable(monkeypatch):
     p = LinearCEPatch()
     monkeypatch.delenv("MEGACPP_LINEAR_CE", raising=False)
     cpu = {b.name: b for b in p.backends(torch.device("cpu"))}
-    assert list(cpu) == ["liger", "triton", "chunked"]
+    assert list(cpu) == ["triton", "liger", "chunked"]
     assert not cpu["triton"].available and cpu["triton"].reason == "needs CUDA"
     assert p.best_backend(torch.device("cpu")).name == "chunked"
     monkeypatch.setenv("MEGACPP_LINEAR_CE", "triton")
