@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from megacpp.model.moe import (MoE, capacity, gather_slots, grouped_mm_available, inverse_permutation,
+from megacpp.model.moe import (MoE, capacity, gather_slots, grouped_mm, grouped_mm_available, inverse_permutation,
+                               split_offsets, wgrad_splits,
                                moe_reference, permute_rows)
 
 from model_testutil import make_spec
@@ -272,3 +273,92 @@ def test_permute_rows_equals_indexing(seed):
     pa.backward(g)
     pb.backward(g)
     assert torch.equal(a.grad, b.grad)
+
+
+def test_split_offsets_cut_each_group_in_order(seed):
+    counts = torch.tensor([0, 1, 7, 2, 30], dtype=torch.int32)
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    for splits in (1, 2, 3, 4):
+        cut = split_offsets(offs, splits).view(-1, splits)
+        assert torch.equal(cut[:, -1], offs)                       # each group still ends where it did
+        starts = torch.cat([offs.new_zeros(1), offs[:-1]])
+        sizes = torch.diff(torch.cat([starts[:, None], cut], 1), dim=1)
+        assert (sizes >= 0).all() and torch.equal(sizes.sum(1), counts)
+        assert (sizes.max(1).values - sizes.min(1).values <= 1).all()  # nearly equal parts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits", [2, 3])
+def test_split_wgrad_equals_torch_grouped_mm(dtype, splits, seed):
+    """The split-K weight gradient equals autograd's of torch._grouped_mm (to
+    the rounding of its partial sums in bf16); the input gradient exactly."""
+    if not grouped_mm_available(torch.device("cpu"), dtype, 16, 32):
+        pytest.skip("torch._grouped_mm not available here")
+    counts = torch.tensor([5, 0, 19, 1, 40], dtype=torch.int32)
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    x0 = torch.randn(int(counts.sum()), 16).to(dtype)
+    w0 = torch.randn(5, 16, 32).to(dtype)
+    g = torch.randn(int(counts.sum()), 32).to(dtype)
+    grads = []
+    for s in (1, splits):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        y = grouped_mm(x, w, offs, s)
+        y.backward(g)
+        grads.append((y.detach(), x.grad, w.grad))
+    (y1, dx1, dw1), (y2, dx2, dw2) = grads
+    assert torch.equal(y1, y2) and torch.equal(dx1, dx2)
+    ref = torch.zeros(5, 16, 32)
+    start = 0
+    for e, c in enumerate(counts.tolist()):
+        ref[e] = x0[start:start + c].float().t() @ g[start:start + c].float()
+        start += c
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert dw2.dtype == dtype
+    assert (dw2.float() - ref).abs().max() <= tol * ref.abs().max()
+    assert (dw1.float() - ref).abs().max() <= tol * ref.abs().max()
+
+
+def test_moe_with_split_wgrad_equals_reference(seed, monkeypatch):
+    """The whole layer (grouped experts) with MEGACPP_MOE_WGRAD_SPLITS=3 against the per-expert loop."""
+    x0 = torch.randn(3, 21, 32)
+    if not grouped_mm_available(x0.device, x0.dtype, 32, 32, 16):
+        pytest.skip("torch._grouped_mm not available here")
+    monkeypatch.setenv("MEGACPP_MOE_WGRAD_SPLITS", "3")
+    assert wgrad_splits() == 3
+    moe = make_moe({"top_k": 2})
+    moe.impl = "grouped_mm"
+    params = list(moe.parameters())
+    x1, x2 = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    y, _, _ = moe(x1)
+    y_ref = moe_reference(moe, x2)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x1] + params, g, allow_unused=True)
+    grads_ref = torch.autograd.grad(y_ref, [x2] + params, g, allow_unused=True)
+    for (n, _), a, b in zip([("x", None)] + list(moe.named_parameters()), grads, grads_ref):
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+    monkeypatch.setenv("MEGACPP_MOE_WGRAD_SPLITS", "0")
+    with pytest.raises(ValueError, match="MEGACPP_MOE_WGRAD_SPLITS='0'"):
+        wgrad_splits()
+
+
+def test_split_wgrad_traces_under_compile(seed, monkeypatch):
+    """The split-K backward traces (dynamo + AOT autograd, bf16 as on the GPU) with no graph break."""
+    from torch._dynamo.utils import counters
+    if not grouped_mm_available(torch.device("cpu"), torch.bfloat16, 16, 32):
+        pytest.skip("torch._grouped_mm not available here")
+    counts = torch.tensor([6, 0, 10, 16], dtype=torch.int32)
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    x0 = torch.randn(32, 16).bfloat16()
+    w0 = torch.randn(4, 16, 32).bfloat16()
+    g = torch.randn(32, 32).bfloat16()
+    out = []
+    torch._dynamo.reset()
+    counters["graph_break"].clear()
+    for fn in (lambda x, w: grouped_mm(x, w, offs, 2),
+               torch.compile(lambda x, w: grouped_mm(x, w, offs, 2), backend="aot_eager", fullgraph=True)):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        fn(x, w).backward(g)
+        out.append((x.grad, w.grad))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+    assert not counters["graph_break"]

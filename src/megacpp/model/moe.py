@@ -27,6 +27,9 @@ Experts run as one grouped computation: assignments are sorted by expert,
 then either `torch._grouped_mm` (when the device/dtype/alignment allow) or
 a padded batched matmul computes every expert at once. `moe_reference` is
 the per-expert python loop the tests compare both against.
+MEGACPP_MOE_WGRAD_SPLITS=N (default 1: torch's own backward) computes the
+grouped path's weight gradient with each expert's rows cut into N parts
+(`_GroupedMMSplitWgrad`), for more GEMM tiles where the experts are narrow.
 
 Per-forward RouterStats: router logits (z-loss), scores and mean
 probabilities (load-balance loss, differentiable), load per router row.
@@ -34,6 +37,7 @@ probabilities (load-balance loss, differentiable), load per router row.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -186,6 +190,60 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype, *dims: int) -
     return _GROUPED_MM_OK[key]
 
 
+def wgrad_splits() -> int:
+    """MEGACPP_MOE_WGRAD_SPLITS (default 1): how many parts each expert's rows
+    are cut into for the experts' weight gradient (see grouped_mm_split_wgrad)."""
+    v = os.environ.get("MEGACPP_MOE_WGRAD_SPLITS", "1").strip()
+    if not v.isdigit() or not 1 <= int(v) <= 16:
+        raise ValueError(f"MEGACPP_MOE_WGRAD_SPLITS={v!r}: expected an integer from 1 to 16")
+    return int(v)
+
+
+def split_offsets(offs: torch.Tensor, splits: int) -> torch.Tensor:
+    """Group ends `offs` (E,) -> (E * splits,): each group's rows cut into
+    `splits` nearly equal consecutive parts (empty parts where it has fewer rows)."""
+    starts = torch.cat([offs.new_zeros(1), offs[:-1]])
+    counts = offs - starts
+    parts = torch.arange(1, splits + 1, device=offs.device, dtype=offs.dtype)
+    return (starts[:, None] + counts[:, None] * parts[None, :] // splits).reshape(-1)
+
+
+class _GroupedMMSplitWgrad(torch.autograd.Function):
+    """torch._grouped_mm(x, w, offs) whose weight gradient is computed as
+    `splits` groups per expert (split-K over its rows) and summed in float32.
+
+    Why: the weight gradient's output is per expert only d_in x d_out (768 x
+    768 or 1536 at nam-125m), a few GEMM tiles each; with one group per
+    expert the grouped GEMM had too few tiles for the card (36-49% of an
+    H200's bf16 peak at nam-125m, twelfth session's profile). The input
+    gradient is torch's own (the same call autograd makes)."""
+
+    @staticmethod
+    def forward(ctx, x, w, offs, splits):
+        ctx.save_for_backward(x, w, offs)
+        ctx.splits = splits
+        return torch._grouped_mm(x, w, offs=offs)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, offs = ctx.saved_tensors
+        g = g.contiguous()
+        dx = torch._grouped_mm(g, w.transpose(-2, -1), offs=offs) if ctx.needs_input_grad[0] else None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            E, S = w.shape[0], ctx.splits
+            parts = torch._grouped_mm(x.t(), g, offs=split_offsets(offs, S))
+            dw = parts.view(E, S, *parts.shape[1:]).sum(1, dtype=torch.float32).to(w.dtype)
+        return dx, dw, None, None
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, splits: int = 1) -> torch.Tensor:
+    """torch._grouped_mm(x, w, offs=offs); splits > 1 takes _GroupedMMSplitWgrad's backward."""
+    if splits == 1:
+        return torch._grouped_mm(x, w, offs=offs)
+    return _GroupedMMSplitWgrad.apply(x, w, offs, splits)
+
+
 def grouped_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
                 activation: str, impl: str = "auto") -> torch.Tensor:
     """Every expert's FFN on its own rows. x (A, d) sorted by expert; counts (E,).
@@ -199,8 +257,9 @@ def grouped_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out
         impl = "grouped_mm" if ok else "bmm"
     if impl == "grouped_mm":
         offs = torch.cumsum(counts, 0).to(torch.int32)
-        h = _ContiguousGrad.apply(torch._grouped_mm(x, w_in, offs=offs))
-        return _ContiguousGrad.apply(torch._grouped_mm(activate(h, activation), w_out, offs=offs))
+        splits = wgrad_splits()
+        h = _ContiguousGrad.apply(grouped_mm(x, w_in, offs, splits))
+        return _ContiguousGrad.apply(grouped_mm(activate(h, activation), w_out, offs, splits))
     if impl != "bmm":
         raise ValueError(f"unknown grouped impl {impl!r} (auto | grouped_mm | bmm)")
     # Padded: scatter each expert's rows into an (E, max_count, d) block.

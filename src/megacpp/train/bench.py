@@ -65,6 +65,7 @@ class BenchResult:
     delta_rule_backend: str = ""
     gated_norm_backend: str = ""
     fused_projections: bool = False  # model.projections.fusion_enabled(): off unless asked
+    moe_wgrad_splits: int = 1        # model.moe.wgrad_splits(): MEGACPP_MOE_WGRAD_SPLITS
     # torch.profiler on CUDA (kernels=True): the whole step, and per family
     # {"layers": n, "per_layer": KernelProfile} of one layer's isolated fwd + bwd
     step_profile: dict = field(default_factory=dict)
@@ -163,6 +164,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
     every micro-batch."""
     import megacpp
     from ..patches.registry import install_patches
+    from ..model.moe import wgrad_splits
     from ..model.projections import fusion_enabled
     from .trainer import _attention_backend, _delta_rule_backend, gated_norm_record, lm_loss, split_aux
 
@@ -265,7 +267,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
         attention_backend=_attention_backend(model, dev),
         delta_rule_backend=_delta_rule_backend(model, dev, precision.dtype)["backend"] or "",
         gated_norm_backend=_gated_norm_text(gated_norm_record(model, dev, precision.dtype)),
-        fused_projections=fusion_enabled(),
+        fused_projections=fusion_enabled(), moe_wgrad_splits=wgrad_splits(),
         step_profile=step_prof.to_dict() if step_prof is not None else {}, family_profile=fam_prof,
         gemm_profile=gemms or [])
 
@@ -307,6 +309,7 @@ def bench_text(r: BenchResult) -> str:
              + f"; SSD scan: {r.ssd_backend or '?'}; causal conv: {r.conv_backend or '?'}"
              + f"; delta rule: {r.delta_rule_backend or '-'}; gated norm: {r.gated_norm_backend or '-'}"
              + f"; fused projections: {'on' if r.fused_projections else 'off'}"
+             + (f"; MoE wgrad splits: {r.moe_wgrad_splits}" if r.moe_wgrad_splits != 1 else "")
              + f"; packed attention: {r.attention_backend or '?'}; data: {r.data}"]
     if r.family_note:
         lines.append(f"  per family: {r.family_note}")

@@ -29,6 +29,7 @@ from ..errors import MegacppError
 from ..losses.gates import GateSet
 from ..losses.moe_aux import load_balance_loss, z_loss
 from ..losses.stp import stp_over_layers
+from ..model.moe import wgrad_splits
 from ..model.projections import fusion_enabled
 from ..recipe import Recipe
 from ..recipe.count import summarize
@@ -361,6 +362,8 @@ class Trainer:
             "gated_norm_backend": gated_norm_record(self.model, self.device, self.precision.dtype),
             # attention's q/k/v and Gated DeltaNet's input projections as one GEMM each
             "fused_projections": _kernel_choice("fused projections", fusion_enabled),
+            # each expert's rows cut into this many parts for the experts' weight gradient
+            "moe_wgrad_splits": _kernel_choice("MoE weight-gradient splits", wgrad_splits),
             "compile": {**self.compile_info, **compile_stats()},
             "activation_checkpointing": {"policy": dict(pol.activation_checkpointing),
                                          "applied_layers": len(self.ac_applied)},
