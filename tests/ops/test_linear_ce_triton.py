@@ -82,10 +82,25 @@ def test_cpu_interp_all_ignored_and_custom_index(gen):
     assert rel_err(a.double(), b) < 1e-5
 
 
+@interp_only
+def test_cpu_interp_no_grad_skips_the_gradient_gemms(gen, monkeypatch):
+    """Under no_grad (evaluation) the loss is the same and no gradient GEMM runs."""
+    from megacpp.ops.linear_ce import triton_linear_ce as T
+    hidden, weight, target = make(gen, 30, 8, 50, "cpu", torch.float32)
+    calls = []
+    real = T._accumulate_dw
+    monkeypatch.setattr(T, "_accumulate_dw", lambda *a: (calls.append(1), real(*a)))
+    with torch.no_grad():
+        a = T.linear_cross_entropy_triton(hidden, weight, target, chunk_size=8)
+    assert calls == []
+    b = T.linear_cross_entropy_triton(hidden, weight, target, chunk_size=8)
+    assert len(calls) == 4 and torch.equal(a, b.detach())
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 @pytest.mark.skipif(CHILD, reason="this is the parent")
 def test_triton_interpreter_on_cpu():
-    run_interpreter_child(__file__, "MEGACPP_LCE_INTERP_CHILD", len(CASES) + 1)
+    run_interpreter_child(__file__, "MEGACPP_LCE_INTERP_CHILD", len(CASES) + 2)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")

@@ -137,7 +137,7 @@ def _check_shapes(hidden, weight, target, reduction, chunk_size):
 
 class _LinearCrossEntropyTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target, ignore_index, reduction, chunk_size, dt):
+    def forward(ctx, hidden, weight, target, ignore_index, reduction, chunk_size, dt, grads):
         n = hidden.shape[0]
         h_all = hidden.to(dt)
         w = weight.to(dt)  # one cast of the weight, not one per chunk
@@ -148,7 +148,9 @@ class _LinearCrossEntropyTriton(torch.autograd.Function):
         else:
             scale = torch.ones((), device=hidden.device, dtype=torch.float32)
         scale = scale.reshape(1)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # grads: autograd will want them (grad mode on at the call); evaluation
+        # under no_grad then runs only the logits GEMM and the loss
+        need_h, need_w = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
         d_hidden = torch.empty_like(h_all) if need_h else None
         d_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
         losses = torch.empty(n, device=hidden.device, dtype=torch.float32)
@@ -174,7 +176,7 @@ class _LinearCrossEntropyTriton(torch.autograd.Function):
         h_dtype, w_dtype = ctx.dtypes
         dh = (d_hidden * grad_out.to(d_hidden.dtype)).to(h_dtype) if d_hidden is not None else None
         dw = (d_weight * grad_out.to(torch.float32)).to(w_dtype) if d_weight is not None else None
-        return dh, dw, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None
 
 
 def linear_cross_entropy_triton(hidden, weight, target, ignore_index=-100, reduction="mean", chunk_size=4096):
@@ -191,7 +193,7 @@ def linear_cross_entropy_triton(hidden, weight, target, ignore_index=-100, reduc
     dt = operand_dtype(hidden, weight)
     with torch.autocast(hidden.device.type, enabled=False):
         return _LinearCrossEntropyTriton.apply(hidden, weight, target.contiguous(), ignore_index,
-                                               reduction, chunk_size, dt)
+                                               reduction, chunk_size, dt, torch.is_grad_enabled())
 
 
 def operand_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
