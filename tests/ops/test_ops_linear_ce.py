@@ -203,3 +203,18 @@ def test_chunked_under_bf16_autocast_matches_naive():
     assert torch.allclose(l0, l1, rtol=1e-3)
     assert (gh0 - gh1).norm() / gh1.norm() < 2e-2
     assert (gw0 - gw1).norm() / gw1.norm() < 2e-2
+
+
+def test_no_grad_forms_no_gradients(gen, monkeypatch):
+    """Under no_grad (evaluation) the chunked op computes the loss only: no
+    softmax-gradient pass, the same loss."""
+    from megacpp.ops.linear_ce import reference as R
+    hidden, weight, target = make_inputs(gen, 40, 8, 30)
+    calls = []
+    real = R._chunk_grad
+    monkeypatch.setattr(R, "_chunk_grad", lambda *a: (calls.append(1), real(*a))[1])
+    with torch.no_grad():
+        a = linear_cross_entropy(hidden, weight, target, chunk_size=16)
+    assert calls == []
+    b = linear_cross_entropy(hidden, weight, target, chunk_size=16)
+    assert len(calls) == 3 and torch.equal(a, b.detach())

@@ -58,14 +58,15 @@ def _chunk_grad(logits, lse, tgt, row_scale):
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target, ignore_index, reduction, chunk_size):
+    def forward(ctx, hidden, weight, target, ignore_index, reduction, chunk_size, grads=True):
         cdt = compute_dtype(hidden, weight)
         n = hidden.shape[0]
         w = weight.to(cdt)  # one upcast copy of the weight, not one per chunk
         valid = target != ignore_index
         safe_t = target.masked_fill(~valid, 0)  # ignored rows gather a dummy column, then get zeroed
         validf = valid.to(cdt)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # grads: grad mode was on at the call; under no_grad (evaluation) only the loss
+        need_h, need_w = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
         eager = reduction != "none" and (need_h or need_w)
 
         losses = hidden.new_empty(n, dtype=cdt)
@@ -122,7 +123,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             go = grad_out.to(ctx.cdt)
             dh = (d_hidden * go).to(h_dtype) if need_h else None
             dw = (d_weight * go).to(w_dtype) if need_w else None
-            return dh, dw, None, None, None, None
+            return dh, dw, None, None, None, None, None
 
         hidden, weight, safe_t, validf, lse_all = ctx.saved_tensors
         cdt = ctx.cdt
@@ -146,7 +147,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (
             dh.to(h_dtype) if dh is not None else None,
             dw.to(w_dtype) if dw is not None else None,
-            None, None, None, None,
+            None, None, None, None, None,
         )
 
 
@@ -160,7 +161,8 @@ def linear_cross_entropy(hidden, weight, target, ignore_index=-100, reduction="m
     # The Function picks its own compute dtype; an enclosing autocast would
     # re-cast its in-place matmuls and mix dtypes.
     with torch.autocast(hidden.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, target, ignore_index, reduction, chunk_size)
+        return _LinearCrossEntropy.apply(hidden, weight, target, ignore_index, reduction, chunk_size,
+                                         torch.is_grad_enabled())
 
 
 def linear_cross_entropy_naive(hidden, weight, target, ignore_index=-100, reduction="mean", chunk_size=4096):
