@@ -195,3 +195,16 @@ def test_cuda_autocast_float32_inputs_take_bf16_gemms(gen):
         a = linear_cross_entropy_triton(hidden, weight, target, reduction="sum", chunk_size=512)
     b = linear_cross_entropy_triton(hidden.detach().bfloat16(), weight, target, reduction="sum", chunk_size=512)
     assert torch.equal(a, b)
+
+
+def test_a_backend_that_raises_fails_parity_not_the_run(monkeypatch):
+    """install_patches falls back to the plain path when the backend's parity
+    check raises (e.g. a Triton it cannot compile with)."""
+    from megacpp.patches import linear_ce as L
+
+    def broken(*a, **k):
+        raise RuntimeError("triton: cannot compile\nmore")
+
+    monkeypatch.setitem(L.BACKENDS, "chunked", broken)
+    res = L.LinearCEPatch().parity(torch.device("cpu"), torch.float32, "chunked")
+    assert not res.passed and res.detail == "RuntimeError: triton: cannot compile"

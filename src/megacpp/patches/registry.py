@@ -102,29 +102,38 @@ def install_patches(model, wanted: dict[str, str], device: torch.device, dtype: 
             rec.reason = f"not applicable: {why}"
             records.append(rec)
             continue
-        backend = patch.best_backend(device)
-        if backend is None:
-            reasons = "; ".join(f"{b.name}: {b.reason}" for b in patch.backends(device))
+        all_backends = patch.backends(device)
+        available = [b for b in all_backends if b.available]
+        if not available:
+            reasons = "; ".join(f"{b.name}: {b.reason}" for b in all_backends)
             if mode == "required":
                 raise MegacppError(f"policy.patches.{name}: required but cannot run here ({reasons})")
             rec.reason = f"no backend available ({reasons}); plain path used"
             records.append(rec)
             continue
-        if check:
-            res = patch.parity(device, dtype, backend.name, small=True)
-            rec.parity.append(asdict(res))
-            if not res.passed:
-                if mode == "required":
-                    raise MegacppError(f"policy.patches.{name}: parity check failed on {device} "
-                                       f"({res.detail or res.max_rel_err})")
-                rec.reason = "parity check failed; plain path used"
-                records.append(rec)
-                continue
-        patch.install(model, backend.name)
-        rec.installed, rec.backend, rec.version = True, backend.name, backend.version
-        skipped = [b for b in patch.backends(device) if not b.available]
-        if skipped:
-            rec.reason = "; ".join(f"{b.name} unavailable: {b.reason}" for b in skipped)
+        # best first; a backend whose parity check fails hands over to the next
+        chosen, failed = None, []
+        for backend in available:
+            if check:
+                res = patch.parity(device, dtype, backend.name, small=True)
+                rec.parity.append(asdict(res))
+                if not res.passed:
+                    failed.append(f"{backend.name} failed its parity check ({res.detail or res.max_rel_err})")
+                    continue
+            chosen = backend
+            break
+        if chosen is None:
+            if mode == "required":
+                raise MegacppError(f"policy.patches.{name}: parity check failed on {device} "
+                                   f"({'; '.join(failed)})")
+            rec.reason = "; ".join(failed) + "; plain path used"
+            records.append(rec)
+            continue
+        patch.install(model, chosen.name)
+        rec.installed, rec.backend, rec.version = True, chosen.name, chosen.version
+        notes = failed + [f"{b.name} unavailable: {b.reason}" for b in all_backends if not b.available]
+        if notes:
+            rec.reason = "; ".join(notes)
         records.append(rec)
     return records
 
