@@ -329,6 +329,44 @@ def test_model_flex_gradients_cuda(version, kind, seed):
         torch.backends.cuda.matmul.allow_tf32 = old_tf32
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="torch has no FlexAttention backward on CPU: gradients need CUDA")
+def test_tuned_flex_launch_matches_sdpa_cuda(seed):
+    """Head dim 64 under bf16 autocast: on the GPUs FLEX_TUNED lists, the model's
+    flex layers take the swept launch; logits and gradients stay within bf16
+    error of SDPA's (a wrong launch, e.g. a mask block skipped, is far off)."""
+    spec = make_spec("AFAF", hidden_size=256, attention={"kind": "gqa", "num_heads": 4, "num_kv_heads": 2})
+    model = build(spec, torch.float32).cuda()
+    ids = torch.randint(0, spec.vocab_size, (2, 1024), device="cuda")
+    doc = _doc_ids(2, 1024).cuda()
+    cap = torch.cuda.get_device_capability()
+    tuned = attention.FLEX_TUNED.get((cap[0], cap[1], 64))
+    q = torch.zeros(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16)
+    outs = {}
+    old_backend = attention.ATTENTION_BACKEND
+    try:
+        for backend in ("sdpa", "flex"):
+            attention.ATTENTION_BACKEND = backend
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(ids, doc_ids=doc).logits
+            out.float().square().mean().backward()
+            outs[backend] = (out.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                    if p.grad is not None})
+            if backend == "flex":
+                assert attention.flex_kernel_options(q) == tuned
+    finally:
+        attention.ATTENTION_BACKEND = old_backend
+    (ref, g_ref), (out, g_out) = outs["sdpa"], outs["flex"]
+
+    def rel(a, b):
+        return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+    assert rel(out, ref) < 2e-2
+    for n in g_ref:
+        assert rel(g_out[n], g_ref[n]) < 5e-2, n
+
+
 def _flex_vs_sdpa_gradients(spec):
     model = build(spec, torch.float32).cuda()
     t = 300
