@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from megacpp.model.moe import (MoE, capacity, gather_slots, grouped_mm, grouped_mm_available, inverse_permutation,
-                               split_offsets, wgrad_splits,
+                               sort_keys, split_offsets, wgrad_splits,
                                moe_reference, permute_rows)
 
 from model_testutil import make_spec
@@ -362,3 +362,11 @@ def test_split_wgrad_traces_under_compile(seed, monkeypatch):
         out.append((x.grad, w.grad))
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
     assert not counters["graph_break"]
+
+
+def test_narrow_sort_keys_give_the_same_stable_order(seed):
+    expert = torch.randint(0, 8, (5000,))
+    keys = sort_keys(expert, 8)
+    assert keys.dtype == torch.uint8
+    assert torch.equal(torch.sort(keys, stable=True).indices, torch.sort(expert, stable=True).indices)
+    assert sort_keys(expert, 300).dtype == torch.int64  # ids past 255 keep their width
