@@ -33,11 +33,18 @@ def test_cpu_layers_reach_the_reference_through_the_dispatcher(monkeypatch, env)
 
 
 def test_layers_call_the_dispatcher(monkeypatch):
+    """R layers go through the dispatcher, handing it policy.kernels.delta_states."""
+    from megacpp.train.activation import apply_delta_states
     seen = []
     monkeypatch.setattr(recurrent, "gated_delta_rule_fast",
-                        lambda *a, **k: seen.append("fast") or gated_delta_rule(*a, **k))
-    build(FAMILY_SPECS["gated_deltanet"], torch.float32)(torch.randint(0, 97, (2, 20)))
-    assert seen == ["fast"]
+                        lambda *a, keep_states, **k: seen.append(("fast", keep_states)) or gated_delta_rule(*a, **k))
+    model = build(FAMILY_SPECS["gated_deltanet"], torch.float32)
+    model(torch.randint(0, 97, (2, 20)))
+    assert apply_delta_states(model, "keep") == 1
+    model(torch.randint(0, 97, (2, 20)))
+    assert seen == [("fast", False), ("fast", True)]
+    with pytest.raises(ValueError, match="policy.kernels.delta_states = 'always'"):
+        apply_delta_states(model, "always")
 
 
 def test_forced_triton_where_it_cannot_run_is_one_clear_error(monkeypatch):

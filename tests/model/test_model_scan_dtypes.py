@@ -90,7 +90,7 @@ def test_mamba_layers_hand_the_scan_bf16_operands_under_autocast(family, monkeyp
 def test_recurrent_layers_hand_the_rule_bf16_operands_under_autocast(monkeypatch):
     seen = {}
     monkeypatch.setattr(recurrent, "gated_delta_rule_fast",
-                        _record(seen, "delta", gated_delta_rule, (0, 1, 2)))  # q, k, v
+                        _record(seen, "delta", lambda *a, keep_states=False, **k: gated_delta_rule(*a, **k), (0, 1, 2)))  # q, k, v
     model = build(FAMILY_SPECS["gated_deltanet"], torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randint(0, 97, (2, 20)), doc_ids=torch.tensor([[0] * 9 + [1] * 11, [0] * 20]))
@@ -123,7 +123,7 @@ def test_ssd_dispatcher_casts_the_kernel_operands_under_autocast(seed, monkeypat
 def test_delta_rule_dispatcher_casts_the_kernel_operands_under_autocast(seed, monkeypatch):
     seen = {}
     _stand_in(monkeypatch, "megacpp.ops.delta_rule.triton_delta_rule", "gated_delta_rule_triton", seen,
-              gated_delta_rule, (0, 1, 2, 3, 4))
+              lambda *a, keep_states=False, **k: gated_delta_rule(*a, **k), (0, 1, 2, 3, 4))
     monkeypatch.setattr(delta_dispatch, "delta_rule_backend", lambda *a, **k: "triton")
     g = torch.Generator().manual_seed(seed)
     b, t, h, d = 1, 16, 2, 8

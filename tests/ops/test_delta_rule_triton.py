@@ -225,6 +225,25 @@ def test_cuda_dispatch_and_compile(seed, gen, monkeypatch):
     assert_close(compare(torch.compile(f, fullgraph=True), ins, 64, seed), torch.bfloat16)
 
 
+@cuda_only
+@pytest.mark.gpu
+def test_cuda_kept_intermediates_give_the_same_gradients(seed, gen):
+    """policy.kernels.delta_states = "keep" on the GPU: bf16 at a model-like
+    shape, every output and gradient bit-identical to the recomputing path's."""
+    from megacpp.ops.delta_rule.triton_delta_rule import gated_delta_rule_triton
+    ins = make_inputs(2, 300, 4, 128, 128, dtype=torch.bfloat16, device="cuda", with_init=False, resets=0.01,
+                      gen=gen)
+    go = torch.randn(2, 300, 4, 128, device="cuda").bfloat16()
+    runs = []
+    for keep in (False, True):
+        xs = [t.detach().clone().requires_grad_() if t is not None else None for t in ins]
+        o, s = gated_delta_rule_triton(*xs[:5], None, chunk_size=64, keep_states=keep)
+        (o.float() * go.float()).sum().backward()
+        runs.append([o.detach(), s.detach()] + [x.grad for x in xs[:5]])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 # ------------------------------------------------------- CPU interpreter
 
 interp_only = pytest.mark.skipif(not (CHILD and HAS_TRITON), reason="runs in the TRITON_INTERPRET=1 child of "
@@ -260,14 +279,39 @@ def test_cpu_interp_custom_op_and_compile(seed, gen):
     # backend would not change what is being tested here: the op is opaque).
     from megacpp.ops.delta_rule import triton_delta_rule as T
     ins = make_inputs(1, 20, 2, 16, 16, dtype=torch.float32, device="cpu", gen=gen)
-    args = (*ins, 16, 0.25)
-    torch.library.opcheck(T._gdr_fwd_op, args, test_utils=("test_schema", "test_faketensor"))
+    for keep in (False, True):
+        torch.library.opcheck(T._gdr_fwd_op, (*ins, 16, 0.25, keep), test_utils=("test_schema", "test_faketensor"))
     do = torch.randn(1, 20, 2, 16)
-    torch.library.opcheck(T._gdr_bwd_op, (do, None, *ins[:5], None, 16, 0.25),
+    torch.library.opcheck(T._gdr_bwd_op, (do, None, *ins[:5], None, 16, 0.25, []),
+                          test_utils=("test_schema", "test_faketensor"))
+    kept = list(T._gdr_fwd_op(*ins[:5], None, 16, 0.25, True)[2:])
+    torch.library.opcheck(T._gdr_bwd_op, (do, None, *ins[:5], None, 16, 0.25, kept),
                           test_utils=("test_schema", "test_faketensor"))
     torch._dynamo.reset()
     f = torch.compile(T.gated_delta_rule_triton, backend="aot_eager", fullgraph=True)
     assert_close(compare(f, ins, 16, seed), torch.float32)
+
+
+@interp_only
+def test_cpu_interp_kept_intermediates_give_the_same_gradients(seed, gen):
+    """keep_states: the backward takes T, Wk, the states and W from the forward
+    (the same kernels on the same inputs): every gradient bit-identical to the
+    recomputing backward's, also through a fullgraph compile."""
+    from megacpp.ops.delta_rule import triton_delta_rule as T
+    ins = make_inputs(2, 45, 2, 16, 24, dtype=torch.float32, device="cpu", resets=0.05, gen=gen)
+    go = torch.randn(2, 45, 2, 24, generator=gen)
+    gs = torch.randn(2, 2, 16, 24, generator=gen)
+    runs = []
+    torch._dynamo.reset()
+    compiled = torch.compile(T.gated_delta_rule_triton, backend="aot_eager", fullgraph=True)
+    for fn, keep in ((T.gated_delta_rule_triton, False), (T.gated_delta_rule_triton, True), (compiled, True)):
+        xs = [t.detach().clone().requires_grad_() for t in ins]
+        o, s = fn(*xs[:5], xs[5], chunk_size=16, keep_states=keep)
+        ((o * go).sum() + (s * gs).sum()).backward()
+        runs.append([o.detach(), s.detach()] + [x.grad for x in xs])
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
 
 
 # T = (I + A)^-1 as _wy_fwd_kernel stores it, both solves, against a float64
@@ -339,7 +383,7 @@ def test_launch_overrides(monkeypatch):
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 @pytest.mark.skipif(CHILD, reason="this is the parent")
 def test_triton_interpreter_on_cpu():
-    run_interpreter_child(__file__, "MEGACPP_DELTA_RULE_INTERP_CHILD", len(INTERP_CASES) + 1 + 2)
+    run_interpreter_child(__file__, "MEGACPP_DELTA_RULE_INTERP_CHILD", len(INTERP_CASES) + 1 + 2 + 1)
 
 
 # ------------------------------------------- sm_90 compile, no GPU needed

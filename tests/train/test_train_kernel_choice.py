@@ -47,6 +47,25 @@ def test_ssd_states_policy_reaches_every_mamba_mixer_and_is_validated():
         megacpp.load_recipe("nam-tiny", ["policy.kernels.ssd_states=sometimes"])
 
 
+def test_delta_states_policy_reaches_every_recurrent_mixer_is_validated_and_flagged():
+    import megacpp
+    from megacpp.errors import RecipeError
+    from megacpp.model.recurrent import GatedDeltaNet
+    from megacpp.recipe.megatron import translate
+    from megacpp.train.activation import apply_delta_states
+
+    recipe = megacpp.load_recipe("nam-tiny", ["policy.kernels.delta_states=keep"])
+    model = megacpp.build_model(recipe.model)
+    mixers = [m for m in model.modules() if isinstance(m, GatedDeltaNet)]
+    assert mixers and not any(m.keep_delta_states for m in mixers)   # the class default: recompute
+    assert apply_delta_states(model, recipe.policy.kernels.delta_states) == len(mixers)
+    assert all(m.keep_delta_states for m in mixers)
+    with pytest.raises(RecipeError, match="policy.kernels.delta_states"):
+        megacpp.load_recipe("nam-tiny", ["policy.kernels.delta_states=sometimes"])
+    assert any("kernels.delta_states" in i for i in translate(recipe).issues)
+    assert not any("kernels.delta_states" in i for i in translate(megacpp.load_recipe("nam-tiny")).issues)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 def test_conv_paths_name_each_width_kernels():
     """What the manifest records on CUDA for the Triton conv: each depthwise

@@ -41,6 +41,11 @@ class RecurrentState:
 
 
 class GatedDeltaNet(nn.Module):
+    # run policy, not identity (policy.kernels.delta_states, set by
+    # train.activation.apply_delta_states): keep the Triton kernels'
+    # intermediates from forward to backward instead of recomputing them
+    keep_delta_states: bool = False
+
     def __init__(self, spec: ModelSpec):
         super().__init__()
         r, d = spec.recurrent, spec.hidden_size
@@ -102,7 +107,8 @@ class GatedDeltaNet(nn.Module):
         g = reset_log_decay(g, ctx)
         # the dispatcher: fla's or the project's Triton kernels on CUDA, the
         # reference elsewhere (the run's manifest records which)
-        o, S = gated_delta_rule_fast(q, k, v, g, beta, chunk_size=self.chunk_size)
+        o, S = gated_delta_rule_fast(q, k, v, g, beta, chunk_size=self.chunk_size,
+                                     keep_states=self.keep_delta_states)
         state = None
         if ctx.want_state:
             K = self.conv_width

@@ -225,6 +225,9 @@ def translate(recipe: Recipe) -> Translation:
         issues.add("compile.tune_kernels (inductor's kernel tuning) has no Megatron flag")
     if p.kernels.ssd_states != "recompute":
         issues.add("kernels.ssd_states (megacpp's Triton scan keeping its chunk states) has no Megatron flag")
+    if p.kernels.delta_states != "recompute":
+        issues.add("kernels.delta_states (megacpp's Triton delta rule keeping its intermediates) "
+                   "has no Megatron flag")
 
     # batch, optimizer, schedule
     o, s = p.optimizer, p.schedule

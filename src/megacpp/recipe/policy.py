@@ -68,6 +68,11 @@ class KernelSpec:
     # layer, 100 MB for mamba2-130m at 8 x 2048) or "keep" them (the backward
     # skips two kernels and their glue). Changes no result.
     ssd_states: str = "recompute"
+    # The project's Triton gated delta rule (R layers): "recompute" its
+    # intermediates (T, Wk, the per-chunk states, W) in the backward, or
+    # "keep" them from the forward (~0.45 GB a nam-125m layer, float32).
+    # Changes no result; fla's kernels and the reference ignore it.
+    delta_states: str = "recompute"
 
 
 @dataclass(frozen=True)

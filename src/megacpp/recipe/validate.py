@@ -30,6 +30,7 @@ IMPLEMENTED = {
     "compile.mode": {"none", "default", "reduce-overhead", "max-autotune", "auto"},
     "compile.scope": {"block", "model"},
     "kernels.ssd_states": {"recompute", "keep"},
+    "kernels.delta_states": {"recompute", "keep"},
     "parallel.sharding": {"none", "ddp", "fsdp2"},
     "parallel.gather": {"storage", "compute", "compute_subgroups"},
     "parallel.reduce": {"float32", "compute"},
@@ -237,6 +238,7 @@ def validate_policy(p: RunPolicy) -> None:
     _choice(p.compile.mode, IMPLEMENTED["compile.mode"], f + "compile.mode")
     _choice(p.compile.scope, IMPLEMENTED["compile.scope"], f + "compile.scope")
     _choice(p.kernels.ssd_states, IMPLEMENTED["kernels.ssd_states"], f + "kernels.ssd_states")
+    _choice(p.kernels.delta_states, IMPLEMENTED["kernels.delta_states"], f + "kernels.delta_states")
     for name, mode in p.patches.items():
         if name not in KNOWN_PATCHES:
             _err(f + f"patches.{name}", f"unknown patch; known: {', '.join(KNOWN_PATCHES)}")

@@ -41,6 +41,22 @@ def apply_activation_checkpointing(model: torch.nn.Module, letters: str, policy:
     return applied
 
 
+def apply_delta_states(model: torch.nn.Module, mode: str) -> int:
+    """policy.kernels.delta_states onto every Gated DeltaNet mixer: "keep" the
+    Triton delta rule's intermediates for the backward, or "recompute" them.
+    Returns how many mixers it set (0 for a model without R layers)."""
+    from ..model.recurrent import GatedDeltaNet
+
+    if mode not in ("recompute", "keep"):
+        raise ValueError(f"policy.kernels.delta_states = {mode!r}: 'recompute' or 'keep'")
+    n = 0
+    for m in model.modules():
+        if isinstance(m, GatedDeltaNet):
+            m.keep_delta_states = mode == "keep"
+            n += 1
+    return n
+
+
 def apply_ssd_states(model: torch.nn.Module, mode: str) -> int:
     """policy.kernels.ssd_states onto every Mamba mixer: "keep" the Triton
     scan's chunk states for the backward, or "recompute" them there. Returns

@@ -24,7 +24,7 @@ from ..losses.moe_aux import load_balance_loss, z_loss
 from ..recipe import Recipe
 from ..recipe.count import summarize
 from ..recipe.pattern import FAMILY
-from .activation import apply_activation_checkpointing, apply_ssd_states
+from .activation import apply_activation_checkpointing, apply_delta_states, apply_ssd_states
 from .compile import GRAPH_MODES, apply_compile, compile_stats, graph_step_begin, keep_grads_outside_graphs
 from .device import device_facts, peak_flops, pick_device
 from .kernel_profile import KernelProfile, gemm_text, profile_gemms, profile_kernels, profile_text
@@ -92,6 +92,14 @@ def synthetic_batch(vocab: int, batch: int, seq: int, device, mean_doc: int = 10
     out = {"input_ids": ids[:, :-1], "labels": labels, "doc_ids": doc[:, :-1].int(),
            "positions": positions[:, :-1]}
     return {k: v.to(device) for k, v in out.items()}
+
+
+def _delta_text(rec: dict) -> str:
+    """The delta rule's record as the bench line shows it: "triton (intermediates: keep)"."""
+    text = rec["backend"] or ""
+    if rec.get("intermediates"):
+        text += f" (intermediates: {rec['intermediates']})"
+    return text
 
 
 def _sync(device):
@@ -179,6 +187,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
     precision.apply(model)  # parameter dtypes + low-precision GEMMs, as the trainer does
     ac = apply_activation_checkpointing(model, recipe.layers.letters, pol.activation_checkpointing)
     apply_ssd_states(model, pol.kernels.ssd_states)  # before compile: read at trace time
+    apply_delta_states(model, pol.kernels.delta_states)
     comp = apply_compile(model, pol.compile, dev, pol.parallel.sharding)
     grads_in_place = keep_grads_outside_graphs(model, comp)
     opt = Optimizers(model, pol.optimizer, dev)
@@ -265,7 +274,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
         data=data_id, ssd_backend=_ssd_backend(dev, precision.dtype, pol.kernels.ssd_states),
         conv_backend=_conv_backend(dev, precision.dtype, model),
         attention_backend=_attention_backend(model, dev),
-        delta_rule_backend=_delta_rule_backend(model, dev, precision.dtype)["backend"] or "",
+        delta_rule_backend=_delta_text(_delta_rule_backend(model, dev, precision.dtype)),
         gated_norm_backend=_gated_norm_text(gated_norm_record(model, dev, precision.dtype)),
         fused_projections=fusion_enabled(), moe_wgrad_splits=wgrad_splits(),
         step_profile=step_prof.to_dict() if step_prof is not None else {}, family_profile=fam_prof,

@@ -35,7 +35,7 @@ from ..recipe import Recipe
 from ..recipe.count import summarize
 from ..recipe.validate import stp_layers
 from ..run.manifest import MANIFEST, git_commit, new_manifest, write_json_atomic
-from .activation import apply_activation_checkpointing, apply_ssd_states
+from .activation import apply_activation_checkpointing, apply_delta_states, apply_ssd_states
 from .checkpoint import DCP, latest_good, load_sharded, load_weights, read_state, save_checkpoint, save_sharded
 from .compile import apply_compile, compile_stats, graph_step_begin, keep_grads_outside_graphs
 from .device import device_facts, memory_available, peak_flops, peak_memory, pick_device
@@ -262,6 +262,7 @@ class Trainer:
         self.ac_applied = apply_activation_checkpointing(self.model, self.letters,
                                                          pol.activation_checkpointing)
         apply_ssd_states(self.model, pol.kernels.ssd_states)  # before compile: read at trace time
+        apply_delta_states(self.model, pol.kernels.delta_states)
         self.train_model = self.dist.wrap(self.model, self.recipe)
         self.compile_info = apply_compile(self.model, pol.compile, self.device, pol.parallel.sharding)
         self.grads_in_place = keep_grads_outside_graphs(self.model, self.compile_info)
@@ -820,7 +821,10 @@ def _delta_rule_backend(model, device, dtype) -> dict:
         why = delta_rule_backend_reason(device, dtype, m.chunk_size, m.dk)
         if backend == "triton":  # the project's kernels: why not flash-linear-attention's
             why = f"not fla: {fla_reason(device, m.chunk_size)}"
-        return {"backend": backend, "reason": why}
+        rec = {"backend": backend, "reason": why}
+        if backend == "triton":  # policy.kernels.delta_states (fla and the reference ignore it)
+            rec["intermediates"] = "keep" if m.keep_delta_states else "recompute"
+        return rec
     return _kernel_choice("gated delta rule", choice)
 
 

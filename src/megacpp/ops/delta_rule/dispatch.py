@@ -91,8 +91,11 @@ def delta_rule_backend(device, dtype: torch.dtype | None = None, chunk_size: int
     return "triton" if fla_reason(device, chunk_size) else "fla"
 
 
-def gated_delta_rule_fast(q, k, v, g, beta, initial_state=None, chunk_size=64, scale=None):
-    """reference.gated_delta_rule's signature; Triton on CUDA when available (see delta_rule_backend)."""
+def gated_delta_rule_fast(q, k, v, g, beta, initial_state=None, chunk_size=64, scale=None,
+                          keep_states=False):
+    """reference.gated_delta_rule's signature; Triton on CUDA when available (see delta_rule_backend).
+    keep_states: the project's kernels keep their intermediates for the backward
+    (triton_delta_rule.gated_delta_rule_triton); fla and the reference ignore it."""
     backend = delta_rule_backend(q.device, q.dtype, chunk_size, q.shape[-1])
     if backend != "reference":  # the matmul operands, as the reference's einsums get them under autocast
         q, k, v = autocast_operands(q.device, q, k, v)
@@ -100,5 +103,6 @@ def gated_delta_rule_fast(q, k, v, g, beta, initial_state=None, chunk_size=64, s
         return gated_delta_rule_fla(q, k, v, g, beta, initial_state, chunk_size=chunk_size, scale=scale)
     if backend == "triton":
         from .triton_delta_rule import gated_delta_rule_triton
-        return gated_delta_rule_triton(q, k, v, g, beta, initial_state, chunk_size=chunk_size, scale=scale)
+        return gated_delta_rule_triton(q, k, v, g, beta, initial_state, chunk_size=chunk_size, scale=scale,
+                                       keep_states=keep_states)
     return gated_delta_rule_reference(q, k, v, g, beta, initial_state, chunk_size=chunk_size, scale=scale)

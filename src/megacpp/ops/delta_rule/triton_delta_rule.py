@@ -56,10 +56,12 @@ What runs where:
     _wy_bwd_kernel      backward per chunk: through the WY step: dv, dbeta,
                         the rest of dk and d(gamma) (dT, dA = -T^T dT T^T).
 
-  Memory: nothing but the inputs is saved for backward. The backward reruns
-  _wy_fwd_kernel (T, U, Wk) and _state_fwd_kernel (the per-chunk states and
-  W): the per-chunk states are b*h*(l/C)*dk*dv float32 (~200 MB for one
-  nam-125m layer), too much to keep per layer between forward and backward.
+  Memory: by default nothing but the inputs is saved for backward, which
+  reruns _wy_fwd_kernel (T, U, Wk) and _state_fwd_kernel (the per-chunk
+  states and W): the per-chunk states are b*h*(l/C)*dk*dv float32 (~200 MB
+  for one nam-125m layer). keep_states=True (policy.kernels.delta_states =
+  "keep") saves T, Wk, the states and W from the forward instead (~0.45 GB
+  a nam-125m layer) and skips both reruns.
   Transient float32 buffers: T (l*C per b, h; A's scratch in the forward),
   U, Wk, W, the per-chunk states and their gradients.
 
@@ -769,11 +771,12 @@ def _state_fwd(p: _Prep, k, U, Wk, initial_state):
     return states, W, final.view(p.b, p.h, p.dk, p.dv)
 
 
-def _forward(q, k, v, g, beta, initial_state, chunk_size, scale):
+def _forward(q, k, v, g, beta, initial_state, chunk_size, scale, keep=False):
+    """(o, final) and, with keep, (T, Wk, states, W): what the backward would recompute."""
     p = _Prep(q, k, v, g, beta, chunk_size, scale)
-    _, U, Wk = _wy_fwd(p, k, v, store_t=False)
+    T, U, Wk = _wy_fwd(p, k, v, store_t=keep)
     states, W, final = _state_fwd(p, k, U, Wk, initial_state)
-    del U, Wk
+    del U
     o = torch.empty(p.b, p.l, p.h, p.dv, device=q.device, dtype=q.dtype)
     _launch(_out_fwd_kernel, (p.nc, p.b * p.h),
         q, k, p.gam, states, W, o,
@@ -781,15 +784,21 @@ def _forward(q, k, v, g, beta, initial_state, chunk_size, scale):
         *q.stride(), *k.stride(), *o.stride(),
         BC=p.bc, **_cfg("_out_fwd_kernel", p), **p.kw,
     )
+    if keep:
+        return o, final.to(q.dtype), (T, Wk, states, W)
     return o, final.to(q.dtype)
 
 
-def _backward(do, dfinal, q, k, v, g, beta, initial_state, chunk_size, scale):
+def _backward(do, dfinal, q, k, v, g, beta, initial_state, chunk_size, scale, kept=None):
+    """kept: the forward's (T, Wk, states, W), or None to rerun _wy_fwd and _state_fwd."""
     p = _Prep(q, k, v, g, beta, chunk_size, scale)
     bh, nc, lp, dk, dv = p.b * p.h, p.nc, p.lp, p.dk, p.dv
-    T, U, Wk = _wy_fwd(p, k, v, store_t=True)
-    states, W, _ = _state_fwd(p, k, U, Wk, initial_state)
-    del U
+    if kept is not None:
+        T, Wk, states, W = kept
+    else:
+        T, U, Wk = _wy_fwd(p, k, v, store_t=True)
+        states, W, _ = _state_fwd(p, k, U, Wk, initial_state)
+        del U
 
     # (causal(Q K^T o Gam))^T dO
     dWl = p.f32(bh, lp, dv)
@@ -856,33 +865,56 @@ def _backward(do, dfinal, q, k, v, g, beta, initial_state, chunk_size, scale):
 # custom ops + autograd
 # --------------------------------------------------------------------------
 
+_SIX = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 @torch.library.custom_op("megacpp::gated_delta_rule_triton_fwd", mutates_args=())
 def _gdr_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                 initial_state: Optional[torch.Tensor], chunk_size: int,
-                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                scale: float, keep: bool) -> _SIX:
+    """(o, final) + (keep: the backward's T, Wk, states, W; else four empty tensors)."""
     with _device_ctx(q):
-        return _forward(q, k, v, g, beta, initial_state, chunk_size, scale)
+        if keep:
+            o, final, kept = _forward(q, k, v, g, beta, initial_state, chunk_size, scale, keep=True)
+            return (o, final, *kept)
+        o, final = _forward(q, k, v, g, beta, initial_state, chunk_size, scale)
+    return (o, final, *(q.new_empty(0) for _ in range(4)))
+
+
+def _kept_shapes(q, v, chunk_size):
+    """(T, Wk, states, W) shapes, all float32: (b*h, nc, C, C), (b*h, nc*C, dk),
+    (b*h, nc, dk, dv), (b*h, nc*C, dv)."""
+    b, l, h, dk = q.shape
+    dv = v.shape[-1]
+    nc = -(-l // chunk_size)
+    bh, lp = b * h, nc * chunk_size
+    return (bh, nc, chunk_size, chunk_size), (bh, lp, dk), (bh, nc, dk, dv), (bh, lp, dv)
 
 
 @_gdr_fwd_op.register_fake
-def _(q, k, v, g, beta, initial_state, chunk_size, scale):
+def _(q, k, v, g, beta, initial_state, chunk_size, scale, keep):
     b, l, h, dk = q.shape
     dv = v.shape[-1]
-    return q.new_empty(b, l, h, dv), q.new_empty(b, h, dk, dv)
+    out = (q.new_empty(b, l, h, dv), q.new_empty(b, h, dk, dv))
+    if keep:
+        return out + tuple(q.new_empty(shape, dtype=torch.float32) for shape in _kept_shapes(q, v, chunk_size))
+    return out + tuple(q.new_empty(0) for _ in range(4))
 
 
 @torch.library.custom_op("megacpp::gated_delta_rule_triton_bwd", mutates_args=())
 def _gdr_bwd_op(do: torch.Tensor, dfinal: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, initial_state: Optional[torch.Tensor],
-                chunk_size: int, scale: float) -> list[torch.Tensor]:
+                chunk_size: int, scale: float, kept: list[torch.Tensor]) -> list[torch.Tensor]:
+    """kept: the forward's [T, Wk, states, W], or [] to recompute them."""
     with _device_ctx(q):
-        dq, dk, dv, dg, db, dinit = _backward(do, dfinal, q, k, v, g, beta, initial_state, chunk_size, scale)
+        dq, dk, dv, dg, db, dinit = _backward(do, dfinal, q, k, v, g, beta, initial_state, chunk_size, scale,
+                                              kept or None)
     # absent initial_state: an empty placeholder (custom-op outputs may not alias)
     return [dq, dk, dv, dg, db, dinit if dinit is not None else q.new_empty(0)]
 
 
 @_gdr_bwd_op.register_fake
-def _(do, dfinal, q, k, v, g, beta, initial_state, chunk_size, scale):
+def _(do, dfinal, q, k, v, g, beta, initial_state, chunk_size, scale, kept):
     cf = torch.contiguous_format
     return [torch.empty_like(q, memory_format=cf), torch.empty_like(k, memory_format=cf),
             torch.empty_like(v, memory_format=cf), torch.empty_like(g, memory_format=cf),
@@ -891,28 +923,37 @@ def _(do, dfinal, q, k, v, g, beta, initial_state, chunk_size, scale):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, g, beta, initial_state, chunk_size, scale = inputs
-    ctx.save_for_backward(q, k, v, g, beta, initial_state)
+    q, k, v, g, beta, initial_state, chunk_size, scale, keep = inputs
+    kept = list(output[2:]) if keep else []
+    ctx.save_for_backward(q, k, v, g, beta, initial_state, *kept)
+    ctx.mark_non_differentiable(*output[2:])
     ctx.chunk_size = chunk_size
     ctx.scale = scale
     ctx.has_init = initial_state is not None
 
 
-def _backward_fn(ctx, do, dfinal):
-    q, k, v, g, beta, initial_state = ctx.saved_tensors
+def _backward_fn(ctx, do, dfinal, *_kept_grads):
+    q, k, v, g, beta, initial_state, *kept = ctx.saved_tensors
     if do is None:
         b, l, h, _ = q.shape
         do = q.new_zeros(b, l, h, v.shape[-1])
     dq, dk, dv, dg, db, dinit = _gdr_bwd_op(do, dfinal, q, k, v, g, beta,
-                                            initial_state if ctx.has_init else None, ctx.chunk_size, ctx.scale)
-    return dq, dk, dv, dg, db, (dinit if ctx.has_init else None), None, None
+                                            initial_state if ctx.has_init else None, ctx.chunk_size, ctx.scale,
+                                            kept)
+    return dq, dk, dv, dg, db, (dinit if ctx.has_init else None), None, None, None
 
 
 _gdr_fwd_op.register_autograd(_backward_fn, setup_context=_setup_context)
 
 
-def gated_delta_rule_triton(q, k, v, g, beta, initial_state=None, chunk_size=64, scale=None):
-    """Chunked gated delta rule in Triton; same arguments and returns as `reference.gated_delta_rule`."""
+def gated_delta_rule_triton(q, k, v, g, beta, initial_state=None, chunk_size=64, scale=None,
+                            keep_states=False):
+    """Chunked gated delta rule in Triton; same arguments and returns as `reference.gated_delta_rule`.
+
+    keep_states: keep T, Wk, the per-chunk states and W from the forward for
+    the backward instead of rerunning _wy_fwd and _state_fwd there (speed for
+    memory: float32, b*h*l*(C + dk + dv) + b*h*(l/C)*dk*dv elements, about
+    0.45 GB a nam-125m layer at 16 x 2048)."""
     b, l, h, dk, dv = _check(q, k, v, g, beta, initial_state)
     if not 1 <= chunk_size <= MAX_CHUNK:
         raise ValueError(f"gated_delta_rule_triton: chunk_size must be in [1, {MAX_CHUNK}], got {chunk_size}")
@@ -925,4 +966,5 @@ def gated_delta_rule_triton(q, k, v, g, beta, initial_state=None, chunk_size=64,
     if l == 0:
         return _gdr_reference(q, k, v, g, beta, initial_state, chunk_size=chunk_size, scale=scale)
     scale = float(dk ** -0.5 if scale is None else scale)
-    return _gdr_fwd_op(q, k, v, g, beta, initial_state, int(chunk_size), scale)
+    o, final, *_ = _gdr_fwd_op(q, k, v, g, beta, initial_state, int(chunk_size), scale, bool(keep_states))
+    return o, final
