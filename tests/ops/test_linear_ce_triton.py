@@ -208,3 +208,20 @@ def test_a_backend_that_raises_fails_parity_not_the_run(monkeypatch):
     monkeypatch.setitem(L.BACKENDS, "chunked", broken)
     res = L.LinearCEPatch().parity(torch.device("cpu"), torch.float32, "chunked")
     assert not res.passed and res.detail == "RuntimeError: triton: cannot compile"
+
+
+@cuda_only
+@pytest.mark.gpu
+def test_cuda_upstream_scale_is_applied_in_float32(gen):
+    """The trainer scales the loss by lm_scale / accum: that factor reaches
+    d_hidden in float32, not rounded to the GEMMs' bf16."""
+    from megacpp.ops.linear_ce.triton_linear_ce import linear_cross_entropy_triton
+    hidden, weight, target = make(gen, 600, 64, 1000, "cuda", torch.float32)
+    grads = []
+    for scale in (1.0, 1.0 / 3.0):
+        h = hidden.detach().clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = linear_cross_entropy_triton(h, weight.detach(), target, reduction="sum", chunk_size=256)
+        (loss * scale).backward()
+        grads.append(h.grad)
+    assert torch.equal(grads[1], grads[0] * (1.0 / 3.0))

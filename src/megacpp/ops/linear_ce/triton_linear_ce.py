@@ -174,7 +174,8 @@ class _LinearCrossEntropyTriton(torch.autograd.Function):
     def backward(ctx, grad_out):
         d_hidden, d_weight = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
-        dh = (d_hidden * grad_out.to(d_hidden.dtype)).to(h_dtype) if d_hidden is not None else None
+        # the upstream scale in float32 (the trainer's lm_scale / accum would round in bf16)
+        dh = (d_hidden.float() * grad_out.float()).to(h_dtype) if d_hidden is not None else None
         dw = (d_weight * grad_out.to(torch.float32)).to(w_dtype) if d_weight is not None else None
         return dh, dw, None, None, None, None, None, None
 
