@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Fourteenth session (BENCHMARKS.md "Not yet measured"), on a 2x H200 host; carry .whl and
 # .gpudata/cpp-125m. `bash benchmarks/gpu_call_14.sh a` first (the MoE weight-gradient
-# split beside scope "model"), then `... b` (nam-1b at its recipe's step beside inductor's
-# kernel tuning); then, on one H200 alone, `... c` (the all-M pair: its peer is host-bound);
-# `... d` (the SSD's chunk size, 64 and 256 against the preset's 128) where time is left.
+# split beside scope "model" and the delta rule's kept intermediates), then `... b`
+# (nam-1b at its recipe's step beside the SSD's chunk size); then, on one H200 alone,
+# `... c` (the all-M pair: its peer is host-bound); `... d` (inductor's kernel tuning,
+# long compiles) where time is left.
 source benchmarks/gpu_session.sh
 case "${1:-a}" in
   a) JOBS="moe_wgrad_14 scope_14"; GPUS="" ;;
-  b) JOBS="nam1b_14 tune_kernels_14"; GPUS="" ;;
+  b) JOBS="nam1b_14 chunk_14"; GPUS="" ;;
   c) JOBS="peer_mamba_final"; GPUS="--gpus 1" ;;
-  d) JOBS="chunk_14"; GPUS="" ;;
+  d) JOBS="tune_kernels_14"; GPUS="" ;;
   *) echo "usage: gpu_call_14.sh a|b|c|d" >&2; exit 2 ;;
 esac
 python3 benchmarks/gpu_pool.py benchmarks/gpu_jobs.txt --deadline 570 $GPUS --out $OUT/jobs.tar.gz --only $JOBS
