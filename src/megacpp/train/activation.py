@@ -41,20 +41,23 @@ def apply_activation_checkpointing(model: torch.nn.Module, letters: str, policy:
     return applied
 
 
+def _keep_or_recompute(model: torch.nn.Module, kind: type, attr: str, mode: str, field: str) -> int:
+    """Set `attr` (keep the kernel's intermediates for the backward) on every
+    `kind` module from policy.kernels.<field>; returns how many it set."""
+    if mode not in ("recompute", "keep"):
+        raise ValueError(f"policy.kernels.{field} = {mode!r}: 'recompute' or 'keep'")
+    mixers = [m for m in model.modules() if isinstance(m, kind)]
+    for m in mixers:
+        setattr(m, attr, mode == "keep")
+    return len(mixers)
+
+
 def apply_delta_states(model: torch.nn.Module, mode: str) -> int:
     """policy.kernels.delta_states onto every Gated DeltaNet mixer: "keep" the
     Triton delta rule's intermediates for the backward, or "recompute" them.
     Returns how many mixers it set (0 for a model without R layers)."""
     from ..model.recurrent import GatedDeltaNet
-
-    if mode not in ("recompute", "keep"):
-        raise ValueError(f"policy.kernels.delta_states = {mode!r}: 'recompute' or 'keep'")
-    n = 0
-    for m in model.modules():
-        if isinstance(m, GatedDeltaNet):
-            m.keep_delta_states = mode == "keep"
-            n += 1
-    return n
+    return _keep_or_recompute(model, GatedDeltaNet, "keep_delta_states", mode, "delta_states")
 
 
 def apply_ssd_states(model: torch.nn.Module, mode: str) -> int:
@@ -62,12 +65,4 @@ def apply_ssd_states(model: torch.nn.Module, mode: str) -> int:
     scan's chunk states for the backward, or "recompute" them there. Returns
     how many mixers it set (0 for a model without Mamba layers)."""
     from ..model.mamba import _MambaBase
-
-    if mode not in ("recompute", "keep"):
-        raise ValueError(f"policy.kernels.ssd_states = {mode!r}: 'recompute' or 'keep'")
-    n = 0
-    for m in model.modules():
-        if isinstance(m, _MambaBase):
-            m.keep_ssd_states = mode == "keep"
-            n += 1
-    return n
+    return _keep_or_recompute(model, _MambaBase, "keep_ssd_states", mode, "ssd_states")
