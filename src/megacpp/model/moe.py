@@ -199,7 +199,7 @@ def sort_keys(expert: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 def wgrad_splits() -> int:
     """MEGACPP_MOE_WGRAD_SPLITS (default 1): how many parts each expert's rows
-    are cut into for the experts' weight gradient (see grouped_mm_split_wgrad)."""
+    are cut into for the experts' weight gradient (see _GroupedMMSplitWgrad)."""
     v = os.environ.get("MEGACPP_MOE_WGRAD_SPLITS", "1").strip()
     if not v.isdigit() or not 1 <= int(v) <= 16:
         raise ValueError(f"MEGACPP_MOE_WGRAD_SPLITS={v!r}: expected an integer from 1 to 16")
