@@ -225,3 +225,20 @@ def test_cuda_upstream_scale_is_applied_in_float32(gen):
         (loss * scale).backward()
         grads.append(h.grad)
     assert torch.equal(grads[1], grads[0] * (1.0 / 3.0))
+
+
+def test_run_record_names_the_d_weight_path(monkeypatch):
+    """run.json / the bench record how the Triton head accumulated d_weight,
+    once it ran; nothing for another backend."""
+    import sys
+    import types
+
+    from megacpp.train.trainer import linear_ce_dw_path
+    model = types.SimpleNamespace(lm_loss_backend="chunked")
+    assert linear_ce_dw_path(model) is None
+    fake = types.ModuleType("megacpp.ops.linear_ce.triton_linear_ce")
+    fake.DW_PATH = "addmm out_dtype"
+    monkeypatch.setitem(sys.modules, "megacpp.ops.linear_ce.triton_linear_ce", fake)
+    assert linear_ce_dw_path(model) is None
+    model.lm_loss_backend = "triton"
+    assert linear_ce_dw_path(model) == "addmm out_dtype"

@@ -66,6 +66,7 @@ class BenchResult:
     gated_norm_backend: str = ""
     fused_projections: bool = False  # model.projections.fusion_enabled(): off unless asked
     moe_wgrad_splits: int = 1        # model.moe.wgrad_splits(): MEGACPP_MOE_WGRAD_SPLITS
+    linear_ce_dw_path: str | None = None  # the Triton head's d_weight accumulation, once it ran
     # torch.profiler on CUDA (kernels=True): the whole step, and per family
     # {"layers": n, "per_layer": KernelProfile} of one layer's isolated fwd + bwd
     step_profile: dict = field(default_factory=dict)
@@ -174,7 +175,8 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
     from ..patches.registry import install_patches
     from ..model.moe import wgrad_splits
     from ..model.projections import fusion_enabled
-    from .trainer import _attention_backend, _delta_rule_backend, gated_norm_record, lm_loss, split_aux
+    from .trainer import (_attention_backend, _delta_rule_backend, gated_norm_record, linear_ce_dw_path, lm_loss,
+                          split_aux)
 
     dev = pick_device(device)
     pol, spec = recipe.policy, recipe.model
@@ -277,6 +279,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
         delta_rule_backend=_delta_text(_delta_rule_backend(model, dev, precision.dtype)),
         gated_norm_backend=_gated_norm_text(gated_norm_record(model, dev, precision.dtype)),
         fused_projections=fusion_enabled(), moe_wgrad_splits=wgrad_splits(),
+        linear_ce_dw_path=linear_ce_dw_path(model),
         step_profile=step_prof.to_dict() if step_prof is not None else {}, family_profile=fam_prof,
         gemm_profile=gemms or [])
 
@@ -315,6 +318,7 @@ def bench_text(r: BenchResult) -> str:
              f"  peak memory {r.peak_memory_gib:.2f} GiB; {r.flops_per_token / 1e9:.3f} GFLOP/token; "
              f"params {r.total_params / 1e6:.1f}M total, {r.active_params / 1e6:.1f}M active",
              "  patches: " + ", ".join(f"{p['name']}={p['backend'] or 'off'}" for p in r.patches)
+             + (f" (d_weight: {r.linear_ce_dw_path})" if r.linear_ce_dw_path else "")
              + f"; SSD scan: {r.ssd_backend or '?'}; causal conv: {r.conv_backend or '?'}"
              + f"; delta rule: {r.delta_rule_backend or '-'}; gated norm: {r.gated_norm_backend or '-'}"
              + f"; fused projections: {'on' if r.fused_projections else 'off'}"

@@ -365,6 +365,7 @@ class Trainer:
             "fused_projections": _kernel_choice("fused projections", fusion_enabled),
             # each expert's rows cut into this many parts for the experts' weight gradient
             "moe_wgrad_splits": _kernel_choice("MoE weight-gradient splits", wgrad_splits),
+            "linear_ce_dw_path": linear_ce_dw_path(self.model),
             "compile": {**self.compile_info, **compile_stats()},
             "activation_checkpointing": {"policy": dict(pol.activation_checkpointing),
                                          "applied_layers": len(self.ac_applied)},
@@ -826,6 +827,16 @@ def _delta_rule_backend(model, device, dtype) -> dict:
             rec["intermediates"] = "keep" if m.keep_delta_states else "recompute"
         return rec
     return _kernel_choice("gated delta rule", choice)
+
+
+def linear_ce_dw_path(model) -> str | None:
+    """How the Triton head accumulated its weight gradient ("addmm out_dtype", ...),
+    once it has run; None for another backend or before its first call."""
+    import sys
+    mod = sys.modules.get("megacpp.ops.linear_ce.triton_linear_ce")
+    if getattr(model, "lm_loss_backend", None) != "triton" or mod is None:
+        return None
+    return mod.DW_PATH
 
 
 def _attention_backend(model, device) -> str:
