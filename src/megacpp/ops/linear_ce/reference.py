@@ -30,7 +30,9 @@ from .._common import compute_dtype
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def _check(hidden, weight, target, reduction, chunk_size, ignore_index):
+def _check(hidden, weight, target, reduction, chunk_size, ignore_index, values=True):
+    """Shapes, dtypes, reduction, chunk size; with `values`, the targets against
+    the vocab (a host sync: the Triton op skips it)."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
             f"hidden must be (tokens, d) and weight (vocab, d), got {tuple(hidden.shape)} and {tuple(weight.shape)}"
@@ -43,6 +45,8 @@ def _check(hidden, weight, target, reduction, chunk_size, ignore_index):
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if not values:
+        return
     live = target[target != ignore_index]
     if live.numel() and (live.min() < 0 or live.max() >= weight.shape[0]):
         raise ValueError(f"target values must lie in [0, {weight.shape[0]}) or equal ignore_index")

@@ -28,7 +28,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from .._triton_util import device_ctx
-from .reference import linear_cross_entropy
+from .reference import _check, linear_cross_entropy
 
 HALF = (torch.bfloat16, torch.float16)
 
@@ -123,18 +123,6 @@ def _accumulate_dw(d_weight: torch.Tensor, grad: torch.Tensor, h: torch.Tensor) 
         raise RuntimeError("linear_ce triton: no d_weight accumulation path ran")
 
 
-def _check_shapes(hidden, weight, target, reduction, chunk_size):
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden must be (tokens, d) and weight (vocab, d), got "
-                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
-    if target.shape != hidden.shape[:1] or target.dtype != torch.long:
-        raise ValueError(f"target must be int64 ({hidden.shape[0]},), got {target.dtype} {tuple(target.shape)}")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-
-
 class _LinearCrossEntropyTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, ignore_index, reduction, chunk_size, dt, grads):
@@ -188,7 +176,7 @@ def linear_cross_entropy_triton(hidden, weight, target, ignore_index=-100, reduc
     does not check target values against the vocab (that needs a host sync
     per call); the loader's tokens are checked against the tokenizer's vocab.
     """
-    _check_shapes(hidden, weight, target, reduction, chunk_size)
+    _check(hidden, weight, target, reduction, chunk_size, ignore_index, values=False)
     if reduction == "none":
         return linear_cross_entropy(hidden, weight, target, ignore_index, reduction, chunk_size)
     dt = operand_dtype(hidden, weight)
