@@ -11,7 +11,8 @@ case "${1:-a}" in
   b) JOBS="nam1b_14 chunk_14"; GPUS="" ;;
   c) JOBS="peer_mamba_final"; GPUS="--gpus 1" ;;
   d) JOBS="tune_kernels_14"; GPUS="" ;;
-  *) echo "usage: gpu_call_14.sh a|b|c|d" >&2; exit 2 ;;
+  e) JOBS="combo_14 nam1b_combo_14"; GPUS="" ;;
+  *) echo "usage: gpu_call_14.sh a|b|c|d|e" >&2; exit 2 ;;
 esac
 python3 benchmarks/gpu_pool.py benchmarks/gpu_jobs.txt --deadline 570 $GPUS --out $OUT/jobs.tar.gz --only $JOBS
 for f in /tmp/gpu-jobs/*.json; do python3 benchmarks/show_bench.py $f 2>/dev/null | sed -n 1,3p; done
