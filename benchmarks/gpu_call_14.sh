@@ -12,8 +12,9 @@ case "${1:-a}" in
   c) JOBS="peer_mamba_final"; GPUS="--gpus 1" ;;
   d) JOBS="tune_kernels_14"; GPUS="" ;;
   e) JOBS="combo_14 nam1b_combo_14"; GPUS="" ;;
-  *) echo "usage: gpu_call_14.sh a|b|c|d|e" >&2; exit 2 ;;
+  f) JOBS="peer_mamba_final confirm_125m_14 nam1b_preset_14"; GPUS="--gpus 1" ;;
+  *) echo "usage: gpu_call_14.sh a|b|c|d|e|f" >&2; exit 2 ;;
 esac
 python3 benchmarks/gpu_pool.py benchmarks/gpu_jobs.txt --deadline 570 $GPUS --out $OUT/jobs.tar.gz --only $JOBS
 for f in /tmp/gpu-jobs/*.json; do python3 benchmarks/show_bench.py $f 2>/dev/null | sed -n 1,3p; done
-tail -12 /tmp/gpu-jobs/moe_wgrad_14.log 2>/dev/null; cat /tmp/gpu-jobs/tune_time.txt 2>/dev/null
+tail -12 /tmp/gpu-jobs/moe_wgrad_14.log 2>/dev/null; tail -4 /tmp/gpu-jobs/peer_mamba_final.log 2>/dev/null; cat /tmp/gpu-jobs/tune_time.txt 2>/dev/null

@@ -95,6 +95,28 @@ def test_compile_mode_auto_resolves_by_device_and_sharding():
         assert resolve_mode(m, cuda, "fsdp2") == m
 
 
+def test_compile_scope_auto_resolves_by_device_and_sharding():
+    """scope "auto": one graph for the model on one CUDA device, a graph per
+    layer under DDP/FSDP2 and off CUDA; "block" and "model" are themselves.
+    apply_compile compiles what it resolved and names the request."""
+    import torch
+
+    from megacpp.recipe.policy import CompileSpec
+    from megacpp.train.compile import apply_compile, resolve_scope
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_scope("auto", cuda, "none") == "model"
+    assert resolve_scope("auto", cuda, "ddp") == resolve_scope("auto", cuda, "fsdp2") == "block"
+    assert resolve_scope("auto", cpu, "none") == resolve_scope("auto", None) == "block"
+    for s in ("block", "model"):
+        assert resolve_scope(s, cuda, "fsdp2") == resolve_scope(s, cpu) == s
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+    info = apply_compile(model, CompileSpec(mode="default", scope="auto"), cpu)
+    assert info["scope"] == "block" and info["targets"] == 2 and info["requested_scope"] == "auto"
+    info = apply_compile(model, CompileSpec(mode="default", scope="block"), cpu)
+    assert "requested_scope" not in info
+
+
 def test_compile_tune_kernels_sets_inductor_and_is_recorded():
     """policy.compile.tune_kernels turns on inductor's coordinate-descent tuning
     before compiling and says so in the compile record; off, nothing is touched;

@@ -51,7 +51,7 @@ class CompileSpec:
     # none | default | reduce-overhead | max-autotune | auto (reduce-overhead on one
     # CUDA device, default under DDP/FSDP2 or off CUDA; run.json records what ran)
     mode: str = "none"
-    scope: str = "block"             # block (each layer) | model
+    scope: str = "block"             # block (each layer) | model | auto (model on one GPU)
     fullgraph: bool = False
     # inductor's coordinate-descent tuning of the launches of its own Triton
     # kernels (torch._inductor.config.coordinate_descent_tuning): each fused

@@ -28,7 +28,7 @@ IMPLEMENTED = {
     "precision.low_precision": {"none", "fp8_rowwise", "fp8_tensorwise", "nvfp4_emulated"},
     "precision.fp32_matmul": {"tf32", "ieee"},
     "compile.mode": {"none", "default", "reduce-overhead", "max-autotune", "auto"},
-    "compile.scope": {"block", "model"},
+    "compile.scope": {"block", "model", "auto"},
     "kernels.ssd_states": {"recompute", "keep"},
     "kernels.delta_states": {"recompute", "keep"},
     "parallel.sharding": {"none", "ddp", "fsdp2"},

@@ -17,6 +17,17 @@ def resolve_mode(mode: str, device: torch.device | None, sharding: str = "none")
     return "reduce-overhead" if on_cuda and sharding == "none" else "default"
 
 
+def resolve_scope(scope: str, device: torch.device | None, sharding: str = "none") -> str:
+    """policy.compile.scope as it runs: "auto" is one graph for the whole model
+    ("model") on one CUDA device and a graph per layer ("block") under DDP/FSDP2
+    (their hooks run between layers; a whole-model graph there is not measured
+    here) or off CUDA. "block" and "model" are themselves."""
+    if scope != "auto":
+        return scope
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    return "model" if on_cuda and sharding == "none" else "block"
+
+
 # compile modes whose calls replay CUDA graphs (inductor's cudagraph trees)
 GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
@@ -60,6 +71,9 @@ def apply_compile(model: torch.nn.Module, spec, device: torch.device | None = No
     the requested one where "auto" chose), the scope and how many targets."""
     mode = resolve_mode(spec.mode, device, sharding)
     asked = {"requested": spec.mode} if spec.mode != mode else {}
+    scope = resolve_scope(spec.scope, device, sharding)
+    if scope != spec.scope:
+        asked["requested_scope"] = spec.scope
     if mode == "none":
         return {"mode": "none", "targets": 0}
     if spec.tune_kernels:
@@ -71,7 +85,7 @@ def apply_compile(model: torch.nn.Module, spec, device: torch.device | None = No
     kwargs = {"fullgraph": spec.fullgraph}
     if mode != "default":
         kwargs["mode"] = mode
-    if spec.scope == "model":
+    if scope == "model":
         # a HybridLM compiles all of its forward but FlexAttention's block mask
         # (see HybridLM.compile_body); any other module as a whole
         if hasattr(model, "compile_body"):
