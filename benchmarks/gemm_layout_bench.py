@@ -1,0 +1,156 @@
+"""Two GEMM layouts the profiles point at, timed on the GPU before the model changes.
+
+1. The experts' grouped GEMM with its weight stored (E, K, N) (the model's
+   layout: N contiguous, so the forward's B operand is MN-major) against
+   (E, N, K) handed in as a transposed view (K-major, as nn.Linear's weight
+   is). In nam-1b's profile (fourteenth session) the forward grouped GEMMs ran
+   at 481-501 TFLOP/s while the input-gradient ones, whose B operand is the
+   transposed (K-major) weight, ran at 611-686.
+2. A dense projection whose output width is not a multiple of the GEMM tiles
+   (the Mamba-2 in_proj: nam-1b 2048 -> 8512 at 557 TFLOP/s, nam-125m
+   768 -> 3352), against its weight padded with zero rows to a multiple of
+   128 and of 256, the output sliced back (the slice's copy in the backward
+   is timed with it).
+
+Each variant: forward alone and forward + backward (autograd, as the model
+runs them), CUDA events, bf16; outputs and gradients checked against the
+first variant of its group (the same math: they must agree to bf16 rounding).
+
+    python benchmarks/gemm_layout_bench.py [--json OUT] [--iters 20]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from kernel_check_util import cuda_time
+
+GROUPED = {  # name: (rows, experts, d_in, d_out)
+    "nam-125m w_in": (65536, 8, 768, 1536),
+    "nam-125m w_out": (65536, 8, 768, 768),
+    "nam-1b w_in": (65536, 8, 2048, 2816),
+    "nam-1b w_out": (65536, 8, 1408, 2048),
+}
+DENSE = {  # name: (rows, d_in, d_out)
+    "nam-125m in_proj": (32768, 768, 3352),
+    "nam-1b in_proj": (32768, 2048, 8512),
+}
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def grouped_rows(gen, iters: int) -> list[dict]:
+    out = []
+    for name, (rows, E, k, n) in GROUPED.items():
+        share = torch.rand(E, device="cuda", generator=gen) * 0.4 + 0.8
+        counts = (share / share.sum() * rows).floor().to(torch.int32)
+        counts[-1] += rows - counts.sum()
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        x0 = torch.randn(rows, k, device="cuda", generator=gen).bfloat16()
+        w_kn = (torch.randn(E, k, n, device="cuda", generator=gen) * k ** -0.5).bfloat16()
+        g = torch.randn(rows, n, device="cuda", generator=gen).bfloat16()
+        ref = None
+        # (E, K, N) as stored; (E, N, K) stored and handed in transposed
+        for layout, stored in (("E,K,N", w_kn), ("E,N,K (transposed view)", w_kn.transpose(1, 2).contiguous())):
+            x = x0.clone().requires_grad_()
+            w = stored.clone().requires_grad_()
+
+            def operand():
+                return w if layout == "E,K,N" else w.transpose(1, 2)
+
+            def fwd():
+                with torch.no_grad():
+                    torch._grouped_mm(x, operand(), offs=offs)
+
+            def step():
+                x.grad = w.grad = None
+                torch._grouped_mm(x, operand(), offs=offs).backward(g)
+
+            ms_f, ms_fb = cuda_time(fwd, iters), cuda_time(step, iters)
+            step()
+            y = torch._grouped_mm(x.detach(), operand().detach(), offs=offs)
+            dw = w.grad if layout == "E,K,N" else w.grad.transpose(1, 2)
+            got = (y, x.grad, dw)
+            if ref is None:
+                ref = got
+            out.append({"group": name, "variant": layout, "fwd_ms": ms_f, "fwd_bwd_ms": ms_fb,
+                        "fwd_tflops": 2 * rows * k * n / ms_f / 1e9,
+                        "fwd_bwd_tflops": 6 * rows * k * n / ms_fb / 1e9,
+                        "rel_err": max(_rel(a, b) for a, b in zip(got, ref))})
+    return out
+
+
+def dense_rows(gen, iters: int) -> list[dict]:
+    out = []
+    for name, (rows, k, n) in DENSE.items():
+        x0 = torch.randn(rows, k, device="cuda", generator=gen).bfloat16()
+        w0 = (torch.randn(n, k, device="cuda", generator=gen) * k ** -0.5).bfloat16()
+        g = torch.randn(rows, n, device="cuda", generator=gen).bfloat16()
+        ref = None
+        for pad in (None, 128, 256):
+            width = n if pad is None else _round_up(n, pad)
+            x = x0.clone().requires_grad_()
+            w = torch.cat([w0, w0.new_zeros(width - n, k)]).requires_grad_()
+
+            def fwd():
+                with torch.no_grad():
+                    F.linear(x, w)[:, :n]
+
+            def step():
+                x.grad = w.grad = None
+                F.linear(x, w)[:, :n].backward(g)
+
+            ms_f, ms_fb = cuda_time(fwd, iters), cuda_time(step, iters)
+            step()
+            got = (F.linear(x.detach(), w.detach())[:, :n], x.grad, w.grad[:n])
+            if ref is None:
+                ref = got
+            out.append({"group": name, "variant": f"N {width}" + ("" if pad is None else f" (zero rows to x{pad})"),
+                        "fwd_ms": ms_f, "fwd_bwd_ms": ms_fb,
+                        "fwd_tflops": 2 * rows * k * n / ms_f / 1e9,
+                        "fwd_bwd_tflops": 6 * rows * k * n / ms_fb / 1e9,
+                        "rel_err": max(_rel(a, b) for a, b in zip(got, ref))})
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gemm_layout_bench: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = grouped_rows(gen, args.iters) + dense_rows(gen, args.iters)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; bf16, useful FLOPs only")
+    print(f"{'GEMM':18s} {'variant':28s} {'fwd ms':>8s} {'TFLOP/s':>8s} {'f+b ms':>8s} {'TFLOP/s':>8s} {'rel err':>9s}")
+    bad = []
+    for r in rows:
+        print(f"{r['group']:18s} {r['variant']:28s} {r['fwd_ms']:8.3f} {r['fwd_tflops']:8.0f} "
+              f"{r['fwd_bwd_ms']:8.3f} {r['fwd_bwd_tflops']:8.0f} {r['rel_err']:9.2e}")
+        if not r["rel_err"] < 1e-2:
+            bad.append(f"{r['group']} {r['variant']}: rel err {r['rel_err']:.2e}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    if bad:
+        print("gemm_layout_bench: variants disagree with the first of their group:\n  " + "\n  ".join(bad),
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
