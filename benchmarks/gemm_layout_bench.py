@@ -3,7 +3,7 @@
 1. The experts' grouped GEMM with its weight stored (E, K, N) (the model's
    layout: N contiguous, so the forward's B operand is MN-major) against
    (E, N, K) handed in as a transposed view (K-major, as nn.Linear's weight
-   is). In nam-1b's profile (fourteenth session) the forward grouped GEMMs ran
+   is), and against (E, K, N) whose forward alone runs on a K-major copy. In nam-1b's profile (fourteenth session) the forward grouped GEMMs ran
    at 481-501 TFLOP/s while the input-gradient ones, whose B operand is the
    transposed (K-major) weight, ran at 611-686.
 2. A dense projection whose output width is not a multiple of the GEMM tiles
@@ -50,6 +50,27 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+class _KMajorForward(torch.autograd.Function):
+    """_grouped_mm(x, w) with w stored (E, K, N) whose forward runs on a K-major
+    copy of w (one transposing copy, E*K*N elements) and whose backward is
+    torch's own: the input gradient on w transposed (K-major already), the
+    weight gradient as autograd computes it. The third variant: what the
+    model would run if the K-major forward wins and the backward should not
+    lose."""
+
+    @staticmethod
+    def forward(ctx, x, w, offs):
+        ctx.save_for_backward(x, w, offs)
+        return torch._grouped_mm(x, w.transpose(1, 2).contiguous().transpose(1, 2), offs=offs)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, offs = ctx.saved_tensors
+        g = g.contiguous()
+        return (torch._grouped_mm(g, w.transpose(1, 2), offs=offs),
+                torch._grouped_mm(x.t(), g, offs=offs), None)
+
+
 def grouped_rows(gen, iters: int) -> list[dict]:
     out = []
     for name, (rows, E, k, n) in GROUPED.items():
@@ -62,25 +83,32 @@ def grouped_rows(gen, iters: int) -> list[dict]:
         g = torch.randn(rows, n, device="cuda", generator=gen).bfloat16()
         ref = None
         # (E, K, N) as stored; (E, N, K) stored and handed in transposed
-        for layout, stored in (("E,K,N", w_kn), ("E,N,K (transposed view)", w_kn.transpose(1, 2).contiguous())):
+        # (E, K, N) as stored; (E, N, K) stored and handed in transposed; (E, K, N)
+        # stored with a K-major copy for the forward only
+        variants = (("E,K,N", w_kn), ("E,N,K (transposed view)", w_kn.transpose(1, 2).contiguous()),
+                    ("E,K,N, K-major fwd copy", w_kn))
+        for layout, stored in variants:
             x = x0.clone().requires_grad_()
             w = stored.clone().requires_grad_()
+            nk = layout.startswith("E,N,K")
 
-            def operand():
-                return w if layout == "E,K,N" else w.transpose(1, 2)
+            def call(a, b):
+                if layout.endswith("copy"):
+                    return _KMajorForward.apply(a, b, offs)
+                return torch._grouped_mm(a, b.transpose(1, 2) if nk else b, offs=offs)
 
             def fwd():
                 with torch.no_grad():
-                    torch._grouped_mm(x, operand(), offs=offs)
+                    call(x, w)
 
             def step():
                 x.grad = w.grad = None
-                torch._grouped_mm(x, operand(), offs=offs).backward(g)
+                call(x, w).backward(g)
 
             ms_f, ms_fb = cuda_time(fwd, iters), cuda_time(step, iters)
             step()
-            y = torch._grouped_mm(x.detach(), operand().detach(), offs=offs)
-            dw = w.grad if layout == "E,K,N" else w.grad.transpose(1, 2)
+            y = call(x.detach(), w.detach())
+            dw = w.grad.transpose(1, 2) if nk else w.grad
             got = (y, x.grad, dw)
             if ref is None:
                 ref = got
