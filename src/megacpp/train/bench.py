@@ -66,6 +66,7 @@ class BenchResult:
     gated_norm_backend: str = ""
     fused_projections: bool = False  # model.projections.fusion_enabled(): off unless asked
     moe_wgrad_splits: int = 1        # model.moe.wgrad_splits(): MEGACPP_MOE_WGRAD_SPLITS
+    moe_fwd_layout: str = "stored"   # model.moe.fwd_layout(): MEGACPP_MOE_FWD_LAYOUT
     linear_ce_dw_path: str | None = None  # the Triton head's d_weight accumulation, once it ran
     # torch.profiler on CUDA (kernels=True): the whole step, and per family
     # {"layers": n, "per_layer": KernelProfile} of one layer's isolated fwd + bwd
@@ -173,7 +174,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
     every micro-batch."""
     import megacpp
     from ..patches.registry import install_patches
-    from ..model.moe import wgrad_splits
+    from ..model.moe import fwd_layout, wgrad_splits
     from ..model.projections import fusion_enabled
     from .trainer import (_attention_backend, _delta_rule_backend, gated_norm_record, linear_ce_dw_path, lm_loss,
                           split_aux)
@@ -278,7 +279,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
         attention_backend=_attention_backend(model, dev),
         delta_rule_backend=_delta_text(_delta_rule_backend(model, dev, precision.dtype)),
         gated_norm_backend=_gated_norm_text(gated_norm_record(model, dev, precision.dtype)),
-        fused_projections=fusion_enabled(), moe_wgrad_splits=wgrad_splits(),
+        fused_projections=fusion_enabled(), moe_wgrad_splits=wgrad_splits(), moe_fwd_layout=fwd_layout(),
         linear_ce_dw_path=linear_ce_dw_path(model),
         step_profile=step_prof.to_dict() if step_prof is not None else {}, family_profile=fam_prof,
         gemm_profile=gemms or [])
@@ -323,6 +324,7 @@ def bench_text(r: BenchResult) -> str:
              + f"; delta rule: {r.delta_rule_backend or '-'}; gated norm: {r.gated_norm_backend or '-'}"
              + f"; fused projections: {'on' if r.fused_projections else 'off'}"
              + (f"; MoE wgrad splits: {r.moe_wgrad_splits}" if r.moe_wgrad_splits != 1 else "")
+             + (f"; MoE forward weights: {r.moe_fwd_layout}" if r.moe_fwd_layout != "stored" else "")
              + f"; packed attention: {r.attention_backend or '?'}; data: {r.data}"]
     if r.family_note:
         lines.append(f"  per family: {r.family_note}")
