@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from megacpp.model.moe import (MoE, capacity, gather_slots, grouped_mm, grouped_mm_available, inverse_permutation,
-                               sort_keys, split_offsets, wgrad_splits, fwd_layout,
+                               sort_keys, split_offsets, wgrad_splits, fwd_layout, top_rows,
                                moe_reference, permute_rows)
 
 from model_testutil import make_spec
@@ -473,3 +473,20 @@ def test_kmajor_forward_cuda_bf16_matches_float32_products(seed):
             assert err < 1e-2, f"expert {e}: {err:.2e}"
         start += c
     torch.testing.assert_close(y2.float(), y1.float(), atol=3e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
+def test_top_rows_equals_topk_and_breaks_ties_low(k, seed):
+    """top_rows picks what torch.topk picks, in its order, on rows without
+    ties (fresh random scores, float32 and bf16); with ties, the lower index
+    first (k <= ARGMAX_TOPK; above it torch.topk itself runs)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        # each row a random order of eight distinct values (exact in bf16: no ties)
+        sel = (torch.argsort(torch.rand(257, 8), dim=-1).float() / 8 + torch.rand(257, 1)).to(dtype)
+        assert (sel.sort(-1).values.diff(dim=-1) > 0).all()
+        torch.testing.assert_close(top_rows(sel, k), torch.topk(sel, k, dim=-1).indices, atol=0, rtol=0)
+    if k <= 4:
+        tied = torch.tensor([[0.5, 0.9, 0.9, 0.1, 0.9, 0.2, 0.3, 0.9]])
+        assert top_rows(tied, k).tolist() == [[1, 2, 4, 7][:k]]
+        compiled = torch.compile(lambda v: top_rows(v, k), backend="aot_eager", fullgraph=True)
+        assert torch.equal(compiled(tied), top_rows(tied, k))
