@@ -27,6 +27,7 @@ from ..recipe.pattern import FAMILY
 from .activation import apply_activation_checkpointing, apply_delta_states, apply_ssd_states
 from .compile import GRAPH_MODES, apply_compile, compile_stats, graph_step_begin, keep_grads_outside_graphs
 from .device import device_facts, peak_flops, pick_device
+from .gpu_clocks import ClockSampler, clocks_text
 from .kernel_profile import KernelProfile, gemm_text, profile_gemms, profile_kernels, profile_text
 from .optim import Optimizers
 from .precision import Precision
@@ -68,6 +69,7 @@ class BenchResult:
     moe_wgrad_splits: int = 1        # model.moe.wgrad_splits(): MEGACPP_MOE_WGRAD_SPLITS
     moe_fwd_layout: str = "stored"   # model.moe.fwd_layout(): MEGACPP_MOE_FWD_LAYOUT
     linear_ce_dw_path: str | None = None  # the Triton head's d_weight accumulation, once it ran
+    clocks: dict = field(default_factory=dict)  # gpu_clocks.ClockSampler over the timed steps
     # torch.profiler on CUDA (kernels=True): the whole step, and per family
     # {"layers": n, "per_layer": KernelProfile} of one layer's isolated fwd + bwd
     step_profile: dict = field(default_factory=dict)
@@ -238,13 +240,16 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
         precision.step(opt.optimizers)
         opt.zero_grad(set_to_none=not grads_in_place)
 
-    times = []
-    for i in range(warmup + steps):
-        _sync(dev)
-        t0 = time.perf_counter()
+    for _ in range(warmup):
         one_step()
-        _sync(dev)
-        if i >= warmup:
+    times = []
+    # the card's clocks and power while the timed steps run (MFU assumes its boost clock)
+    with ClockSampler(dev) as clocks:
+        for _ in range(steps):
+            _sync(dev)
+            t0 = time.perf_counter()
+            one_step()
+            _sync(dev)
             times.append((time.perf_counter() - t0) * 1e3)
     peak_mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0
     step_prof = profile_kernels(one_step, 2, dev, top=25) if kernels else None
@@ -281,6 +286,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
         gated_norm_backend=_gated_norm_text(gated_norm_record(model, dev, precision.dtype)),
         fused_projections=fusion_enabled(), moe_wgrad_splits=wgrad_splits(), moe_fwd_layout=fwd_layout(),
         linear_ce_dw_path=linear_ce_dw_path(model),
+        clocks=clocks.result,
         step_profile=step_prof.to_dict() if step_prof is not None else {}, family_profile=fam_prof,
         gemm_profile=gemms or [])
 
@@ -326,6 +332,8 @@ def bench_text(r: BenchResult) -> str:
              + (f"; MoE wgrad splits: {r.moe_wgrad_splits}" if r.moe_wgrad_splits != 1 else "")
              + (f"; MoE forward weights: {r.moe_fwd_layout}" if r.moe_fwd_layout != "stored" else "")
              + f"; packed attention: {r.attention_backend or '?'}; data: {r.data}"]
+    if r.clocks:
+        lines.append("  " + clocks_text(r.clocks))
     if r.family_note:
         lines.append(f"  per family: {r.family_note}")
     if r.family_ms:

@@ -1,0 +1,137 @@
+"""The GPU's SM clock, power and temperature while a benchmark runs.
+
+MFU is counted against the card's datasheet peak, which assumes its boost
+clock; a card held at its power limit runs its tensor cores slower (nam-1b's
+GEMMs ran at 56-64% of peak where nam-125m's same-shaped head GEMMs ran at
+73-83%, fourteenth session). The bench therefore records what the card did
+while it timed the steps: `nvidia-smi` sampled in the background (it ships
+with the driver; no Python binding needed), summarised as medians and
+minimums. Off CUDA, or without nvidia-smi, the record says why not.
+"""
+from __future__ import annotations
+
+import shutil
+import statistics
+import subprocess
+
+import torch
+
+FIELDS = ("clocks.sm", "clocks.max.sm", "power.draw", "power.limit", "temperature.gpu",
+          "clocks_throttle_reasons.active")
+# drivers that dropped the old name know the reasons as "clocks_event_reasons.active"
+REASON_FIELDS = ("clocks_throttle_reasons.active", "clocks_event_reasons.active")
+
+
+def _device_id(device: torch.device) -> str:
+    """The card as nvidia-smi names it: its UUID (CUDA_VISIBLE_DEVICES renumbers
+    the cards a process sees; the UUID does not)."""
+    uuid = str(getattr(torch.cuda.get_device_properties(device), "uuid", "") or "")
+    if uuid:
+        return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+    return str(device.index or 0)
+
+
+def parse_samples(lines: list[str]) -> list[dict]:
+    """nvidia-smi's csv rows (noheader, nounits, FIELDS order; the reasons
+    column may be missing) -> dicts; rows it could not fill ("[N/A]", short
+    rows) are skipped."""
+    out = []
+    for line in lines:
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == len(FIELDS) - 1:
+            parts.append("?")
+        if len(parts) != len(FIELDS):
+            continue
+        try:
+            sm, sm_max, power, limit, temp = (float(p) for p in parts[:5])
+        except ValueError:
+            continue
+        out.append({"sm_mhz": sm, "sm_max_mhz": sm_max, "power_w": power, "power_limit_w": limit,
+                    "temp_c": temp, "throttle": parts[5]})
+    return out
+
+
+def summarize(samples: list[dict]) -> dict:
+    """Medians and extremes of the samples; the throttle reasons nvidia-smi reported
+    (a bit mask: 0x4 software power cap, 0x20 software thermal, 0x40/0x80 hardware)."""
+    if not samples:
+        return {"available": False, "why": "no samples"}
+    sm = [s["sm_mhz"] for s in samples]
+    power = [s["power_w"] for s in samples]
+    reasons = sorted({s["throttle"] for s in samples})
+    return {"available": True, "samples": len(samples),
+            "sm_mhz_median": statistics.median(sm), "sm_mhz_min": min(sm),
+            "sm_max_mhz": samples[0]["sm_max_mhz"],
+            "sm_clock_share": statistics.median(sm) / samples[0]["sm_max_mhz"] if samples[0]["sm_max_mhz"] else None,
+            "power_w_median": statistics.median(power), "power_w_max": max(power),
+            "power_limit_w": samples[0]["power_limit_w"],
+            "temp_c_max": max(s["temp_c"] for s in samples), "throttle_reasons": reasons}
+
+
+class ClockSampler:
+    """with ClockSampler(device) as c: ...; then c.result (summarize's dict).
+    Samples every `period_ms` from a background nvidia-smi process."""
+
+    def __init__(self, device: torch.device, period_ms: int = 100, exe: str | None = None):
+        self.device, self.period_ms = device, period_ms
+        self.exe = exe or shutil.which("nvidia-smi")
+        self.proc = None
+        self.result: dict = {"available": False, "why": "not run"}
+
+    def __enter__(self):
+        if self.device.type != "cuda":
+            self.result = {"available": False, "why": "not a CUDA device"}
+        elif not self.exe:
+            self.result = {"available": False, "why": "nvidia-smi not found"}
+        else:
+            try:
+                dev_id = _device_id(self.device)
+                fields, error = self._fields(dev_id)
+                if fields is None:
+                    self.result = {"available": False, "why": f"nvidia-smi: {error}"}
+                    return self
+                cmd = [self.exe, "-i", dev_id, "--query-gpu=" + ",".join(fields),
+                       "--format=csv,noheader,nounits", f"--loop-ms={self.period_ms}"]
+                self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            except (OSError, subprocess.SubprocessError) as e:
+                self.result = {"available": False, "why": f"nvidia-smi did not start: {e}"}
+        return self
+
+    def _fields(self, dev_id: str) -> tuple[list[str] | None, str]:
+        """(FIELDS with the throttle-reasons column this driver knows, or without
+        it; ""), one quick query per choice; (None, its last error line) where
+        nvidia-smi answers none of them."""
+        core = list(FIELDS[:-1])
+        error = ""
+        for fields in [core + [r] for r in REASON_FIELDS] + [core]:
+            q = subprocess.run([self.exe, "-i", dev_id, "--query-gpu=" + ",".join(fields),
+                                "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=20)
+            if q.returncode == 0:
+                return fields, ""
+            error = ((q.stderr or q.stdout).strip().splitlines() or [f"exit status {q.returncode}"])[-1]
+        return None, error
+
+    def __exit__(self, *exc):
+        if self.proc is None:
+            return False
+        self.proc.terminate()
+        try:
+            out, err = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        self.result = summarize(parse_samples(out.splitlines()))
+        if not self.result["available"] and err.strip():
+            self.result["why"] = "nvidia-smi: " + err.strip().splitlines()[-1]
+        return False
+
+
+def clocks_text(rec: dict) -> str:
+    """One line for the bench text: "SM 1,650 MHz median (min 1,590) of 1,980, 0.83; 690 W of 700"."""
+    if not rec or not rec.get("available"):
+        return f"clocks: not sampled ({rec.get('why', '?') if rec else '?'})"
+    share = f", {rec['sm_clock_share']:.2f}" if rec.get("sm_clock_share") else ""
+    return (f"clocks while timed: SM {rec['sm_mhz_median']:,.0f} MHz median (min {rec['sm_mhz_min']:,.0f}) "
+            f"of {rec['sm_max_mhz']:,.0f}{share}; power {rec['power_w_median']:.0f} W median "
+            f"(max {rec['power_w_max']:.0f}) of {rec['power_limit_w']:.0f}; {rec['temp_c_max']:.0f} C max; "
+            f"throttle reasons {', '.join(rec['throttle_reasons'])}")

@@ -1,0 +1,93 @@
+"""The bench's clock sampler: nvidia-smi's rows parsed and summarised, the
+throttle-reasons column found under either of its names, and a clear record
+where nothing can be sampled (off CUDA, no nvidia-smi, nvidia-smi failing)."""
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from megacpp.train import gpu_clocks
+from megacpp.train.gpu_clocks import ClockSampler, clocks_text, parse_samples, summarize
+
+
+def test_parse_and_summarize_rows():
+    rows = ["1980, 1980, 410.5, 700.00, 41, 0x0000000000000000",
+            "1650, 1980, 699.8, 700.00, 55, 0x0000000000000004",
+            "1590, 1980, 700.2, 700.00, 57, 0x0000000000000004",
+            "[N/A], 1980, 700.0, 700.00, 57, 0x0",      # unfilled: skipped
+            "1700, 1980"]                                 # short: skipped
+    s = summarize(parse_samples(rows))
+    assert s["available"] and s["samples"] == 3
+    assert s["sm_mhz_median"] == 1650 and s["sm_mhz_min"] == 1590 and s["sm_max_mhz"] == 1980
+    assert s["sm_clock_share"] == pytest.approx(1650 / 1980)
+    assert s["power_w_median"] == pytest.approx(699.8) and s["power_w_max"] == pytest.approx(700.2)
+    assert s["temp_c_max"] == 57
+    assert s["throttle_reasons"] == ["0x0000000000000000", "0x0000000000000004"]
+    assert "SM 1,650 MHz median (min 1,590) of 1,980, 0.83" in clocks_text(s)
+    # rows without the reasons column (a driver that knows neither name)
+    s2 = summarize(parse_samples(["1500, 1980, 650, 700, 50"]))
+    assert s2["samples"] == 1 and s2["throttle_reasons"] == ["?"]
+    assert summarize([]) == {"available": False, "why": "no samples"}
+
+
+def test_not_sampled_off_cuda_or_without_nvidia_smi():
+    with ClockSampler(torch.device("cpu")) as c:
+        pass
+    assert c.result == {"available": False, "why": "not a CUDA device"}
+    assert clocks_text(c.result) == "clocks: not sampled (not a CUDA device)"
+    c = ClockSampler(torch.device("cuda", 0), exe=None)
+    c.exe = None  # as where shutil.which finds no nvidia-smi
+    with c:
+        pass
+    assert c.result == {"available": False, "why": "nvidia-smi not found"}
+
+
+def _fake_smi(tmp_path, body: str) -> str:
+    exe = tmp_path / "nvidia-smi"
+    exe.write_text(f"#!{sys.executable}\n" + textwrap.dedent(body))
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    return str(exe)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a fake executable script")
+def test_samples_a_fake_nvidia_smi_and_falls_back_to_the_new_reasons_name(tmp_path, monkeypatch):
+    """A driver that knows only "clocks_event_reasons.active": the probe finds it;
+    the looping query's rows are parsed after the sampler stops it."""
+    exe = _fake_smi(tmp_path, """
+        import sys, time
+        q = [a for a in sys.argv if a.startswith("--query-gpu=")][0]
+        if "clocks_throttle_reasons" in q:
+            print('Field "clocks_throttle_reasons.active" is not a valid field to query.', file=sys.stderr)
+            sys.exit(2)
+        if not any(a.startswith("--loop-ms=") for a in sys.argv):
+            print("1980, 1980, 100, 700, 30, 0x0"); sys.exit(0)
+        for i in range(1000):
+            print(f"{1600 + i % 3}, 1980, 690, 700, 60, 0x4", flush=True)
+            time.sleep(0.01)
+    """)
+    monkeypatch.setattr(gpu_clocks, "_device_id", lambda device: "GPU-fake")
+    import time
+    with ClockSampler(torch.device("cuda", 0), period_ms=10, exe=exe) as c:
+        time.sleep(0.5)
+    r = c.result
+    assert r["available"] and r["samples"] >= 3, r
+    assert 1600 <= r["sm_mhz_median"] <= 1602 and r["throttle_reasons"] == ["0x4"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a fake executable script")
+def test_a_failing_nvidia_smi_is_named(tmp_path, monkeypatch):
+    exe = _fake_smi(tmp_path, """
+        import sys
+        print("NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.", file=sys.stderr)
+        sys.exit(9)
+    """)
+    monkeypatch.setattr(gpu_clocks, "_device_id", lambda device: "GPU-fake")
+    with ClockSampler(torch.device("cuda", 0), exe=exe) as c:
+        pass
+    assert c.result["available"] is False
+    assert "couldn't communicate with the NVIDIA driver" in c.result["why"]
