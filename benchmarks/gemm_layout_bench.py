@@ -31,7 +31,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from kernel_check_util import cuda_time
+from kernel_check_util import cuda_time, expert_batch
 
 GROUPED = {  # name: (rows, experts, d_in, d_out)
     "nam-125m w_in": (65536, 8, 768, 1536),
@@ -78,13 +78,7 @@ class _KMajorForward(torch.autograd.Function):
 def grouped_rows(gen, iters: int) -> list[dict]:
     out = []
     for name, (rows, E, k, n) in GROUPED.items():
-        share = torch.rand(E, device="cuda", generator=gen) * 0.4 + 0.8
-        counts = (share / share.sum() * rows).floor().to(torch.int32)
-        counts[-1] += rows - counts.sum()
-        offs = torch.cumsum(counts, 0).to(torch.int32)
-        x0 = torch.randn(rows, k, device="cuda", generator=gen).bfloat16()
-        w_kn = (torch.randn(E, k, n, device="cuda", generator=gen) * k ** -0.5).bfloat16()
-        g = torch.randn(rows, n, device="cuda", generator=gen).bfloat16()
+        offs, x0, w_kn, g = expert_batch(gen, rows, E, k, n)
         ref = None
         # (E, K, N) as stored; (E, N, K) stored and handed in transposed
         # (E, K, N) as stored; (E, N, K) stored and handed in transposed; (E, K, N)
@@ -130,12 +124,7 @@ def wgrad_rows(gen, iters: int) -> list[dict]:
     (the copies timed with it). nam-125m's ran at 376-493 TFLOP/s."""
     out = []
     for name, (rows, E, k, n) in GROUPED.items():
-        share = torch.rand(E, device="cuda", generator=gen) * 0.4 + 0.8
-        counts = (share / share.sum() * rows).floor().to(torch.int32)
-        counts[-1] += rows - counts.sum()
-        offs = torch.cumsum(counts, 0).to(torch.int32)
-        x = torch.randn(rows, k, device="cuda", generator=gen).bfloat16()
-        g = torch.randn(rows, n, device="cuda", generator=gen).bfloat16()
+        offs, x, _, g = expert_batch(gen, rows, E, k, n)
         ref = None
         for variant in ("x^T g (as autograd)", "token-contiguous copies"):
             def dw():

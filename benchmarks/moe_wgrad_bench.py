@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from kernel_check_util import cuda_time
+from kernel_check_util import cuda_time, expert_batch
 from megacpp.model.moe import grouped_mm
 
 SHAPES = {  # name: (rows, experts, d_in, d_out) of each grouped GEMM of an expert FFN
@@ -40,13 +40,7 @@ def main(argv=None) -> int:
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows_out = []
     for name, (rows, E, k, n) in SHAPES.items():
-        share = torch.rand(E, device="cuda", generator=gen) * 0.4 + 0.8
-        counts = (share / share.sum() * rows).floor().to(torch.int32)
-        counts[-1] += rows - counts.sum()
-        offs = torch.cumsum(counts, 0).to(torch.int32)
-        x0 = torch.randn(rows, k, device="cuda", generator=gen).bfloat16()
-        w0 = (torch.randn(E, k, n, device="cuda", generator=gen) * k ** -0.5).bfloat16()
-        g = torch.randn(rows, n, device="cuda", generator=gen).bfloat16()
+        offs, x0, w0, g = expert_batch(gen, rows, E, k, n)
         ref = None
         for s in args.splits:
             x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
