@@ -37,6 +37,24 @@ def make_moe(cfg: dict, activation: str = "swiglu") -> MoE:
     return moe
 
 
+def _matches_reference(moe, x0, y_atol=2e-5, y_rtol=1e-5):
+    """The layer's output and every gradient (input and parameters) against
+    moe_reference's, the per-expert loop; returns the gradients."""
+    params = list(moe.parameters())
+    x1, x2 = x0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
+    y, _, _ = moe(x1)
+    y_ref = moe_reference(moe, x2)
+    torch.testing.assert_close(y, y_ref, atol=y_atol, rtol=y_rtol)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x1] + params, g, allow_unused=True)
+    grads_ref = torch.autograd.grad(y_ref, [x2] + params, g, allow_unused=True)
+    for (n, _), a, b in zip([("x", None)] + list(moe.named_parameters()), grads, grads_ref):
+        assert (a is None) == (b is None), n
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+    return grads
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_grouped_equals_reference(name, impl, seed):
@@ -45,19 +63,7 @@ def test_grouped_equals_reference(name, impl, seed):
         pytest.skip("torch._grouped_mm not available here")
     moe = make_moe(CONFIGS[name], activation="gelu" if name.startswith("gelu") else "swiglu")
     moe.impl = impl
-    params = [p for p in moe.parameters()]
-    x1 = x0.clone().requires_grad_(True)
-    x2 = x0.clone().requires_grad_(True)
-    y, stats, _ = moe(x1)
-    y_ref = moe_reference(moe, x2)
-    torch.testing.assert_close(y, y_ref, atol=2e-5, rtol=1e-5)
-    g = torch.randn_like(y)
-    grads = torch.autograd.grad(y, [x1] + params, g, allow_unused=True)
-    grads_ref = torch.autograd.grad(y_ref, [x2] + params, g, allow_unused=True)
-    for (n, _), a, b in zip([("x", None)] + list(moe.named_parameters()), grads, grads_ref):
-        assert (a is None) == (b is None), n
-        if a is not None:
-            torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+    grads = _matches_reference(moe, x0)
     # the router learns through the gates
     assert grads[1 + [n for n, _ in moe.named_parameters()].index("router.weight")].abs().sum() > 0
 
@@ -287,25 +293,31 @@ def test_split_offsets_cut_each_group_in_order(seed):
         assert (sizes.max(1).values - sizes.min(1).values <= 1).all()  # nearly equal parts
 
 
+def _grouped_case(dtype, counts):
+    """Five experts' rows (counts, one empty) of width 16 -> 32 on the CPU, or a skip."""
+    if not grouped_mm_available(torch.device("cpu"), dtype, 16, 32):
+        pytest.skip("torch._grouped_mm not available here")
+    counts = torch.tensor(counts, dtype=torch.int32)
+    rows = int(counts.sum())
+    return (counts, torch.cumsum(counts, 0).to(torch.int32), torch.randn(rows, 16).to(dtype),
+            torch.randn(len(counts), 16, 32).to(dtype), torch.randn(rows, 32).to(dtype))
+
+
+def _grouped_grads(x0, w0, offs, g, splits, kmajor):
+    """(y, dx, dw) of grouped_mm on fresh leaves."""
+    x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    y = grouped_mm(x, w, offs, splits, kmajor)
+    y.backward(g)
+    return y.detach(), x.grad, w.grad
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("splits", [2, 3])
 def test_split_wgrad_equals_torch_grouped_mm(dtype, splits, seed):
     """The split-K weight gradient equals autograd's of torch._grouped_mm (to
     the rounding of its partial sums in bf16); the input gradient exactly."""
-    if not grouped_mm_available(torch.device("cpu"), dtype, 16, 32):
-        pytest.skip("torch._grouped_mm not available here")
-    counts = torch.tensor([5, 0, 19, 1, 40], dtype=torch.int32)
-    offs = torch.cumsum(counts, 0).to(torch.int32)
-    x0 = torch.randn(int(counts.sum()), 16).to(dtype)
-    w0 = torch.randn(5, 16, 32).to(dtype)
-    g = torch.randn(int(counts.sum()), 32).to(dtype)
-    grads = []
-    for s in (1, splits):
-        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
-        y = grouped_mm(x, w, offs, s)
-        y.backward(g)
-        grads.append((y.detach(), x.grad, w.grad))
-    (y1, dx1, dw1), (y2, dx2, dw2) = grads
+    counts, offs, x0, w0, g = _grouped_case(dtype, [5, 0, 19, 1, 40])
+    (y1, dx1, dw1), (y2, dx2, dw2) = [_grouped_grads(x0, w0, offs, g, s, False) for s in (1, splits)]
     assert torch.equal(y1, y2) and torch.equal(dx1, dx2)
     ref = torch.zeros(5, 16, 32)
     start = 0
@@ -325,20 +337,8 @@ def test_kmajor_forward_equals_torch_grouped_mm(dtype, splits, seed):
     the rounding of another summation order (the operand's layout picks the
     kernel); the input gradient (the same call on the stored weight) exactly,
     and the weight gradient exactly when not split."""
-    if not grouped_mm_available(torch.device("cpu"), dtype, 16, 32):
-        pytest.skip("torch._grouped_mm not available here")
-    counts = torch.tensor([7, 0, 13, 2, 30], dtype=torch.int32)
-    offs = torch.cumsum(counts, 0).to(torch.int32)
-    x0 = torch.randn(int(counts.sum()), 16).to(dtype)
-    w0 = torch.randn(5, 16, 32).to(dtype)
-    g = torch.randn(int(counts.sum()), 32).to(dtype)
-    got = []
-    for kmajor in (False, True):
-        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
-        y = grouped_mm(x, w, offs, splits, kmajor)
-        y.backward(g)
-        got.append((y.detach(), x.grad, w.grad))
-    (y1, dx1, dw1), (y2, dx2, dw2) = got
+    counts, offs, x0, w0, g = _grouped_case(dtype, [7, 0, 13, 2, 30])
+    (y1, dx1, dw1), (y2, dx2, dw2) = [_grouped_grads(x0, w0, offs, g, splits, k) for k in (False, True)]
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
     torch.testing.assert_close(y2.float(), y1.float(), **tol)
     assert torch.equal(dx1, dx2)
@@ -375,17 +375,7 @@ def test_moe_with_kmajor_forward_equals_reference(seed, monkeypatch):
     monkeypatch.setenv("MEGACPP_MOE_FWD_LAYOUT", "kmajor")
     moe = make_moe({"top_k": 2})
     moe.impl = "grouped_mm"
-    params = list(moe.parameters())
-    x1, x2 = x0.clone().requires_grad_(), x0.clone().requires_grad_()
-    y, _, _ = moe(x1)
-    y_ref = moe_reference(moe, x2)
-    torch.testing.assert_close(y, y_ref, atol=5e-5, rtol=1e-4)
-    g = torch.randn_like(y)
-    grads = torch.autograd.grad(y, [x1] + params, g, allow_unused=True)
-    grads_ref = torch.autograd.grad(y_ref, [x2] + params, g, allow_unused=True)
-    for (n, _), a, b in zip([("x", None)] + list(moe.named_parameters()), grads, grads_ref):
-        if a is not None:
-            torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+    _matches_reference(moe, x0, y_atol=5e-5, y_rtol=1e-4)
 
 
 def test_moe_with_split_wgrad_equals_reference(seed, monkeypatch):
@@ -397,16 +387,7 @@ def test_moe_with_split_wgrad_equals_reference(seed, monkeypatch):
     assert wgrad_splits() == 3
     moe = make_moe({"top_k": 2})
     moe.impl = "grouped_mm"
-    params = list(moe.parameters())
-    x1, x2 = x0.clone().requires_grad_(), x0.clone().requires_grad_()
-    y, _, _ = moe(x1)
-    y_ref = moe_reference(moe, x2)
-    g = torch.randn_like(y)
-    grads = torch.autograd.grad(y, [x1] + params, g, allow_unused=True)
-    grads_ref = torch.autograd.grad(y_ref, [x2] + params, g, allow_unused=True)
-    for (n, _), a, b in zip([("x", None)] + list(moe.named_parameters()), grads, grads_ref):
-        if a is not None:
-            torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+    _matches_reference(moe, x0, y_atol=5e-5, y_rtol=1e-4)
     monkeypatch.setenv("MEGACPP_MOE_WGRAD_SPLITS", "0")
     with pytest.raises(ValueError, match="MEGACPP_MOE_WGRAD_SPLITS='0'"):
         wgrad_splits()
