@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Fifteenth session (BENCHMARKS.md "Not yet measured"), on a 2x H200 host; carry .whl.
-# `bash benchmarks/gpu_call_15.sh a` (the GEMM layouts beside nam-1b with FP8), then
-# `... b` (inductor's kernel tuning at nam-125m: long compiles) where time is left.
+# `bash benchmarks/gpu_call_15.sh a` (the GEMM layouts and the K-major expert forward beside
+# the Triton SwiGLU), then `... b` (nam-1b with FP8 beside inductor's kernel tuning at nam-125m).
 source benchmarks/gpu_session.sh
 case "${1:-a}" in
-  a) JOBS="gemm_layout_15 fp8_nam1b_15" ;;
-  b) JOBS="tune_kernels_14" ;;
+  a) JOBS="gemm_layout_15 swiglu_15" ;;
+  b) JOBS="fp8_nam1b_15 tune_kernels_14" ;;
   *) echo "usage: gpu_call_15.sh a|b" >&2; exit 2 ;;
 esac
 python3 benchmarks/gpu_pool.py benchmarks/gpu_jobs.txt --deadline 570 --out $OUT/jobs.tar.gz --only $JOBS

@@ -34,14 +34,17 @@ import tempfile
 from pathlib import Path
 
 MODULES = {"ssd": "megacpp.ops.ssd.triton_ssd", "delta": "megacpp.ops.delta_rule.triton_delta_rule",
-           "conv": "megacpp.ops.causal_conv.triton_conv", "gnorm": "megacpp.ops.gated_norm.triton_gated_norm"}
+           "conv": "megacpp.ops.causal_conv.triton_conv", "gnorm": "megacpp.ops.gated_norm.triton_gated_norm",
+           "swiglu": "megacpp.ops.swiglu.triton_swiglu"}
 # per op: the shapes of nam-1b's layers (hidden 2048), at 2 chunks / 256 steps
 # and few heads or channels: registers depend on the constexprs, not the sizes
 SHAPES = {"ssd": {"b": 1, "l": 256, "h": 2, "p": 64, "g": 1, "n": 128, "chunk": 128},
           "delta": {"b": 1, "l": 128, "h": 2, "dk": 128, "dv": 128, "chunk": 64},
           "conv": {"b": 1, "l": 256, "c": 256, "k": 4},
           # nam-1b's Mamba-2 output norm (one group of 4096) and its R layers' (per head of 128)
-          "gnorm": {"rows": 8, "d": 4096, "heads": 16, "dv": 128}}
+          "gnorm": {"rows": 8, "d": 4096, "heads": 16, "dv": 128},
+          # nam-1b's experts (f 1408) and a power-of-two FFN width
+          "swiglu": {"rows": 8, "widths": (1408, 2048)}}
 _TORCH_TO_TRITON = {"torch.float64": "fp64", "torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16",
                     "torch.int32": "i32", "torch.int64": "i64", "torch.bool": "i1", "torch.uint8": "u8"}
 
@@ -91,6 +94,11 @@ def _run_op(op: str, gen) -> None:
             z = torch.randn(*shape, generator=gen).to(f16).requires_grad_()
             w = torch.randn(shape[-1], generator=gen).requires_grad_()
             gated_rms_norm_triton(x, z, w, 1e-5, group, nbg).float().sum().backward()
+    elif op == "swiglu":
+        from megacpp.ops.swiglu.triton_swiglu import swiglu_triton
+        for f in s["widths"]:
+            h = torch.randn(s["rows"], 2 * f, generator=gen).to(f16).requires_grad_()
+            swiglu_triton(h).float().sum().backward()
     else:
         from megacpp.ops.causal_conv.triton_conv import causal_conv1d_triton
         x = torch.randn(s["b"], s["l"], s["c"], generator=gen).to(f16).requires_grad_()

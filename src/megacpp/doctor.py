@@ -67,6 +67,10 @@ def rows(device: torch.device) -> list[dict]:
                            (f"Triton one-pass forward and backward for groups of up to {WIDE_GROUP} channels (R heads); "
                             "wider groups (M) take the compiled reference (ops.gated_norm)"),
                            "pure-torch reference (ops.gated_norm)"))
+    from .ops.swiglu import swiglu_backend_reason
+    out.append(_kernel_row("SwiGLU (F, E layers)", "Triton SwiGLU", lambda: swiglu_backend_reason(device, dt),
+                           "Triton one-pass forward and backward (ops.swiglu.triton_swiglu)",
+                           "pure-torch reference, compiled by inductor in a run (ops.swiglu)"))
     from .ops.delta_rule.dispatch import fla_reason
     try:
         why = fla_reason(device)

@@ -58,3 +58,19 @@ def test_gated_norm_compiles_for_sm90_without_spills():
     for r in rows:
         assert r["stack"] == 0 and 0 < r["registers"] <= 255, r
         assert r["warps"] == (16 if r["blocks"]["BG"] == 4096 else 8), r
+
+
+@pytest.mark.skipif(not _tools(), reason="triton with its NVIDIA tools (ptxas, cuobjdump) not installed")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles for a GPU target")
+def test_swiglu_compiles_for_sm90_without_spills():
+    """Both SwiGLU kernels compile for sm_90 at their launches (4096-element
+    tiles: 4 rows of 1024 columns at f 1408 and 2048), no stack: what the
+    interpreter tests cannot show."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import triton_registers
+
+    rows = triton_registers.survey(["swiglu"])
+    assert sorted({r["kernel"] for r in rows}) == ["_swiglu_bwd_kernel", "_swiglu_fwd_kernel"]
+    assert {(r["blocks"]["BR"], r["blocks"]["BF"]) for r in rows} == {(4, 1024)}
+    for r in rows:
+        assert r["stack"] == 0 and 0 < r["registers"] <= 255, r

@@ -18,11 +18,13 @@ def test_cpu_rows_name_every_hot_path_and_why(monkeypatch):
     monkeypatch.delenv("MEGACPP_ATTENTION", raising=False)
     rows = _by_path()
     for path in ("SSD scan (Mamba-2/3)", "short causal conv (M, R)", "gated RMSNorm (M, R outputs)",
-                 "gated delta rule (R)",
+                 "SwiGLU (F, E layers)", "gated delta rule (R)",
                  "attention (packed documents)", "FP8 (torchao)"):
         assert path in rows, path
     assert "no CUDA" in rows["SSD scan (Mamba-2/3)"]["why_not"]
     assert rows["gated RMSNorm (M, R outputs)"]["runs"] == "pure-torch reference (ops.gated_norm)"
+    assert rows["SwiGLU (F, E layers)"]["runs"].startswith("pure-torch reference")
+    assert rows["SwiGLU (F, E layers)"]["why_not"] == "Triton SwiGLU: no CUDA"
     packed = rows["attention (packed documents)"]
     assert packed["runs"].startswith("SDPA") and "CUDA only" in packed["why_not"]
 

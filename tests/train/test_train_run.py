@@ -54,6 +54,7 @@ def test_end_to_end_manifest(tmp_path, tiny_snapshot):
     assert b["ssd_backend"]["backend"] == "reference" and b["ssd_backend"]["chunk_states"] == "autograd (reference)"
     assert b["conv_backend"]["backend"] == "reference" and "paths" not in b["conv_backend"]
     assert b["gated_norm_backend"] == {"backend": "reference", "reason": "no CUDA"}
+    assert b["swiglu_backend"] == {"backend": "reference", "reason": "no CUDA"}  # nam-tiny's experts
     assert b["fused_projections"] is False  # off unless MEGACPP_FUSED_PROJECTIONS=1
     assert b["moe_wgrad_splits"] == 1 and b["moe_fwd_layout"] == "stored"  # unless MEGACPP_MOE_* say otherwise
     # (f) outcome

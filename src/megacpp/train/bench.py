@@ -65,6 +65,7 @@ class BenchResult:
     attention_backend: str = ""
     delta_rule_backend: str = ""
     gated_norm_backend: str = ""
+    swiglu_backend: str = ""
     fused_projections: bool = False  # model.projections.fusion_enabled(): off unless asked
     moe_wgrad_splits: int = 1        # model.moe.wgrad_splits(): MEGACPP_MOE_WGRAD_SPLITS
     moe_fwd_layout: str = "stored"   # model.moe.fwd_layout(): MEGACPP_MOE_FWD_LAYOUT
@@ -179,7 +180,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
     from ..model.moe import fwd_layout, wgrad_splits
     from ..model.projections import fusion_enabled
     from .trainer import (_attention_backend, _delta_rule_backend, gated_norm_record, linear_ce_dw_path, lm_loss,
-                          split_aux)
+                          split_aux, swiglu_record)
 
     dev = pick_device(device)
     pol, spec = recipe.policy, recipe.model
@@ -284,6 +285,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
         attention_backend=_attention_backend(model, dev),
         delta_rule_backend=_delta_text(_delta_rule_backend(model, dev, precision.dtype)),
         gated_norm_backend=_gated_norm_text(gated_norm_record(model, dev, precision.dtype)),
+        swiglu_backend=swiglu_record(model, dev, precision.dtype)["backend"] or "",
         fused_projections=fusion_enabled(), moe_wgrad_splits=wgrad_splits(), moe_fwd_layout=fwd_layout(),
         linear_ce_dw_path=linear_ce_dw_path(model),
         clocks=clocks.result,
@@ -328,6 +330,7 @@ def bench_text(r: BenchResult) -> str:
              + (f" (d_weight: {r.linear_ce_dw_path})" if r.linear_ce_dw_path else "")
              + f"; SSD scan: {r.ssd_backend or '?'}; causal conv: {r.conv_backend or '?'}"
              + f"; delta rule: {r.delta_rule_backend or '-'}; gated norm: {r.gated_norm_backend or '-'}"
+             + f"; SwiGLU: {r.swiglu_backend or '-'}"
              + f"; fused projections: {'on' if r.fused_projections else 'off'}"
              + (f"; MoE wgrad splits: {r.moe_wgrad_splits}" if r.moe_wgrad_splits != 1 else "")
              + (f"; MoE forward weights: {r.moe_fwd_layout}" if r.moe_fwd_layout != "stored" else "")

@@ -361,6 +361,7 @@ class Trainer:
             "conv_backend": _conv_backend(self.device, self.precision.dtype, self.model),
             "delta_rule_backend": _delta_rule_backend(self.model, self.device, self.precision.dtype),
             "gated_norm_backend": gated_norm_record(self.model, self.device, self.precision.dtype),
+            "swiglu_backend": swiglu_record(self.model, self.device, self.precision.dtype),
             # attention's q/k/v and Gated DeltaNet's input projections as one GEMM each
             "fused_projections": _kernel_choice("fused projections", fusion_enabled),
             # each expert's rows cut into this many parts for the experts' weight gradient
@@ -805,6 +806,16 @@ def gated_norm_record(model, device, dtype) -> dict:
         return recs[groups[-1]]
     return {"backend": "mixed", "reason": "; ".join(f"{g}: {r['reason']}" for g, r in recs.items() if r["reason"]),
             "by_group": {str(g): r["backend"] for g, r in recs.items()}}
+
+
+def swiglu_record(model, device, dtype) -> dict:
+    """Which SwiGLU the MLP and MoE layers take (triton or the torch reference) and why."""
+    from ..ops.swiglu import swiglu_backend, swiglu_backend_reason
+
+    if not any(getattr(m, "activation", None) == "swiglu" for m in model.modules()):
+        return {"backend": None, "reason": "no SwiGLU layers"}
+    return _kernel_choice("SwiGLU", lambda: {"backend": swiglu_backend(device, dtype),
+                                             "reason": swiglu_backend_reason(device, dtype)})
 
 
 def _delta_rule_backend(model, device, dtype) -> dict:
