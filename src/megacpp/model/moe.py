@@ -343,11 +343,12 @@ def top_rows(sel: torch.Tensor, k: int) -> torch.Tensor:
     """Indices (..., k) of the k largest values of each row of `sel`, largest
     first, ties to the lower index.
 
-    For k <= ARGMAX_TOPK: k argmaxes, each pick masked to -inf for the next.
-    Compiled, that is one fused reduction kernel with the router's scores;
-    torch.topk is a generic radix select plus a sort of its picks (two
-    kernels, 0.075 ms a nam-125m MoE layer on an H200, fourteenth session's
-    profile) and leaves ties unspecified. Larger k: torch.topk."""
+    For k <= ARGMAX_TOPK: k argmaxes, each pick masked to -inf for the next:
+    row reductions over a handful of experts, which inductor can fuse with
+    the router's scores (not yet measured on a GPU); torch.topk is a generic
+    radix select plus a sort of its picks (two kernels, 0.075 ms a nam-125m
+    MoE layer on an H200, fourteenth session's profile) and leaves ties
+    unspecified. Larger k: torch.topk."""
     if k > ARGMAX_TOPK:
         return torch.topk(sel, k, dim=-1).indices
     cols = torch.arange(sel.shape[-1], device=sel.device)
