@@ -65,13 +65,17 @@ def main() -> int:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    times = []
-    for i in range(args.warmup + args.steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    from megacpp.train.gpu_clocks import ClockSampler, clocks_text
+    for _ in range(args.warmup):
         one_step()
-        torch.cuda.synchronize()
-        if i >= args.warmup:
+    times = []
+    # the card's clocks while timed, as `megacpp bench` records them
+    with ClockSampler(torch.device("cuda", torch.cuda.current_device())) as clocks:
+        for _ in range(args.steps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            one_step()
+            torch.cuda.synchronize()
             times.append((time.perf_counter() - t0) * 1e3)
     med = statistics.median(times)
     tps = accum * B * T / (med / 1e3)
@@ -80,13 +84,15 @@ def main() -> int:
            "batch": B, "grad_accumulation": accum, "seq_len": T, "step_ms_median": med, "tokens_per_s": tps,
            "mfu_6n": tps * 6 * params / 989e12, "mfu_6n_nonemb": tps * 6 * nonemb / 989e12,
            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-           "compiled": not args.no_compile, "compile_mode": None if args.no_compile else args.compile_mode, "device": torch.cuda.get_device_name()}
+           "compiled": not args.no_compile, "compile_mode": None if args.no_compile else args.compile_mode, "device": torch.cuda.get_device_name(),
+           "clocks": clocks.result}
     from megacpp.train.kernel_profile import profile_kernels, profile_text
     prof = profile_kernels(one_step, 2, torch.device("cuda"), top=25)
     res["step_profile"] = prof.to_dict()
     print(f"hf-llama peer of {args.recipe}: {depth} layers, {params / 1e6:.1f}M params, batch {B}x{T}: "
           f"{med:.1f} ms/step, {tps:,.0f} tokens/s, MFU(6N) {res['mfu_6n'] * 100:.1f}%, "
           f"peak {res['peak_memory_gib']:.1f} GiB")
+    print("  " + clocks_text(clocks.result))
     print("\n".join(profile_text("hf-llama profiled step", prof)))
     if args.json:
         with open(args.json, "w") as f:
