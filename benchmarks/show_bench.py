@@ -1,11 +1,16 @@
 """Print `megacpp bench`'s text report from its --json output (or from a peer
-script's JSON, whose "megacpp" key holds it), kernel profiles included.
+script's JSON, whose "megacpp" key holds it), kernel profiles included; or,
+with --diff, what changed from one result to another (an A/B of a setting):
+tokens/s, step, peak memory, GPU time by kernel kind and the profiled
+kernels that moved most.
 
     python benchmarks/show_bench.py FILE.json [FILE.json ...]
+    python benchmarks/show_bench.py --diff A.json B.json
 """
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import fields
 
@@ -13,7 +18,58 @@ from megacpp.train.bench import BenchResult, bench_text
 from megacpp.train.kernel_profile import KernelProfile, profile_text
 
 
+def _result(path: str) -> dict:
+    with open(path) as f:
+        d = json.load(f)
+    d = d.get("megacpp", d)
+    if "recipe_hash" not in d:
+        raise SystemExit(f"show_bench: {path}: no megacpp bench result (no recipe_hash)")
+    return d
+
+
+def _by_kernel(top: list[dict]) -> dict[str, float]:
+    """ms by kernel name, inductor's numeric suffix dropped (triton_poi_fused_..._26 and
+    ..._2 are the same fusion compiled in another graph), same names summed."""
+    out: dict[str, float] = {}
+    for k in top:
+        name = re.sub(r"_\d+$", "", k["name"]) if k["name"].startswith("triton_") else k["name"]
+        out[name] = out.get(name, 0.0) + k["ms"]
+    return out
+
+
+def diff_text(a: dict, b: dict, top: int = 8) -> list[str]:
+    """Lines saying what changed from bench result a to b."""
+    def pct(x, y):
+        return f"{(y / x - 1) * 100:+.1f}%" if x else "n/a"
+    lines = [f"{a['recipe']} ({a['recipe_hash'][:12]}) -> {b['recipe']} ({b['recipe_hash'][:12]})",
+             f"  tokens/s {a['tokens_per_s']:,.0f} -> {b['tokens_per_s']:,.0f} ({pct(a['tokens_per_s'], b['tokens_per_s'])}); "
+             f"step {a['step_ms_median']:.1f} -> {b['step_ms_median']:.1f} ms; "
+             f"peak {a['peak_memory_gib']:.2f} -> {b['peak_memory_gib']:.2f} GiB"]
+    pa, pb = a.get("step_profile") or {}, b.get("step_profile") or {}
+    if pa and pb:
+        kinds = sorted(set(pa["kinds_ms"]) | set(pb["kinds_ms"]),
+                       key=lambda k: -abs(pb["kinds_ms"].get(k, 0) - pa["kinds_ms"].get(k, 0)))
+        lines.append(f"  GPU busy {pa['busy_ms']:.1f} -> {pb['busy_ms']:.1f} ms; by kind: " + ", ".join(
+            f"{k} {pa['kinds_ms'].get(k, 0):.1f} -> {pb['kinds_ms'].get(k, 0):.1f}" for k in kinds))
+        ta, tb = _by_kernel(pa.get("top", [])), _by_kernel(pb.get("top", []))
+        moved = sorted(set(ta) | set(tb), key=lambda n: -abs(tb.get(n, 0) - ta.get(n, 0)))
+        lines.append(f"  kernels that moved most (of each profile's top {len(pa.get('top', []))}; "
+                     "absent = not in that top list):")
+        for n in moved[:top]:
+            x, y = ta.get(n), tb.get(n)
+            fx = f"{x:7.2f}" if x is not None else "   -   "
+            fy = f"{y:7.2f}" if y is not None else "   -   "
+            lines.append(f"    {fx} -> {fy} ms  {n[:90]}")
+    return lines
+
+
 def main(paths: list[str]) -> int:
+    if paths and paths[0] == "--diff":
+        if len(paths) != 3:
+            print("usage: show_bench.py --diff A.json B.json", file=sys.stderr)
+            return 2
+        print("\n".join(diff_text(_result(paths[1]), _result(paths[2]))))
+        return 0
     names = {f.name for f in fields(BenchResult)}
     for path in paths:
         with open(path) as f:

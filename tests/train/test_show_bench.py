@@ -1,0 +1,35 @@
+"""benchmarks/show_bench.py --diff: what changed from one bench result to another."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import show_bench  # noqa: E402
+
+
+def _result(hash_, tps, busy, kinds, top):
+    return {"recipe": "nam-125m", "recipe_hash": hash_ * 16, "tokens_per_s": tps, "step_ms_median": 65536 / tps * 1e3,
+            "peak_memory_gib": 16.0 + len(top), "step_profile": {"busy_ms": busy, "kinds_ms": kinds,
+                                                                 "top": [{"name": n, "ms": ms} for n, ms in top]}}
+
+
+def test_diff_names_the_change_and_matches_inductor_kernels_across_graphs(tmp_path, capsys):
+    a = _result("a", 400_000, 160.0, {"gemm": 64.0, "fused": 35.0},
+                [("triton_poi_fused_cat_mul_silu_2", 4.0), ("_dx_kernel", 4.8), ("topk", 1.0)])
+    b = _result("b", 440_000, 150.0, {"gemm": 64.0, "fused": 30.0, "triton": 1.0},
+                [("triton_poi_fused_cat_mul_silu_26", 2.5), ("_dx_kernel", 4.7)])
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text(json.dumps(a))
+    pb.write_text(json.dumps({"peer": {}, "megacpp": b}))   # a peer script's JSON holds it under "megacpp"
+    assert show_bench.main(["--diff", str(pa), str(pb)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "nam-125m (aaaaaaaaaaaa) -> nam-125m (bbbbbbbbbbbb)"
+    assert "tokens/s 400,000 -> 440,000 (+10.0%)" in out[1]
+    assert "GPU busy 160.0 -> 150.0 ms; by kind: fused 35.0 -> 30.0, triton 0.0 -> 1.0, gemm 64.0 -> 64.0" in out[2]
+    moved = out[4:]
+    # the fusion compiled in two graphs (suffixes _2 and _26) is one kernel; the largest move first
+    assert "4.00 ->    2.50 ms  triton_poi_fused_cat_mul_silu" in moved[0]
+    assert "1.00 ->    -    ms  topk" in moved[1]
+    assert show_bench.main(["--diff", str(pa)]) == 2
