@@ -58,25 +58,31 @@ def _fake_smi(tmp_path, body: str) -> str:
 def test_samples_a_fake_nvidia_smi_and_falls_back_to_the_new_reasons_name(tmp_path, monkeypatch):
     """A driver that knows only "clocks_event_reasons.active": the probe finds it;
     the looping query's rows are parsed after the sampler stops it."""
-    exe = _fake_smi(tmp_path, """
-        import sys, time
+    count = tmp_path / "calls"
+    exe = _fake_smi(tmp_path, f"""
+        import sys
         q = [a for a in sys.argv if a.startswith("--query-gpu=")][0]
         if "clocks_throttle_reasons" in q:
             print('Field "clocks_throttle_reasons.active" is not a valid field to query.', file=sys.stderr)
             sys.exit(2)
-        if not any(a.startswith("--loop-ms=") for a in sys.argv):
-            print("1980, 1980, 100, 700, 30, 0x0"); sys.exit(0)
-        for i in range(1000):
-            print(f"{1600 + i % 3}, 1980, 690, 700, 60, 0x4", flush=True)
-            time.sleep(0.01)
+        assert q.endswith(",clocks_event_reasons.active") and "GPU-fake" in sys.argv
+        with open({str(count)!r}, "a+") as f:
+            f.seek(0)
+            n = len(f.read())
+            f.write("x")
+        if n == 0:   # the probe
+            print("1980, 1980, 100, 700, 30, 0x0")
+        else:        # the samples: 1600, 1601, 1602, ...
+            print(f"{{1599 + n}}, 1980, 690, 700, 60, 0x4")
     """)
     monkeypatch.setattr(gpu_clocks, "_device_id", lambda device: "GPU-fake")
     import time
-    with ClockSampler(torch.device("cuda", 0), period_ms=10, exe=exe) as c:
-        time.sleep(0.5)
+    with ClockSampler(torch.device("cuda", 0), period_ms=20, exe=exe) as c:
+        time.sleep(1.0)
     r = c.result
     assert r["available"] and r["samples"] >= 3, r
-    assert 1600 <= r["sm_mhz_median"] <= 1602 and r["throttle_reasons"] == ["0x4"]
+    assert r["sm_mhz_min"] == 1600 and r["throttle_reasons"] == ["0x4"] and r["power_w_median"] == 690
+    assert r["samples"] == len(count.read_text()) - 1   # every sample after the probe was kept
 
 
 @pytest.mark.skipif(os.name != "posix", reason="a fake executable script")

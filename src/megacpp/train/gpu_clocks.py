@@ -4,8 +4,8 @@ MFU is counted against the card's datasheet peak, which assumes its boost
 clock; a card held at its power limit runs its tensor cores slower (nam-1b's
 GEMMs ran at 56-64% of peak where nam-125m's same-shaped head GEMMs ran at
 73-83%, fourteenth session). The bench therefore records what the card did
-while it timed the steps: `nvidia-smi` sampled in the background (it ships
-with the driver; no Python binding needed), summarised as medians and
+while it timed the steps: `nvidia-smi` queried from a background thread (it
+ships with the driver; no Python binding needed), summarised as medians and
 minimums. Off CUDA, or without nvidia-smi, the record says why not.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 import statistics
 import subprocess
+import threading
 
 import torch
 
@@ -70,13 +71,19 @@ def summarize(samples: list[dict]) -> dict:
 
 class ClockSampler:
     """with ClockSampler(device) as c: ...; then c.result (summarize's dict).
-    Samples every `period_ms` from a background nvidia-smi process."""
 
-    def __init__(self, device: torch.device, period_ms: int = 100, exe: str | None = None):
+    A thread queries nvidia-smi once every `period_ms` (one short process a
+    sample: its looping mode writes through a pipe buffer that a stopped
+    process may never flush)."""
+
+    def __init__(self, device: torch.device, period_ms: int = 200, exe: str | None = None):
         self.device, self.period_ms = device, period_ms
         self.exe = exe or shutil.which("nvidia-smi")
-        self.proc = None
         self.result: dict = {"available": False, "why": "not run"}
+        self._cmd: list[str] | None = None
+        self._lines: list[str] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def __enter__(self):
         if self.device.type != "cuda":
@@ -87,14 +94,14 @@ class ClockSampler:
             try:
                 dev_id = _device_id(self.device)
                 fields, error = self._fields(dev_id)
-                if fields is None:
-                    self.result = {"available": False, "why": f"nvidia-smi: {error}"}
-                    return self
-                cmd = [self.exe, "-i", dev_id, "--query-gpu=" + ",".join(fields),
-                       "--format=csv,noheader,nounits", f"--loop-ms={self.period_ms}"]
-                self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             except (OSError, subprocess.SubprocessError) as e:
-                self.result = {"available": False, "why": f"nvidia-smi did not start: {e}"}
+                fields, error = None, f"did not run: {e}"
+            if fields is None:
+                self.result = {"available": False, "why": f"nvidia-smi: {error}"}
+                return self
+            self._cmd = [self.exe, "-i", dev_id, "--query-gpu=" + ",".join(fields), "--format=csv,noheader,nounits"]
+            self._thread = threading.Thread(target=self._poll, name="megacpp-clocks", daemon=True)
+            self._thread.start()
         return self
 
     def _fields(self, dev_id: str) -> tuple[list[str] | None, str]:
@@ -111,18 +118,22 @@ class ClockSampler:
             error = ((q.stderr or q.stdout).strip().splitlines() or [f"exit status {q.returncode}"])[-1]
         return None, error
 
+    def _poll(self) -> None:
+        while True:
+            try:
+                q = subprocess.run(self._cmd, capture_output=True, text=True, timeout=10)
+                if q.returncode == 0:
+                    self._lines.extend(q.stdout.splitlines())
+            except (OSError, subprocess.SubprocessError):
+                pass
+            if self._stop.wait(self.period_ms / 1e3):
+                return
+
     def __exit__(self, *exc):
-        if self.proc is None:
-            return False
-        self.proc.terminate()
-        try:
-            out, err = self.proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            out, err = self.proc.communicate()
-        self.result = summarize(parse_samples(out.splitlines()))
-        if not self.result["available"] and err.strip():
-            self.result["why"] = "nvidia-smi: " + err.strip().splitlines()[-1]
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=15)
+            self.result = summarize(parse_samples(list(self._lines)))
         return False
 
 
