@@ -22,8 +22,9 @@ def is_gated(activation: str) -> bool:
 
 
 def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """h (..., up * ffn) -> (..., ffn). SwiGLU through ops.swiglu (Triton on
-    CUDA, the same expression as the other gated activations elsewhere)."""
+    """h (..., up * ffn) -> (..., ffn). SwiGLU through ops.swiglu: its reference
+    (the expression the other gated activations use) or its Triton kernels
+    where ops.swiglu.swiglu_backend picks them."""
     if activation == "swiglu":
         return swiglu_fast(h)
     if activation == "geglu":

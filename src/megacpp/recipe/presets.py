@@ -116,7 +116,8 @@ NAM_125M = {
     # step: one graph for the model (scope "auto": "model" on one GPU, per layer
     # under DDP/FSDP2) 381,999 -> 391,078, the delta rule's intermediates kept
     # -> 388,042; both 399,877 tokens/s at 19.09 GiB (the peer in that run:
-    # 396,452 at 19.27); 30 training steps on C++ within 1.5e-4 of the old preset.
+    # 396,452 at 19.27); 30 training steps on C++ within 1.5e-4 of the old preset;
+    # this preset in a later call 395,341 against the peer's 391,036 (1.01x).
     "policy": deep_merge(_SMALL_GPU_POLICY, {"compile": {"mode": "auto", "scope": "auto"},
                                              "kernels": {"ssd_states": "keep", "delta_states": "keep"}}),
 }
@@ -156,7 +157,8 @@ NAM_1B = {
     # Global 64 = 16 x 4 GPUs, or 4 micro-batches on one. The SSD's chunk states
     # and the delta rule's intermediates kept, one graph for the model on one GPU:
     # at micro batch 32 on an H200 (fourteenth session) 39.4% -> 41.1% -> 41.7% MFU
-    # (peak 93 GiB; `--set policy.micro_batch=32` on one card of 141 GiB).
+    # (peak 93 GiB; `--set policy.micro_batch=32` on one card of 141 GiB); this
+    # preset at micro batch 16: 38.6% -> 40.6%, 55.6 GiB.
     "policy": deep_merge(_SMALL_GPU_POLICY, {"micro_batch": 16, "global_batch": 64,
                                              "optimizer": {"lr": 5e-4},
                                              "compile": {"scope": "auto"},
