@@ -16,6 +16,9 @@
    them (tokens are rows: both MN-major) against token-contiguous copies
    (the "fwd ms" column is then the weight gradient's time, copies included).
 
+4. nam-1b's in_proj forward held for --sustain-s seconds with the card's
+   clocks sampled: how far a sustained GEMM load pulls the clock down.
+
 Each variant: forward alone and forward + backward (autograd, as the model
 runs them), CUDA events, bf16; outputs and gradients checked against the
 first variant of its group (the same math: they must agree to bf16 rounding).
@@ -174,9 +177,36 @@ def dense_rows(gen, iters: int) -> list[dict]:
     return out
 
 
+def sustained(gen, seconds: float) -> dict:
+    """nam-1b's in_proj forward GEMM back to back for `seconds`, with the card's
+    clocks sampled meanwhile: against the short bursts above, how far a
+    sustained GEMM load (as in a nam-1b step, where these GEMMs ran at 557
+    TFLOP/s) pulls the clock down."""
+    import time
+
+    from megacpp.train.gpu_clocks import ClockSampler
+    rows, k, n = DENSE["nam-1b in_proj"]
+    x = torch.randn(rows, k, device="cuda", generator=gen).bfloat16()
+    w = (torch.randn(n, k, device="cuda", generator=gen) * k ** -0.5).bfloat16()
+    F.linear(x, w)
+    torch.cuda.synchronize()
+    calls = 0
+    with ClockSampler(torch.device("cuda", torch.cuda.current_device())) as clocks:
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            for _ in range(20):
+                F.linear(x, w)
+            torch.cuda.synchronize()
+            calls += 20
+        dt = time.perf_counter() - t0
+    return {"gemm": "nam-1b in_proj fwd", "seconds": dt, "calls": calls,
+            "tflops": calls * 2 * rows * k * n / dt / 1e12, "clocks": clocks.result}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--sustain-s", type=float, default=10.0, help="seconds of the sustained GEMM (0: skip)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -193,9 +223,15 @@ def main(argv=None) -> int:
         print(f"{r['group']:21s} {r['variant']:28s} {r['fwd_ms']:8.3f} {r['fwd_tflops']:8.0f} {fb} {r['rel_err']:9.2e}")
         if not r["rel_err"] < 1e-2:
             bad.append(f"{r['group']} {r['variant']}: rel err {r['rel_err']:.2e}")
+    held = sustained(gen, args.sustain_s) if args.sustain_s > 0 else None
+    if held:
+        from megacpp.train.gpu_clocks import clocks_text
+        print(f"\n{held['gemm']} back to back for {held['seconds']:.1f} s: {held['tflops']:.0f} TFLOP/s; "
+              + clocks_text(held["clocks"]))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
+                       "sustained": held}, f, indent=1)
     if bad:
         print("gemm_layout_bench: variants disagree with the first of their group:\n  " + "\n  ".join(bad),
               file=sys.stderr)
