@@ -115,9 +115,19 @@ def compare(fn, inputs, chunk, seed=0, starts=None):
 # cases, against ~1e-7 under the interpreter; every other output stayed
 # within 1e-5. Until that gap is traced, float32 dA gets its own bound.
 DA_TOL_FP32 = (1e-3, 1e-3)
+# The same cancellation under float16: a head's dA is one number, the net of
+# many terms of both signs, so its relative error has a long tail where the
+# net is small. The interpreter's f16 "starts" case over 60 seeds
+# (2026-11-28): median 1.2e-4, 90th percentile 6.3e-4, worst 2.7e-3, and one
+# CI seed (1632445521) 5.4e-3 while every other gradient stayed under 4.4e-4.
+DA_TOL_FP16 = (2e-2, 2e-2)
 
 
 def assert_close(errs, dtype):
+    if dtype == torch.float16 and "dA" in errs:
+        (norm, mx), (tn, tm) = errs["dA"], DA_TOL_FP16
+        assert norm <= tn and mx <= tm, f"float16 dA beyond ({tn}, {tm}): {errs['dA']}; all: {errs}"
+        errs = {k: v for k, v in errs.items() if k != "dA"}
     assert_errors_within(errs, dtype, TOL, "dA", DA_TOL_FP32)
 
 
