@@ -124,10 +124,13 @@ def wgrad_rows(gen, iters: int) -> list[dict]:
     """The experts' weight gradient alone: dW_e = x_e^T g_e, the reduction over
     the tokens. As autograd runs it both operands are MN-major (tokens are
     their rows); the second variant copies x and g token-contiguous first
-    (the copies timed with it). nam-125m's ran at 376-493 TFLOP/s."""
+    (the copies timed with it). nam-125m's ran at 376-493 TFLOP/s. Groups here
+    start at multiples of 8 rows: with the tokens contiguous torch._grouped_mm
+    asserts 16-byte group starts (a device-side assert on the H200, 2026-11-28),
+    so the second variant would need the router to pad its groups."""
     out = []
     for name, (rows, E, k, n) in GROUPED.items():
-        offs, x, _, g = expert_batch(gen, rows, E, k, n)
+        offs, x, _, g = expert_batch(gen, rows, E, k, n, align=8)
         ref = None
         for variant in ("x^T g (as autograd)", "token-contiguous copies"):
             def dw():

@@ -66,12 +66,14 @@ def parity_result(name, variant, dev, tol, run, ours_fn, ref_fn, inputs, go, gs)
     return {"shape": name, "variant": variant, "ok": ok, "first_call_s": t_ours, "rows": rows}
 
 
-def expert_batch(gen, rows: int, experts: int, d_in: int, d_out: int):
+def expert_batch(gen, rows: int, experts: int, d_in: int, d_out: int, align: int = 1):
     """A grouped GEMM's operands as an MoE layer hands them over, bf16 on CUDA:
     (group ends offs (E,) int32 of `rows` rows in groups of near-uniform random
-    size, x (rows, d_in), w (E, d_in, d_out), a cotangent g (rows, d_out))."""
+    size, x (rows, d_in), w (E, d_in, d_out), a cotangent g (rows, d_out)).
+    align > 1 rounds every group but the last down to a multiple of it (a
+    grouped GEMM whose token dimension is contiguous needs 16-byte group starts)."""
     share = torch.rand(experts, device="cuda", generator=gen) * 0.4 + 0.8
-    counts = (share / share.sum() * rows).floor().to(torch.int32)
+    counts = (share / share.sum() * rows / align).floor().to(torch.int32) * align
     counts[-1] += rows - counts.sum()
     offs = torch.cumsum(counts, 0).to(torch.int32)
     x = torch.randn(rows, d_in, device="cuda", generator=gen).bfloat16()
