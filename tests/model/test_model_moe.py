@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from megacpp.model.moe import (MoE, capacity, gather_slots, grouped_mm, grouped_mm_available, inverse_permutation,
-                               sort_keys, split_offsets, wgrad_splits, fwd_layout, top_rows,
+                               sort_keys, split_offsets, wgrad_splits, top_rows,
                                moe_reference, permute_rows)
 
 from model_testutil import make_spec
@@ -303,10 +303,10 @@ def _grouped_case(dtype, counts):
             torch.randn(len(counts), 16, 32).to(dtype), torch.randn(rows, 32).to(dtype))
 
 
-def _grouped_grads(x0, w0, offs, g, splits, kmajor):
+def _grouped_grads(x0, w0, offs, g, splits):
     """(y, dx, dw) of grouped_mm on fresh leaves."""
     x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
-    y = grouped_mm(x, w, offs, splits, kmajor)
+    y = grouped_mm(x, w, offs, splits)
     y.backward(g)
     return y.detach(), x.grad, w.grad
 
@@ -317,7 +317,7 @@ def test_split_wgrad_equals_torch_grouped_mm(dtype, splits, seed):
     """The split-K weight gradient equals autograd's of torch._grouped_mm (to
     the rounding of its partial sums in bf16); the input gradient exactly."""
     counts, offs, x0, w0, g = _grouped_case(dtype, [5, 0, 19, 1, 40])
-    (y1, dx1, dw1), (y2, dx2, dw2) = [_grouped_grads(x0, w0, offs, g, s, False) for s in (1, splits)]
+    (y1, dx1, dw1), (y2, dx2, dw2) = [_grouped_grads(x0, w0, offs, g, s) for s in (1, splits)]
     assert torch.equal(y1, y2) and torch.equal(dx1, dx2)
     ref = torch.zeros(5, 16, 32)
     start = 0
@@ -328,54 +328,6 @@ def test_split_wgrad_equals_torch_grouped_mm(dtype, splits, seed):
     assert dw2.dtype == dtype
     assert (dw2.float() - ref).abs().max() <= tol * ref.abs().max()
     assert (dw1.float() - ref).abs().max() <= tol * ref.abs().max()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("splits", [1, 2])
-def test_kmajor_forward_equals_torch_grouped_mm(dtype, splits, seed):
-    """The forward on a K-major copy of the weight gives torch's own output to
-    the rounding of another summation order (the operand's layout picks the
-    kernel); the input gradient (the same call on the stored weight) exactly,
-    and the weight gradient exactly when not split."""
-    counts, offs, x0, w0, g = _grouped_case(dtype, [7, 0, 13, 2, 30])
-    (y1, dx1, dw1), (y2, dx2, dw2) = [_grouped_grads(x0, w0, offs, g, splits, k) for k in (False, True)]
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
-    torch.testing.assert_close(y2.float(), y1.float(), **tol)
-    assert torch.equal(dx1, dx2)
-    assert dw2.shape == w0.shape and dw2.dtype == dtype
-    if splits == 1:
-        assert torch.equal(dw1, dw2)
-    else:
-        torch.testing.assert_close(dw2.float(), dw1.float(), **tol)
-    # and against the per-expert products
-    start = 0
-    for e, c in enumerate(counts.tolist()):
-        if c:
-            ref = x0[start:start + c].float() @ w0[e].float()
-            bound = (1e-5 if dtype == torch.float32 else 2e-2) * max(1.0, float(ref.abs().max()))
-            assert (y2[start:start + c].float() - ref).abs().max() <= bound
-        start += c
-
-
-def test_fwd_layout_env_is_checked(monkeypatch):
-    monkeypatch.delenv("MEGACPP_MOE_FWD_LAYOUT", raising=False)
-    assert fwd_layout() == "stored"
-    monkeypatch.setenv("MEGACPP_MOE_FWD_LAYOUT", "kmajor")
-    assert fwd_layout() == "kmajor"
-    monkeypatch.setenv("MEGACPP_MOE_FWD_LAYOUT", "kn")
-    with pytest.raises(ValueError, match="MEGACPP_MOE_FWD_LAYOUT='kn'"):
-        fwd_layout()
-
-
-def test_moe_with_kmajor_forward_equals_reference(seed, monkeypatch):
-    """The whole layer (grouped experts) with MEGACPP_MOE_FWD_LAYOUT=kmajor against the per-expert loop."""
-    x0 = torch.randn(3, 21, 32)
-    if not grouped_mm_available(x0.device, x0.dtype, 32, 32, 16):
-        pytest.skip("torch._grouped_mm not available here")
-    monkeypatch.setenv("MEGACPP_MOE_FWD_LAYOUT", "kmajor")
-    moe = make_moe({"top_k": 2})
-    moe.impl = "grouped_mm"
-    _matches_reference(moe, x0, y_atol=5e-5, y_rtol=1e-4)
 
 
 def test_moe_with_split_wgrad_equals_reference(seed, monkeypatch):
@@ -394,8 +346,8 @@ def test_moe_with_split_wgrad_equals_reference(seed, monkeypatch):
 
 
 def test_split_wgrad_traces_under_compile(seed, monkeypatch):
-    """The split-K backward with the K-major forward traces (dynamo + AOT autograd,
-    bf16 as on the GPU) with no graph break."""
+    """The split-K backward traces (dynamo + AOT autograd, bf16 as on the GPU)
+    with no graph break."""
     from torch._dynamo.utils import counters
     if not grouped_mm_available(torch.device("cpu"), torch.bfloat16, 16, 32):
         pytest.skip("torch._grouped_mm not available here")
@@ -407,8 +359,8 @@ def test_split_wgrad_traces_under_compile(seed, monkeypatch):
     out = []
     torch._dynamo.reset()
     counters["graph_break"].clear()
-    for fn in (lambda x, w: grouped_mm(x, w, offs, 2, True),
-               torch.compile(lambda x, w: grouped_mm(x, w, offs, 2, True), backend="aot_eager", fullgraph=True)):
+    for fn in (lambda x, w: grouped_mm(x, w, offs, 2),
+               torch.compile(lambda x, w: grouped_mm(x, w, offs, 2), backend="aot_eager", fullgraph=True)):
         x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
         fn(x, w).backward(g)
         out.append((x.grad, w.grad))
@@ -422,38 +374,6 @@ def test_narrow_sort_keys_give_the_same_stable_order(seed):
     assert keys.dtype == torch.uint8
     assert torch.equal(torch.sort(keys, stable=True).indices, torch.sort(expert, stable=True).indices)
     assert sort_keys(expert, 300).dtype == torch.int64  # ids past 255 keep their width
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the K-major copy picks another CUTLASS kernel there")
-def test_kmajor_forward_cuda_bf16_matches_float32_products(seed):
-    """On the GPU the K-major forward (another kernel than the stored layout's)
-    gives each expert's products to bf16 rounding, with torch's own gradients."""
-    dev = torch.device("cuda")
-    if not grouped_mm_available(dev, torch.bfloat16, 256, 384):
-        pytest.skip("torch._grouped_mm not available on this GPU")
-    counts = torch.tensor([300, 0, 1000, 37, 711], dtype=torch.int32, device=dev)
-    offs = torch.cumsum(counts, 0).to(torch.int32)
-    rows = int(counts.sum())
-    x0 = torch.randn(rows, 256, device=dev).bfloat16()
-    w0 = (torch.randn(5, 256, 384, device=dev) / 16).bfloat16()
-    g = torch.randn(rows, 384, device=dev).bfloat16()
-    got = []
-    for kmajor in (False, True):
-        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
-        y = grouped_mm(x, w, offs, 1, kmajor)
-        y.backward(g)
-        got.append((y.detach(), x.grad, w.grad))
-    (y1, dx1, dw1), (y2, dx2, dw2) = got
-    assert torch.equal(dx1, dx2) and torch.equal(dw1, dw2)
-    start = 0
-    for e, c in enumerate(counts.tolist()):
-        if c:
-            ref = x0[start:start + c].float() @ w0[e].float()
-            err = (y2[start:start + c].float() - ref).abs().max() / ref.abs().max()
-            assert err < 1e-2, f"expert {e}: {err:.2e}"
-        start += c
-    torch.testing.assert_close(y2.float(), y1.float(), atol=3e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5])

@@ -29,9 +29,8 @@ a padded batched matmul computes every expert at once. `moe_reference` is
 the per-expert python loop the tests compare both against.
 MEGACPP_MOE_WGRAD_SPLITS=N (default 1: torch's own backward) computes the
 grouped path's weight gradient with each expert's rows cut into N parts,
-for more GEMM tiles where the experts are narrow; MEGACPP_MOE_FWD_LAYOUT=
-kmajor runs the grouped forward on a K-major copy of each expert weight
-(both in `_GroupedMM`; default: torch's own call on the stored weight).
+for more GEMM tiles where the experts are narrow (`_GroupedMM`; measured,
+not adopted: BENCHMARKS.md, fourteenth session).
 
 Per-forward RouterStats: router logits (z-loss), scores and mean
 probabilities (load-balance loss, differentiable), load per router row.
@@ -217,42 +216,20 @@ def split_offsets(offs: torch.Tensor, splits: int) -> torch.Tensor:
     return (starts[:, None] + counts[:, None] * parts[None, :] // splits).reshape(-1)
 
 
-FWD_LAYOUTS = ("stored", "kmajor")
-
-
-def fwd_layout() -> str:
-    """MEGACPP_MOE_FWD_LAYOUT (default "stored"): the expert weight as the grouped
-    forward reads it: as stored ((E, d_in, d_out), d_out contiguous) or a
-    K-major copy (d_in contiguous, as nn.Linear's weight reaches its GEMM)."""
-    v = os.environ.get("MEGACPP_MOE_FWD_LAYOUT", "stored").strip()
-    if v not in FWD_LAYOUTS:
-        raise ValueError(f"MEGACPP_MOE_FWD_LAYOUT={v!r}: expected one of {', '.join(FWD_LAYOUTS)}")
-    return v
-
-
 class _GroupedMM(torch.autograd.Function):
-    """torch._grouped_mm(x, w, offs) with two choices torch's own call lacks:
-
-    - `kmajor`: the forward reads a K-major copy of w (one transposing copy,
-      E * d_in * d_out elements, not kept). In nam-1b's profile (fourteenth
-      session) the forward grouped GEMMs, whose weight operand is stored
-      d_out-contiguous, ran at 481-501 TFLOP/s on an H200 where the input
-      gradient's, on the transposed (K-major) weight, ran at 611-686.
-    - `splits`: the weight gradient as `splits` groups per expert (split-K
-      over its rows), summed in float32: the weight gradient's output is per
-      expert only d_in x d_out (768 x 768 or 1536 at nam-125m), a few GEMM
-      tiles each (36-49% of an H200's bf16 peak at nam-125m, twelfth
-      session's profile).
-
-    The input gradient is torch's own (the call autograd makes), on the
-    stored weight."""
+    """torch._grouped_mm(x, w, offs) whose weight gradient runs as `splits`
+    groups per expert (split-K over its rows), summed in float32: the weight
+    gradient's output is per expert only d_in x d_out (768 x 768 or 1536 at
+    nam-125m), a few GEMM tiles each (36-49% of an H200's bf16 peak at
+    nam-125m, twelfth session's profile). The input gradient is torch's own
+    (the call autograd makes). A forward on a K-major copy of w was measured
+    too (fifteenth session) and removed: 16-28% slower per GEMM than the
+    stored (E, d_in, d_out) layout, level in nam-1b's step."""
 
     @staticmethod
-    def forward(ctx, x, w, offs, splits, kmajor):
+    def forward(ctx, x, w, offs, splits):
         ctx.save_for_backward(x, w, offs)
         ctx.splits = splits
-        if kmajor:
-            w = w.transpose(-2, -1).contiguous().transpose(-2, -1)
         return torch._grouped_mm(x, w, offs=offs)
 
     @staticmethod
@@ -268,15 +245,14 @@ class _GroupedMM(torch.autograd.Function):
             else:
                 parts = torch._grouped_mm(x.t(), g, offs=split_offsets(offs, S))
                 dw = parts.view(E, S, *parts.shape[1:]).sum(1, dtype=torch.float32).to(w.dtype)
-        return dx, dw, None, None, None
+        return dx, dw, None, None
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, splits: int = 1,
-               kmajor: bool = False) -> torch.Tensor:
-    """torch._grouped_mm(x, w, offs=offs); splits > 1 or kmajor take _GroupedMM."""
-    if splits == 1 and not kmajor:
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, splits: int = 1) -> torch.Tensor:
+    """torch._grouped_mm(x, w, offs=offs); splits > 1 takes _GroupedMM."""
+    if splits == 1:
         return torch._grouped_mm(x, w, offs=offs)
-    return _GroupedMM.apply(x, w, offs, splits, kmajor)
+    return _GroupedMM.apply(x, w, offs, splits)
 
 
 def grouped_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
@@ -292,9 +268,9 @@ def grouped_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out
         impl = "grouped_mm" if ok else "bmm"
     if impl == "grouped_mm":
         offs = torch.cumsum(counts, 0).to(torch.int32)
-        splits, kmajor = wgrad_splits(), fwd_layout() == "kmajor"
-        h = _ContiguousGrad.apply(grouped_mm(x, w_in, offs, splits, kmajor))
-        return _ContiguousGrad.apply(grouped_mm(activate(h, activation), w_out, offs, splits, kmajor))
+        splits = wgrad_splits()
+        h = _ContiguousGrad.apply(grouped_mm(x, w_in, offs, splits))
+        return _ContiguousGrad.apply(grouped_mm(activate(h, activation), w_out, offs, splits))
     if impl != "bmm":
         raise ValueError(f"unknown grouped impl {impl!r} (auto | grouped_mm | bmm)")
     # Padded: scatter each expert's rows into an (E, max_count, d) block.

@@ -68,7 +68,6 @@ class BenchResult:
     swiglu_backend: str = ""
     fused_projections: bool = False  # model.projections.fusion_enabled(): off unless asked
     moe_wgrad_splits: int = 1        # model.moe.wgrad_splits(): MEGACPP_MOE_WGRAD_SPLITS
-    moe_fwd_layout: str = "stored"   # model.moe.fwd_layout(): MEGACPP_MOE_FWD_LAYOUT
     linear_ce_dw_path: str | None = None  # the Triton head's d_weight accumulation, once it ran
     clocks: dict = field(default_factory=dict)  # gpu_clocks.ClockSampler over the timed steps
     # torch.profiler on CUDA (kernels=True): the whole step, and per family
@@ -177,7 +176,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
     every micro-batch."""
     import megacpp
     from ..patches.registry import install_patches
-    from ..model.moe import fwd_layout, wgrad_splits
+    from ..model.moe import wgrad_splits
     from ..model.projections import fusion_enabled
     from .trainer import (_attention_backend, _delta_rule_backend, gated_norm_record, linear_ce_dw_path, lm_loss,
                           split_aux, swiglu_record)
@@ -286,7 +285,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
         delta_rule_backend=_delta_text(_delta_rule_backend(model, dev, precision.dtype)),
         gated_norm_backend=_gated_norm_text(gated_norm_record(model, dev, precision.dtype)),
         swiglu_backend=swiglu_record(model, dev, precision.dtype)["backend"] or "",
-        fused_projections=fusion_enabled(), moe_wgrad_splits=wgrad_splits(), moe_fwd_layout=fwd_layout(),
+        fused_projections=fusion_enabled(), moe_wgrad_splits=wgrad_splits(),
         linear_ce_dw_path=linear_ce_dw_path(model),
         clocks=clocks.result,
         step_profile=step_prof.to_dict() if step_prof is not None else {}, family_profile=fam_prof,
@@ -333,7 +332,6 @@ def bench_text(r: BenchResult) -> str:
              + f"; SwiGLU: {r.swiglu_backend or '-'}"
              + f"; fused projections: {'on' if r.fused_projections else 'off'}"
              + (f"; MoE wgrad splits: {r.moe_wgrad_splits}" if r.moe_wgrad_splits != 1 else "")
-             + (f"; MoE forward weights: {r.moe_fwd_layout}" if r.moe_fwd_layout != "stored" else "")
              + f"; packed attention: {r.attention_backend or '?'}; data: {r.data}"]
     if r.clocks:
         lines.append("  " + clocks_text(r.clocks))

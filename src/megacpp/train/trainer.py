@@ -29,7 +29,7 @@ from ..errors import MegacppError
 from ..losses.gates import GateSet
 from ..losses.moe_aux import load_balance_loss, z_loss
 from ..losses.stp import stp_over_layers
-from ..model.moe import fwd_layout, wgrad_splits
+from ..model.moe import wgrad_splits
 from ..model.projections import fusion_enabled
 from ..recipe import Recipe
 from ..recipe.count import summarize
@@ -366,8 +366,6 @@ class Trainer:
             "fused_projections": _kernel_choice("fused projections", fusion_enabled),
             # each expert's rows cut into this many parts for the experts' weight gradient
             "moe_wgrad_splits": _kernel_choice("MoE weight-gradient splits", wgrad_splits),
-            # the layout the experts' grouped forward reads their weights in
-            "moe_fwd_layout": _kernel_choice("MoE forward weight layout", fwd_layout),
             "linear_ce_dw_path": linear_ce_dw_path(self.model),
             "compile": {**self.compile_info, **compile_stats()},
             "activation_checkpointing": {"policy": dict(pol.activation_checkpointing),
