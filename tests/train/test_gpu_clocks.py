@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megacpp.train import gpu_clocks
-from megacpp.train.gpu_clocks import ClockSampler, clocks_text, parse_samples, summarize
+from megacpp.train.gpu_clocks import ClockSampler, clocks_text, mfu_at_clock, parse_samples, summarize
 
 
 def test_parse_and_summarize_rows():
@@ -29,6 +29,11 @@ def test_parse_and_summarize_rows():
     assert s["temp_c_max"] == 57
     assert s["throttle_reasons"] == ["0x0000000000000000", "0x0000000000000004"]
     assert "SM 1,650 MHz median (min 1,590) of 1,980, 0.83" in clocks_text(s)
+    assert "MFU at this clock" not in clocks_text(s)
+    # MFU against the peak at the median clock: 0.41 of the boost peak at 1650/1980 of it
+    assert mfu_at_clock(0.41, s) == pytest.approx(0.41 * 1980 / 1650)
+    assert clocks_text(s, 0.41).endswith(f"; MFU at this clock {0.41 * 1980 / 1650 * 100:.1f}%")
+    assert mfu_at_clock(None, s) is None and mfu_at_clock(0.41, {"available": False, "why": "x"}) is None
     # rows without the reasons column (a driver that knows neither name)
     s2 = summarize(parse_samples(["1500, 1980, 650, 700, 50"]))
     assert s2["samples"] == 1 and s2["throttle_reasons"] == ["?"]
@@ -97,3 +102,28 @@ def test_a_failing_nvidia_smi_is_named(tmp_path, monkeypatch):
         pass
     assert c.result["available"] is False
     assert "couldn't communicate with the NVIDIA driver" in c.result["why"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a fake executable script")
+def test_a_long_run_keeps_every_second_sample_past_the_cap(tmp_path, monkeypatch):
+    """Past max_samples the sampler halves what it holds and doubles its period:
+    memory stays bounded over a run of hours and the kept samples still span it
+    from its first (1600 MHz) on."""
+    count = tmp_path / "calls"
+    exe = _fake_smi(tmp_path, f"""
+        with open({str(count)!r}, "a+") as f:
+            f.seek(0)
+            n = len(f.read())
+            f.write("x")
+        print(f"{{1599 + n}}, 1980, 690, 700, 60, 0x4")
+    """)
+    monkeypatch.setattr(gpu_clocks, "_device_id", lambda device: "GPU-fake")
+    import time
+    with ClockSampler(torch.device("cuda", 0), period_ms=10, exe=exe, max_samples=6) as c:
+        time.sleep(1.5)
+    r = c.result
+    calls = len(count.read_text())
+    assert calls >= 12, calls                     # the cap was passed at least once
+    assert 3 <= r["samples"] <= 6, r              # bounded
+    assert c.period_ms > 10                       # and the period grew
+    assert r["sm_mhz_min"] == 1600                # the first sample after the probe is kept

@@ -61,6 +61,7 @@ def test_end_to_end_manifest(tmp_path, tiny_snapshot):
     o = m["outcome"]
     assert o["status"] == "finished" and o["end_reason"] == "completed" and o["steps"] == 6
     assert o["tokens"] == 6 * 8 * 64 and o["final_val_bpb"] > 0 and o["wall_seconds"] > 0
+    assert o["clocks"] == {"available": False, "why": "not a CUDA device"}  # the card's clocks: none here
     assert (res.run_dir / "recipe.toml").is_file()
     assert load_recipe(str(res.run_dir / "recipe.toml")).hash == m["spec"]["recipe_hash"]
     assert list((res.run_dir / "tb").glob("events.*"))
@@ -132,6 +133,22 @@ def test_compare_names_patch_aux_start_and_pattern(tmp_path, tiny_snapshot, caps
     out = capsys.readouterr().out
     assert "patches.linear_ce.installed: True  ->  False" in out
     assert "aux_losses.stp.start_step: 2  ->  1" in out
+    # the card's clocks: none on CPU; where a manifest has them, the clock and the MFU at it
+    rows = {label: (x, y) for label, x, y in res["metrics"]}
+    assert rows["median SM clock MHz"] == (None, None) and rows["median MFU at that clock"] == (None, None)
+    import megacpp.run.compare as cmp
+    ma, mb = cmp.read_manifest(a), cmp.read_manifest(b)
+    mb["outcome"]["clocks"] = {"available": True, "sm_mhz_median": 1584.0, "sm_clock_share": 0.8}
+    recs = [{"kind": "train", "mfu": v} for v in (0.40, 0.36, 0.44)]
+    got = {label: y for label, _, y in cmp.metrics_side_by_side(a, b, ma, mb)}
+    assert got["median SM clock MHz"] == 1584.0
+    orig = cmp.read_metrics
+    try:
+        cmp.read_metrics = lambda run: recs
+        got = {label: y for label, _, y in cmp.metrics_side_by_side(a, b, ma, mb)}
+    finally:
+        cmp.read_metrics = orig
+    assert got["median MFU"] == 0.40 and got["median MFU at that clock"] == pytest.approx(0.5)
 
 
 def test_eval_generate_report_cli(tmp_path, tiny_snapshot, capsys):

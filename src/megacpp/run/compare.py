@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..train.gpu_clocks import mfu_at_clock
 from ..train.metrics import read_metrics
 from .manifest import read_manifest
 
@@ -69,6 +70,12 @@ def _median(records: list[dict], key: str):
     return vals[len(vals) // 2] if vals else None
 
 
+def _clocks(m: dict) -> dict | None:
+    """The run's card clocks (outcome.clocks), where they were sampled."""
+    c = m.get("outcome", {}).get("clocks")
+    return c if c and c.get("available") else None
+
+
 def metrics_side_by_side(run_a: Path, run_b: Path, ma: dict, mb: dict) -> list[tuple[str, object, object]]:
     ra, rb = read_metrics(run_a), read_metrics(run_b)
     rows = []
@@ -81,6 +88,8 @@ def metrics_side_by_side(run_a: Path, run_b: Path, ma: dict, mb: dict) -> list[t
         ("first val bpb", lambda r, m: m["outcome"].get("first_val_bpb")),
         ("median tokens/s", lambda r, m: _median(r, "tokens_per_s")),
         ("median MFU", lambda r, m: _median(r, "mfu")),
+        ("median SM clock MHz", lambda r, m: (_clocks(m) or {}).get("sm_mhz_median")),
+        ("median MFU at that clock", lambda r, m: mfu_at_clock(_median(r, "mfu"), _clocks(m))),
         ("peak memory GiB", lambda r, m: (m["outcome"].get("peak_memory_bytes") or 0) / 2**30),
         ("last stp", lambda r, m: _last(r, "train", "stp")),
         ("last moe_balance", lambda r, m: _last(r, "train", "moe_balance")),

@@ -334,7 +334,7 @@ def bench_text(r: BenchResult) -> str:
              + (f"; MoE wgrad splits: {r.moe_wgrad_splits}" if r.moe_wgrad_splits != 1 else "")
              + f"; packed attention: {r.attention_backend or '?'}; data: {r.data}"]
     if r.clocks:
-        lines.append("  " + clocks_text(r.clocks))
+        lines.append("  " + clocks_text(r.clocks, r.mfu))
     if r.family_note:
         lines.append(f"  per family: {r.family_note}")
     if r.family_ms:

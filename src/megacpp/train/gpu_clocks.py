@@ -6,7 +6,11 @@ GEMMs ran at 56-64% of peak where nam-125m's same-shaped head GEMMs ran at
 73-83%, fourteenth session). The bench therefore records what the card did
 while it timed the steps: `nvidia-smi` queried from a background thread (it
 ships with the driver; no Python binding needed), summarised as medians and
-minimums. Off CUDA, or without nvidia-smi, the record says why not.
+minimums. Off CUDA, or without nvidia-smi, the record says why not. A
+training run samples its card the same way, once a second, into its
+manifest (`outcome.clocks`): two runs of the same code on two cards of one
+kind differed by 4% in tokens/s with their SM clocks 0.80 and 0.86 of the
+boost (nam-1b, fifteenth session).
 """
 from __future__ import annotations
 
@@ -74,10 +78,13 @@ class ClockSampler:
 
     A thread queries nvidia-smi once every `period_ms` (one short process a
     sample: its looping mode writes through a pipe buffer that a stopped
-    process may never flush)."""
+    process may never flush). A long run keeps at most `max_samples`: past
+    that every second sample is dropped and the period doubled, so the kept
+    ones stay evenly spread over the whole run."""
 
-    def __init__(self, device: torch.device, period_ms: int = 200, exe: str | None = None):
-        self.device, self.period_ms = device, period_ms
+    def __init__(self, device: torch.device, period_ms: int = 200, exe: str | None = None,
+                 max_samples: int = 20_000):
+        self.device, self.period_ms, self.max_samples = device, period_ms, max(2, max_samples)
         self.exe = exe or shutil.which("nvidia-smi")
         self.result: dict = {"available": False, "why": "not run"}
         self._cmd: list[str] | None = None
@@ -124,6 +131,9 @@ class ClockSampler:
                 q = subprocess.run(self._cmd, capture_output=True, text=True, timeout=10)
                 if q.returncode == 0:
                     self._lines.extend(q.stdout.splitlines())
+                    if len(self._lines) > self.max_samples:
+                        self._lines = self._lines[::2]
+                        self.period_ms *= 2
             except (OSError, subprocess.SubprocessError):
                 pass
             if self._stop.wait(self.period_ms / 1e3):
@@ -137,12 +147,25 @@ class ClockSampler:
         return False
 
 
-def clocks_text(rec: dict) -> str:
-    """One line for the bench text: "SM 1,650 MHz median (min 1,590) of 1,980, 0.83; 690 W of 700"."""
+def mfu_at_clock(mfu: float | None, rec: dict | None) -> float | None:
+    """MFU against the peak at the SM clock the card ran at (median) rather than
+    at its boost clock: tensor throughput scales with the SM clock, so this is
+    the share of what the card could do at the clock its power budget allowed.
+    None where either is unknown. A derived figure: MFU itself stays the
+    datasheet-peak one."""
+    share = (rec or {}).get("sm_clock_share") if (rec or {}).get("available") else None
+    return mfu / share if mfu is not None and share else None
+
+
+def clocks_text(rec: dict, mfu: float | None = None) -> str:
+    """One line for the bench text: "SM 1,650 MHz median (min 1,590) of 1,980, 0.83; 690 W of 700",
+    and where `mfu` is given, the MFU at that clock."""
     if not rec or not rec.get("available"):
         return f"clocks: not sampled ({rec.get('why', '?') if rec else '?'})"
     share = f", {rec['sm_clock_share']:.2f}" if rec.get("sm_clock_share") else ""
+    at_clock = mfu_at_clock(mfu, rec)
     return (f"clocks while timed: SM {rec['sm_mhz_median']:,.0f} MHz median (min {rec['sm_mhz_min']:,.0f}) "
             f"of {rec['sm_max_mhz']:,.0f}{share}; power {rec['power_w_median']:.0f} W median "
             f"(max {rec['power_w_max']:.0f}) of {rec['power_limit_w']:.0f}; {rec['temp_c_max']:.0f} C max; "
-            f"throttle reasons {', '.join(rec['throttle_reasons'])}")
+            f"throttle reasons {', '.join(rec['throttle_reasons'])}"
+            + (f"; MFU at this clock {at_clock * 100:.1f}%" if at_clock is not None else ""))

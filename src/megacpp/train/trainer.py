@@ -39,6 +39,7 @@ from .activation import apply_activation_checkpointing, apply_delta_states, appl
 from .checkpoint import DCP, latest_good, load_sharded, load_weights, read_state, save_checkpoint, save_sharded
 from .compile import apply_compile, compile_stats, graph_step_begin, keep_grads_outside_graphs
 from .device import device_facts, memory_available, peak_flops, peak_memory, pick_device
+from .gpu_clocks import ClockSampler, mfu_at_clock
 from .metrics import MetricsWriter
 from .optim import Optimizers
 from .precision import Precision
@@ -224,6 +225,7 @@ class Trainer:
         # False: CUDA kernels only (recording host operators slows the host); CPU runs record the host anyway
         self.profile_host = profile_host
         self._prof = None
+        self.clocks: ClockSampler | None = None  # started by run()
         if dist is None:
             from .distributed import single_process
             dist = single_process()
@@ -388,6 +390,9 @@ class Trainer:
             "first_val_bpb": self.first_val_bpb, "wall_seconds": round(self._wall(), 2),
             "peak_memory_bytes": peak_memory(self.device),
             "nonfinite_steps_skipped": self.nonfinite_total, "warnings": list(self.warnings),
+            # the main rank's card while the run ran (SM clock, power, throttle
+            # reasons): MFU counts the boost clock's peak, a capped card runs below it
+            "clocks": self.clocks.result if self.clocks is not None else {"available": False, "why": "not run"},
         }
         return m
 
@@ -662,6 +667,10 @@ class Trainer:
             if self.dist.is_main else None
         self.loader_iter = iter(self.loader)
         end_reason = "completed"
+        # one nvidia-smi query a second from a thread, main rank only (its card)
+        self.clocks = ClockSampler(self.device, period_ms=1000) if self.dist.is_main else None
+        if self.clocks is not None:
+            self.clocks.__enter__()
         if self.step == 0 and pol.eval_batches > 0:
             self._eval_and_log(writer)
         last_step = self.step
@@ -724,6 +733,9 @@ class Trainer:
             if writer:
                 writer.close()
             raise
+        finally:
+            if self.clocks is not None:
+                self.clocks.__exit__(None, None, None)
         if writer:
             writer.close()
         if end_reason == "nonfinite":
