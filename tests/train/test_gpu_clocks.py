@@ -84,7 +84,10 @@ def test_samples_a_fake_nvidia_smi_and_falls_back_to_the_new_reasons_name(tmp_pa
     import time
     with ClockSampler(torch.device("cuda", 0), period_ms=20, exe=exe) as c:
         time.sleep(1.0)
+        mid = c.current()   # the summary so far, while it still samples
+        assert mid["available"] and mid["sm_mhz_min"] == 1600 and c.result["why"] == "not run"
     r = c.result
+    assert c.current() is r
     assert r["available"] and r["samples"] >= 3, r
     assert r["sm_mhz_min"] == 1600 and r["throttle_reasons"] == ["0x4"] and r["power_w_median"] == 690
     assert r["samples"] == len(count.read_text()) - 1   # every sample after the probe was kept

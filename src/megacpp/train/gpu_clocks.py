@@ -139,6 +139,14 @@ class ClockSampler:
             if self._stop.wait(self.period_ms / 1e3):
                 return
 
+    def current(self) -> dict:
+        """The summary so far while sampling (a checkpoint's manifest mid-run),
+        the final one after: a run killed before its end still has the clocks
+        of its last save."""
+        if self._thread is not None and self._thread.is_alive():
+            return summarize(parse_samples(list(self._lines)))
+        return self.result
+
     def __exit__(self, *exc):
         if self._thread is not None:
             self._stop.set()

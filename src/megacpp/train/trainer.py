@@ -39,7 +39,7 @@ from .activation import apply_activation_checkpointing, apply_delta_states, appl
 from .checkpoint import DCP, latest_good, load_sharded, load_weights, read_state, save_checkpoint, save_sharded
 from .compile import apply_compile, compile_stats, graph_step_begin, keep_grads_outside_graphs
 from .device import device_facts, memory_available, peak_flops, peak_memory, pick_device
-from .gpu_clocks import ClockSampler, mfu_at_clock
+from .gpu_clocks import ClockSampler
 from .metrics import MetricsWriter
 from .optim import Optimizers
 from .precision import Precision
@@ -392,7 +392,7 @@ class Trainer:
             "nonfinite_steps_skipped": self.nonfinite_total, "warnings": list(self.warnings),
             # the main rank's card while the run ran (SM clock, power, throttle
             # reasons): MFU counts the boost clock's peak, a capped card runs below it
-            "clocks": self.clocks.result if self.clocks is not None else {"available": False, "why": "not run"},
+            "clocks": self.clocks.current() if self.clocks is not None else {"available": False, "why": "not run"},
         }
         return m
 
