@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from megacpp.ops.causal_conv import causal_conv1d, causal_conv1d_fast, conv_backend, same_doc_mask
-from ops_testutil import err_norm_max, run_interpreter_child
+from ops_testutil import assert_errors_within, err_norm_max, run_interpreter_child
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CUDA = torch.cuda.is_available()
@@ -67,9 +67,7 @@ def compare(fn, x, w, bias, doc, act, gen):
 
 
 def assert_within(errs, dtype):
-    tn, tm = TOL[dtype]
-    bad = {k: v for k, v in errs.items() if not (v[0] <= tn and v[1] <= tm)}
-    assert not bad, f"{dtype}: beyond ({tn}, {tm}): {bad}; all: {errs}"
+    assert_errors_within(errs, dtype, TOL)
 
 
 # ------------------------------------------------------------- reference

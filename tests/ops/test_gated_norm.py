@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from megacpp.model.norm import GatedRMSNorm
 from megacpp.ops.gated_norm import (gated_norm_backend, gated_norm_backend_reason, gated_rms_norm,
                                     gated_rms_norm_fast)
-from ops_testutil import err_norm_max, run_interpreter_child
+from ops_testutil import assert_errors_within, err_norm_max, run_interpreter_child
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CUDA = torch.cuda.is_available()
@@ -68,9 +68,7 @@ def compare(fn, x, z, w, gen, **kw):
 
 
 def assert_within(errs, dtype):
-    tn, tm = TOL[dtype]
-    bad = {k: v for k, v in errs.items() if not (v[0] <= tn and v[1] <= tm)}
-    assert not bad, f"{dtype}: beyond ({tn}, {tm}): {bad}; all: {errs}"
+    assert_errors_within(errs, dtype, TOL)
 
 
 # ------------------------------------------------------------- reference

@@ -13,7 +13,7 @@ import torch
 
 from megacpp.model.mlp import activate
 from megacpp.ops.swiglu import swiglu, swiglu_backend, swiglu_backend_reason, swiglu_fast
-from ops_testutil import err_norm_max, run_interpreter_child
+from ops_testutil import assert_errors_within, err_norm_max, run_interpreter_child
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CUDA = torch.cuda.is_available()
@@ -47,9 +47,7 @@ def compare(fn, h, dy):
 
 
 def assert_within(errs, dtype):
-    tn, tm = TOL[dtype]
-    bad = {k: v for k, v in errs.items() if not (v[0] <= tn and v[1] <= tm)}
-    assert not bad, f"{dtype}: beyond ({tn}, {tm}): {bad}; all: {errs}"
+    assert_errors_within(errs, dtype, TOL)
 
 
 # ------------------------------------------------------------- reference
