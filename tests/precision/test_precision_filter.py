@@ -175,3 +175,56 @@ def test_converted_flops_share_of_a_dense_recipe_by_hand():
                                        f"policy.precision.min_gemm_size={d * d + 1}"])
     assert conversion_plan_summary(small)["converted_flops_per_token"] == 6.0 * layers * per_mlp
     assert conversion_plan_summary(load_recipe("dense-125m")) is None
+
+
+# ---------------------------------------------------------------- FP8 experts
+def test_fp8_experts_refused_on_cpu_with_the_field_named(tiny):
+    spec = dataclasses.replace(tiny.policy.precision, compute="bf16", expert_low_precision="fp8_rowwise")
+    model = megacpp.build_model(tiny.model)
+    with pytest.raises(MegacppError, match="policy.precision.expert_low_precision=fp8_rowwise: .*CUDA"):
+        Precision(spec, CPU).apply(model)
+    from megacpp.model.moe import Experts
+    assert all(m.low_precision == "none" for m in model.modules() if isinstance(m, Experts))
+
+
+def test_fp8_experts_convert_the_grouped_rows_only(tiny):
+    from megacpp.model.moe import Experts
+    model = megacpp.build_model(tiny.model)
+    spec = dataclasses.replace(tiny.policy.precision, compute="bf16", expert_low_precision="fp8_rowwise")
+    rep = convert_low_precision(model, spec, CPU, fp8_emulate=True)
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    assert len(experts) == 5 and all(m.low_precision == "fp8_rowwise_emulated" for m in experts)
+    conv = [g for g in rep.gemms if g.convert]
+    assert len(conv) == 10 and all(g.kind == "grouped_experts" and "_scaled_grouped_mm" in g.reason for g in conv)
+    lin = [g for g in rep.gemms if g.kind == "linear"]
+    assert lin and all(not g.convert for g in lin)
+    assert any(g.reason == "policy.precision.low_precision is none" for g in lin)
+    d = rep.to_dict()
+    assert d["recipe"] == "none" and d["experts"] == "fp8_rowwise" and "emulated" in d["experts_backend"]
+    # forward and input gradient of each expert row: 4 * d_in * d_out, top_k rows a token
+    e = tiny.model.moe
+    w_in, w_out = model.layers[1].moe.experts.w_in.shape, model.layers[1].moe.experts.w_out.shape
+    assert d["converted_flops_per_token"] == 5 * 4.0 * e.top_k * (w_in[1] * w_in[2] + w_out[1] * w_out[2])
+    ids = torch.randint(0, tiny.model.vocab_size, (2, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids)
+    out.logits.float().logsumexp(-1).mean().backward()
+    assert torch.isfinite(model.layers[1].moe.experts.w_in.grad).all()
+
+
+def test_fp8_experts_setting_is_validated_and_translated():
+    from megacpp.recipe.megatron import translate
+    with pytest.raises(MegacppError, match="policy.precision.expert_low_precision.*must be one of"):
+        megacpp.load_recipe("nam-125m", ["policy.precision.expert_low_precision=fp8"])
+    with pytest.raises(MegacppError, match="policy.precision.expert_low_precision.*compute"):
+        megacpp.load_recipe("nam-125m", ["policy.precision.expert_low_precision=fp8_rowwise",
+                                         "policy.precision.compute=fp32"])
+    both = megacpp.load_recipe("nam-125m", ["policy.precision.expert_low_precision=fp8_rowwise",
+                                            "policy.precision.low_precision=fp8_tensorwise"])
+    dense = megacpp.load_recipe("nam-125m", ["policy.precision.low_precision=fp8_tensorwise"])
+    assert not any("grouped experts" in i for i in translate(both).issues)
+    assert any("grouped experts" in i for i in translate(dense).issues)
+    from megacpp.train.lowp import conversion_plan_summary
+    s = conversion_plan_summary(megacpp.load_recipe("nam-125m", ["policy.precision.expert_low_precision=fp8_rowwise"]))
+    assert s["recipe"] == "none" and s["experts"] == "fp8_rowwise" and s["converted"] == 20
+    assert 0 < s["share_of_model_flops"] < 1

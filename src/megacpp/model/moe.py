@@ -256,13 +256,24 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, splits: int
 
 
 def grouped_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
-                activation: str, impl: str = "auto") -> torch.Tensor:
+                activation: str, impl: str = "auto", low_precision: str = "none") -> torch.Tensor:
     """Every expert's FFN on its own rows. x (A, d) sorted by expert; counts (E,).
 
     impl: "grouped_mm" | "bmm" (padded batched matmul) | "auto" (grouped_mm when available).
+    low_precision: "none" | "fp8_rowwise" (both GEMMs through ops.fp8_grouped: forward
+    and input gradient in FP8, whatever impl says) | "fp8_rowwise_emulated" (the
+    same with every GEMM emulated in float32: CPU tests).
     """
     A, d = x.shape
     E = w_in.shape[0]
+    if low_precision != "none":
+        from ..ops.fp8_grouped import FP8GroupedMM
+        if low_precision not in ("fp8_rowwise", "fp8_rowwise_emulated"):
+            raise ValueError(f"unknown expert low precision {low_precision!r} (none | fp8_rowwise)")
+        emulate = low_precision == "fp8_rowwise_emulated"
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        h = _ContiguousGrad.apply(FP8GroupedMM.apply(x, w_in, offs, emulate))
+        return _ContiguousGrad.apply(FP8GroupedMM.apply(activate(h, activation), w_out, offs, emulate))
     if impl == "auto":
         ok = grouped_mm_available(x.device, x.dtype, d, w_in.shape[-1], w_out.shape[1], w_out.shape[-1])
         impl = "grouped_mm" if ok else "bmm"
@@ -349,6 +360,9 @@ class Experts(nn.Module):
         up = 2 if is_gated(activation) else 1
         self.w_in = nn.Parameter(torch.empty(num_experts, d, up * ffn))
         self.w_out = nn.Parameter(torch.empty(num_experts, ffn, d))
+        # "none" | "fp8_rowwise": set by the run's low-precision conversion
+        # (policy.precision.expert_low_precision), never by the model spec
+        self.low_precision = "none"
 
     def init_weights(self, std: float, out_std: float) -> None:
         winit.normal_(self.w_in, std)
@@ -360,7 +374,8 @@ class Experts(nn.Module):
         (not reading w_in/w_out from outside) lets a wrapper that hooks this
         module, such as an FSDP2 group of its own, gather the weights first."""
         dtype = dtype or x.dtype
-        return grouped_ffn(x.to(dtype), counts, self.w_in.to(dtype), self.w_out.to(dtype), activation, impl)
+        return grouped_ffn(x.to(dtype), counts, self.w_in.to(dtype), self.w_out.to(dtype), activation, impl,
+                           self.low_precision)
 
 
 class MoE(nn.Module):

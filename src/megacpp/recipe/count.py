@@ -312,7 +312,8 @@ def describe_text(recipe: Recipe) -> str:
                  f"activations {fmt_bytes(mem['device_activations'])})")
     lp = info["low_precision"]
     if lp:
-        lines.append(f"low-precision GEMMs ({lp['recipe']}): {lp['converted']} converted, {lp['kept']} kept; "
+        what = lp["recipe"] + (f", experts {lp['experts']}" if lp.get("experts", "none") != "none" else "")
+        lines.append(f"low-precision GEMMs ({what}): {lp['converted']} converted, {lp['kept']} kept; "
                      f"the converted carry {lp['converted_flops_per_token'] / 1e9:.3f} GFLOP/token, "
                      f"{lp['share_of_model_flops'] * 100:.0f}% of the model's training FLOPs (the most "
                      f"a faster GEMM can act on)")

@@ -185,6 +185,11 @@ def translate(recipe: Recipe) -> Translation:
             issues.add("FP8 rowwise scaling maps to Megatron's blockwise recipe only approximately")
     elif pr.low_precision == "nvfp4_emulated":
         issues.add("emulated NVFP4 (quantize-dequantize on Hopper) has no Megatron flag")
+    fp8_dense = pr.low_precision in ("fp8_rowwise", "fp8_tensorwise")
+    if "E" in letters and fp8_dense != (pr.expert_low_precision != "none"):
+        # Megatron's --fp8-format covers the grouped experts with the other GEMMs
+        issues.add("Megatron's FP8 runs the grouped experts with the dense GEMMs; here "
+                   f"low_precision={pr.low_precision} and expert_low_precision={pr.expert_low_precision} differ")
 
     # parallel layout
     par = p.parallel

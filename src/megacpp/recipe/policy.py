@@ -35,6 +35,9 @@ class PrecisionSpec:
     compute: str = "bf16"            # fp32 | bf16 | fp16 (autocast dtype)
     params: str = "fp32"             # master weights
     low_precision: str = "none"      # none | fp8_rowwise | fp8_tensorwise | nvfp4_emulated
+    # The MoE experts' grouped GEMMs (not nn.Linear, so outside low_precision):
+    # none | fp8_rowwise (forward and input gradient in FP8, weight gradient bf16)
+    expert_low_precision: str = "none"
     # Modules kept in float32 whatever the compute dtype (matched by name part).
     fp32_modules: tuple[str, ...] = ("A_log", "D", "dt_bias", "norm", "router")
     min_gemm_size: int = 0           # low-precision conversion skips smaller GEMMs (in*out)

@@ -26,6 +26,7 @@ IMPLEMENTED = {
     "precision.compute": {"fp32", "bf16", "fp16"},
     "precision.params": {"fp32", "bf16"},
     "precision.low_precision": {"none", "fp8_rowwise", "fp8_tensorwise", "nvfp4_emulated"},
+    "precision.expert_low_precision": {"none", "fp8_rowwise"},
     "precision.fp32_matmul": {"tf32", "ieee"},
     "compile.mode": {"none", "default", "reduce-overhead", "max-autotune", "auto"},
     "compile.scope": {"block", "model", "auto"},
@@ -231,6 +232,11 @@ def validate_policy(p: RunPolicy) -> None:
     if pr.low_precision.startswith("fp8") and pr.compute != "bf16":
         _err(f + "precision.low_precision", f"{pr.low_precision} runs its GEMMs from bf16 autocast: "
              f"set policy.precision.compute = \"bf16\" (it is {pr.compute!r})")
+    _choice(pr.expert_low_precision, IMPLEMENTED["precision.expert_low_precision"],
+            f + "precision.expert_low_precision")
+    if pr.expert_low_precision != "none" and pr.compute != "bf16":
+        _err(f + "precision.expert_low_precision", f"{pr.expert_low_precision} quantizes the experts' bf16 "
+             f"GEMM inputs: set policy.precision.compute = \"bf16\" (it is {pr.compute!r})")
     _nonneg(pr.min_gemm_size, f + "precision.min_gemm_size")
     _pos(pr.loss_scale_init, f + "precision.loss_scale_init")
     _pos(pr.loss_scale_growth_interval, f + "precision.loss_scale_growth_interval")

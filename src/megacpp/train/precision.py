@@ -137,6 +137,7 @@ class Precision:
     def describe(self) -> dict:
         sp = self.spec
         out = {"compute": sp.compute, "params": sp.params, "low_precision": sp.low_precision,
+               "expert_low_precision": sp.expert_low_precision,
                "fp32_matmul": sp.fp32_matmul if self.device.type == "cuda" else "ieee (cpu)",
                "fp32_modules": list(sp.fp32_modules), "min_gemm_size": sp.min_gemm_size,
                "loss_scaling": "dynamic" if self.scaler else "none"}

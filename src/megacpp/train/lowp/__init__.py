@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ...errors import MegacppError
+from ...model.moe import Experts
 from .fp8 import convert_fp8, fp8_unavailable, require_fp8
 from .nvfp4 import NVFP4EmulatedLinear, native_fp4, nvfp4_linear, nvfp4_qdq, nvfp4_quantize
 from .plan import (GemmDecision, converted_flops_per_token, linear_decision, name_match, plan_conversion,
@@ -32,6 +33,8 @@ class LowPrecisionReport:
     emulated: bool = False
     native: str = ""              # what the device offers natively, when it matters
     gemms: list[GemmDecision] = field(default_factory=list)
+    experts: str = "none"         # policy.precision.expert_low_precision
+    experts_backend: str = ""
 
     @property
     def converted(self) -> list[str]:
@@ -39,7 +42,8 @@ class LowPrecisionReport:
 
     def to_dict(self) -> dict:
         return {"recipe": self.recipe, "backend": self.backend, "emulated": self.emulated,
-                "native": self.native, "converted": len(self.converted),
+                "native": self.native, "experts": self.experts, "experts_backend": self.experts_backend,
+                "converted": len(self.converted),
                 "kept": len(self.gemms) - len(self.converted),
                 "converted_flops_per_token": converted_flops_per_token(self.gemms),
                 "gemms": [g.to_dict() for g in self.gemms]}
@@ -54,14 +58,17 @@ def conversion_plan_summary(recipe) -> dict | None:
     from ...recipe.count import summarize
 
     spec = recipe.policy.precision
-    if spec.low_precision == "none":
+    if spec.low_precision == "none" and spec.expert_low_precision == "none":
         return None
     with torch.device("meta"):
         model = megacpp.build_model(recipe.model)
-    plan = plan_conversion(model, spec.fp32_modules, spec.min_gemm_size)
+    plan = plan_conversion(model, spec.fp32_modules, spec.min_gemm_size,
+                           converted_as=spec.low_precision, linears=spec.low_precision != "none",
+                           experts_as=spec.expert_low_precision if spec.expert_low_precision != "none" else "")
     conv = converted_flops_per_token(plan)
     total = summarize(recipe).flops_per_token
-    return {"recipe": spec.low_precision, "converted": sum(g.convert for g in plan),
+    return {"recipe": spec.low_precision, "experts": spec.expert_low_precision,
+            "converted": sum(g.convert for g in plan),
             "kept": sum(not g.convert for g in plan), "converted_flops_per_token": conv,
             "share_of_model_flops": conv / total if total else 0.0}
 
@@ -78,6 +85,34 @@ def convert_low_precision(model: nn.Module, spec, device: torch.device, *, fp8_e
     activation checkpointing, compile and distributed wrapping (they wrap
     the converted modules). fp8_emulate is for CPU tests only.
     """
+    report = _convert_linears(model, spec, device, fp8_emulate)
+    elp = spec.expert_low_precision
+    if elp == "none":
+        return report
+    if elp != "fp8_rowwise":
+        raise MegacppError(f"policy.precision.expert_low_precision: unknown value {elp!r}")
+    from ...ops.fp8_grouped import BACKEND, fp8_grouped_unavailable
+    if not fp8_emulate:
+        why = fp8_grouped_unavailable(device)
+        if why:
+            raise MegacppError(f"policy.precision.expert_low_precision={elp}: {why}. "
+                               f"Use expert_low_precision=none on this device")
+        if spec.compute != "bf16":
+            raise MegacppError(f"policy.precision.expert_low_precision={elp} quantizes the experts' bf16 GEMM "
+                               f"inputs; policy.precision.compute must be bf16, got {spec.compute}")
+    backend = BACKEND + (" (emulated in float32)" if fp8_emulate else "")
+    for mod in model.modules():
+        if isinstance(mod, Experts):
+            mod.low_precision = elp + ("_emulated" if fp8_emulate else "")
+    if not report.gemms:   # low_precision none: the Linears' rows say so
+        report.gemms = plan_conversion(model, spec.fp32_modules, spec.min_gemm_size, linears=False)
+    report.gemms = [GemmDecision(g.name, g.kind, g.shape, True, backend, g.top_k)
+                    if g.kind == "grouped_experts" else g for g in report.gemms]
+    report.experts, report.experts_backend = elp, backend
+    return report
+
+
+def _convert_linears(model: nn.Module, spec, device: torch.device, fp8_emulate: bool) -> LowPrecisionReport:
     lp = spec.low_precision
     if lp == "none":
         return LowPrecisionReport()

@@ -17,7 +17,9 @@ Rules, first match wins:
      reduction dim;
   5. otherwise converted.
 The stacked MoE experts (3-D `w_in`, `w_out` through torch._grouped_mm) are
-not nn.Linear and have no low-precision grouped path here: reported kept.
+not nn.Linear: low_precision leaves them alone; policy.precision.
+expert_low_precision = "fp8_rowwise" converts them (ops.fp8_grouped: forward
+and input gradient in FP8, the weight gradient bf16).
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ ROLE_KEEP = {
     "embed": "embedding: a lookup, not a GEMM",
     "router": "router: top-k choices are discrete and flip under low-precision scores",
 }
-GROUPED_REASON = "grouped experts (3-D weights through torch._grouped_mm): no low-precision grouped GEMM path here"
+GROUPED_REASON = ("grouped experts (3-D weights through torch._grouped_mm): policy.precision.expert_low_precision "
+                  "is none")
 
 
 def name_match(name: str, keys) -> str | None:
@@ -77,39 +80,55 @@ class GemmDecision:
     shape: tuple[int, ...]    # linear: (in, out); grouped: the weight's shape; embedding: (vocab, d)
     convert: bool
     reason: str
+    top_k: int = 0            # grouped experts: expert rows per token (their GEMMs' share per token)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "shape": list(self.shape),
                 "decision": "convert" if self.convert else "keep", "reason": self.reason}
 
 
+LINEARS_KEPT = "policy.precision.low_precision is none"
+
+
 def plan_conversion(model: nn.Module, fp32_modules=(), min_gemm_size: int = 0,
-                    converted_as: str = "") -> list[GemmDecision]:
+                    converted_as: str = "", experts_as: str = "", linears: bool = True) -> list[GemmDecision]:
     """One decision per GEMM-holding module of `model`, in module order.
 
-    converted_as: the reason text written on converted rows (the backend).
+    converted_as: the reason text written on converted nn.Linear rows (the
+    backend); linears=False keeps every Linear (low_precision none). experts_as:
+    the same text for the grouped experts; "" keeps them.
     """
     rows: list[GemmDecision] = []
+    top_k: dict[str, int] = {}   # experts module name -> its MoE's top_k
     for name, mod in model.named_modules():
+        if isinstance(getattr(mod, "experts", None), Experts) and hasattr(mod, "top_k"):
+            top_k[f"{name}.experts" if name else "experts"] = int(mod.top_k)
         if isinstance(mod, nn.Linear):
             ok, why = linear_decision(name, mod.in_features, mod.out_features,
                                       fp32_modules=fp32_modules, min_gemm_size=min_gemm_size)
+            if ok and not linears:
+                ok, why = False, LINEARS_KEPT
             rows.append(GemmDecision(name, "linear", (mod.in_features, mod.out_features), ok,
                                      converted_as if ok else why))
         elif isinstance(mod, nn.Embedding):
             rows.append(GemmDecision(name, "embedding", tuple(mod.weight.shape), False, ROLE_KEEP["embed"]))
         elif isinstance(mod, Experts):
             for pname, p in mod.named_parameters(recurse=False):
-                rows.append(GemmDecision(f"{name}.{pname}", "grouped_experts", tuple(p.shape), False,
-                                         GROUPED_REASON))
+                rows.append(GemmDecision(f"{name}.{pname}", "grouped_experts", tuple(p.shape), bool(experts_as),
+                                         experts_as or GROUPED_REASON, top_k.get(name, 0)))
     return rows
 
 
 def gemm_flops_per_token(g: GemmDecision) -> float:
-    """Training FLOPs per token of one nn.Linear GEMM (forward 2*in*out, backward
-    twice that); 0 for embeddings and the grouped experts, whose per-token
-    work depends on routing and which no recipe here converts."""
-    return 6.0 * g.shape[0] * g.shape[1] if g.kind == "linear" else 0.0
+    """Training FLOPs per token of one GEMM that a recipe converts: an nn.Linear's
+    forward 2*in*out and backward twice that; a grouped expert weight's
+    forward and input gradient (4*in*out per expert row, top_k rows a token;
+    its weight gradient stays bf16); 0 for embeddings."""
+    if g.kind == "linear":
+        return 6.0 * g.shape[0] * g.shape[1]
+    if g.kind == "grouped_experts":
+        return 4.0 * g.shape[-2] * g.shape[-1] * g.top_k
+    return 0.0
 
 
 def converted_flops_per_token(gemms: list[GemmDecision]) -> float:

@@ -1,0 +1,94 @@
+"""FP8 grouped GEMM for the MoE experts: torch._scaled_grouped_mm, rowwise scales.
+
+    fp8_grouped_mm(x, w, offs) ~= torch._grouped_mm(x, w, offs=offs)
+
+x (A, K) bf16 rows sorted by expert, w (E, K, N) bf16, offs (E,) int32 group
+ends. Forward and input gradient run in FP8 (e4m3, one power-of-two scale
+per row of the left operand and per column of the right, along the
+reduction dim: quant.py); the weight gradient, whose reduction runs over
+each expert's tokens (groups of any length, where the FP8 kernel wants
+16-aligned ones), stays bf16 through torch._grouped_mm. That is two of the
+three GEMMs per weight, as torchao's Float8Linear does for the dense ones.
+The forward accumulates with the kernel's fast accumulation (as torchao's
+output GEMM); the input gradient without it.
+
+`fp8_grouped_unavailable(device)` says why the kernel cannot run here (no
+CUDA, an FP8 grouped kernel torch does not build for this card); runs
+refuse the setting then, tests take the emulated reference
+(reference.fp8_grouped_mm_reference), which is this same function with
+every GEMM done in float32.
+"""
+from __future__ import annotations
+
+import torch
+
+from .quant import column_major, quantize_fp8
+from .reference import emulated_scaled_grouped_mm, grouped_wgrad_reference
+
+BACKEND = ("torch._scaled_grouped_mm, e4m3 with power-of-two rowwise scales: forward and input gradient; "
+           "weight gradient bf16 torch._grouped_mm")
+_PROBED: dict = {}
+
+
+def fp8_grouped_unavailable(device: torch.device) -> str | None:
+    """Why torch._scaled_grouped_mm cannot run the experts on `device`, or None.
+    Probed once per device with a tiny call (torch builds its FP8 grouped
+    kernels for some cards only: Hopper's sm_90 among them)."""
+    if device.type != "cuda":
+        return f"the FP8 grouped GEMM needs a CUDA device; this run is on {device.type}"
+    if not hasattr(torch, "_scaled_grouped_mm"):
+        return f"torch {torch.__version__} has no torch._scaled_grouped_mm"
+    key = str(device)
+    if key not in _PROBED:
+        try:
+            a = torch.zeros(32, 32, device=device, dtype=torch.float8_e4m3fn)
+            b = column_major(torch.zeros(2, 32, 16, device=device, dtype=torch.float8_e4m3fn))
+            offs = torch.tensor([16, 32], device=device, dtype=torch.int32)
+            torch._scaled_grouped_mm(a, b, torch.ones(32, device=device), torch.ones(2, 16, device=device),
+                                     offs=offs, out_dtype=torch.bfloat16)
+            torch.cuda.synchronize(device)
+            _PROBED[key] = None
+        except (RuntimeError, NotImplementedError, TypeError) as e:
+            cap = torch.cuda.get_device_capability(device)
+            _PROBED[key] = (f"torch {torch.__version__}'s FP8 grouped GEMM does not run on "
+                            f"{torch.cuda.get_device_name(device)} (sm_{cap[0]}{cap[1]}): "
+                            f"{str(e).splitlines()[0][:160]}")
+    return _PROBED[key]
+
+
+class FP8GroupedMM(torch.autograd.Function):
+    """See the module docstring; `emulate` runs every GEMM in float32 (the reference)."""
+
+    @staticmethod
+    def forward(ctx, x, w, offs, emulate):
+        xq, xs = quantize_fp8(x, dim=-1)        # scales (A, 1)
+        wq, ws = quantize_fp8(w, dim=1)         # scales (E, 1, N): per output column
+        gemm = emulated_scaled_grouped_mm if emulate else torch._scaled_grouped_mm
+        y = gemm(xq, column_major(wq), xs.squeeze(-1), ws.squeeze(1), offs,
+                 out_dtype=x.dtype, use_fast_accum=True)
+        ctx.save_for_backward(x, w, offs)
+        ctx.emulate = emulate
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, offs = ctx.saved_tensors
+        g = g.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            gq, gs = quantize_fp8(g, dim=-1)    # scales (A, 1)
+            # w^T (E, N, K), scaled per K column along N; its column-major
+            # layout is w's own (E, K, N) storage
+            wq, ws = quantize_fp8(w, dim=2)     # scales (E, K, 1)
+            gemm = emulated_scaled_grouped_mm if ctx.emulate else torch._scaled_grouped_mm
+            dx = gemm(gq, wq.transpose(-2, -1), gs.squeeze(-1), ws.squeeze(-1), offs,
+                      out_dtype=g.dtype, use_fast_accum=False)
+        if ctx.needs_input_grad[1]:
+            dw = (grouped_wgrad_reference(x, g, offs, w.shape[0]) if ctx.emulate
+                  else torch._grouped_mm(x.t(), g, offs=offs))
+        return dx, dw, None, None
+
+
+def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm(x, w, offs=offs) with the forward and input gradient in FP8."""
+    return FP8GroupedMM.apply(x, w, offs, False)
