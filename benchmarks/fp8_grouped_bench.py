@@ -39,7 +39,9 @@ def rows_for(gen, iters: int) -> list[dict]:
     def bf16(x, w, offs):
         return torch._grouped_mm(x, w, offs=offs)
 
-    impls = {"bf16 torch._grouped_mm": torch.compile(bf16), "fp8 rowwise (fwd, dgrad)": torch.compile(fp8_grouped_mm)}
+    impls = {"bf16 torch._grouped_mm": torch.compile(bf16)}
+    for q in ("torch", "torchao"):
+        impls[f"fp8 (fwd, dgrad), quant {q}"] = torch.compile(lambda x, w, offs, q=q: fp8_grouped_mm(x, w, offs, q))
     out = []
     for name, (rows, E, k, n) in GROUPED.items():
         offs, x0, w0, g = expert_batch(gen, rows, E, k, n)
@@ -83,9 +85,9 @@ def main(argv=None) -> int:
         return 2
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = rows_for(gen, args.iters)
-    print(f"{'GEMM':16s} {'variant':26s} {'fwd ms':>8s} {'TFLOP/s':>8s} {'f+b ms':>8s} {'TFLOP/s':>8s}  err y/dx/dw")
+    print(f"{'GEMM':16s} {'variant':30s} {'fwd ms':>8s} {'TFLOP/s':>8s} {'f+b ms':>8s} {'TFLOP/s':>8s}  err y/dx/dw")
     for r in rows:
-        print(f"{r['group']:16s} {r['variant']:26s} {r['fwd_ms']:8.3f} {r['fwd_tflops']:8.0f} "
+        print(f"{r['group']:16s} {r['variant']:30s} {r['fwd_ms']:8.3f} {r['fwd_tflops']:8.0f} "
               f"{r['fwd_bwd_ms']:8.3f} {r['fwd_bwd_tflops']:8.0f}  "
               + "/".join(f"{e:.1e}" for e in r["rel_err_y_dx_dw"]))
     if args.json:

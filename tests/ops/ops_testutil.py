@@ -75,8 +75,9 @@ def run_interpreter_child(test_file: str, child_env: str, n_tests: int) -> None:
     child_env=1; all n_tests must pass, none skipped."""
     env = dict(os.environ, TRITON_INTERPRET="1", **{child_env: "1"})
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # (no hypothesis plugin: no interpreter test uses it, and its import is ~1 s of the child's start)
     cmd = [sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider",
-           os.path.abspath(test_file), "-k", "cpu_interp"]
+           "-p", "no:hypothesispytest", os.path.abspath(test_file), "-k", "cpu_interp"]
     r = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-6000:]

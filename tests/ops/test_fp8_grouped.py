@@ -132,7 +132,7 @@ def test_moe_with_fp8_experts_tracks_bf16(gen):
     ref.init_weights(0.05, 0.05)
     fp8 = MoE(r.model).to(torch.bfloat16)
     fp8.load_state_dict(ref.state_dict())
-    fp8.experts.low_precision = "fp8_rowwise_emulated"
+    fp8.experts.low_precision = "fp8_rowwise:emulate"
     x = torch.randn(2, 24, r.model.hidden_size, generator=gen).to(torch.bfloat16)
     outs = []
     for m in (ref, fp8):
@@ -160,7 +160,7 @@ def test_cuda_kernel_matches_reference(seed, shape):
     g = torch.randn(A, N, generator=gen).to(torch.bfloat16)
     want = run(fp8_grouped_mm_reference, x, w, counts, g)
     dev = [t.cuda() for t in (x, w, counts, g)]
-    got = run(fp8_grouped_mm, *dev)
+    got = run(fp8_grouped_mm, *dev)                              # the quantizer "auto" picks
     for name, a, b in zip(("y", "dx", "dw"), got, want):
         n, m = err_norm_max(a.cpu(), b)
         # the same FP8 products in another summation order (the forward with
@@ -171,14 +171,57 @@ def test_cuda_kernel_matches_reference(seed, shape):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(FP8_WHY is not None, reason=f"FP8 grouped GEMM unavailable: {FP8_WHY}")
-def test_cuda_compiled_matches_eager(seed):
+@pytest.mark.parametrize("quant", ["torchao", "torch"])
+def test_cuda_compiled_matches_eager(seed, quant):
+    from megacpp.ops.fp8_grouped import torchao_import_error
+    if quant == "torchao" and torchao_import_error():
+        pytest.skip(torchao_import_error())
     gen = torch.Generator().manual_seed(seed)
     E, A, K, N = 8, 2048, 512, 768
     counts = random_groups(gen, E, A)
     x, w, g = (torch.randn(*s, generator=gen).to(torch.bfloat16).cuda() for s in ((A, K), (E, K, N), (A, N)))
     w = w / math.sqrt(K)
-    eager = run(fp8_grouped_mm, x, w, counts.cuda(), g)
-    comp = run(torch.compile(fp8_grouped_mm, fullgraph=True), x, w, counts.cuda(), g)
+
+    def fn(a, b, offs):
+        return fp8_grouped_mm(a, b, offs, quant)
+
+    eager = run(fn, x, w, counts.cuda(), g)
+    torch._dynamo.reset()
+    comp = run(torch.compile(fn, fullgraph=True), x, w, counts.cuda(), g)
     for a, b in zip(comp, eager):
         n, _ = err_norm_max(a, b)
         assert n < 2e-3, n
+
+
+# ---------------------------------------------------------------- the quantizers
+def test_quant_choice_reads_the_env(monkeypatch):
+    from megacpp.ops.fp8_grouped import quant_path
+    monkeypatch.setenv("MEGACPP_FP8_QUANT", "torch")
+    assert quant_path(torch.device("cuda")) == "torch"
+    monkeypatch.setenv("MEGACPP_FP8_QUANT", "bogus")
+    with pytest.raises(ValueError, match="MEGACPP_FP8_QUANT='bogus'"):
+        quant_path(torch.device("cuda"))
+    monkeypatch.setenv("MEGACPP_FP8_QUANT", "auto")
+    assert quant_path(torch.device("cpu")) == "torch"           # torchao's kernels are CUDA only
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(FP8_WHY is not None, reason=f"FP8 grouped GEMM unavailable: {FP8_WHY}")
+def test_cuda_torchao_quantizer_gives_the_same_bytes(seed):
+    from megacpp.ops.fp8_grouped import QUANT, torchao_import_error
+    if torchao_import_error():
+        pytest.skip(torchao_import_error())
+    gen = torch.Generator().manual_seed(seed)
+    t = (torch.randn(3001, 1408, generator=gen) * torch.logspace(-3, 3, 3001)[:, None]).to(torch.bfloat16).cuda()
+    t[7] = 0
+    w = (torch.randn(8, 2048, 2816, generator=gen) * 0.02).to(torch.bfloat16).cuda()
+    a, b = QUANT["torchao"], QUANT["torch"]
+    for name, fn in (("rows", lambda q: q.rows(t)), ("weight_fwd", lambda q: q.weight_fwd(w)),
+                     ("weight_dgrad", lambda q: q.weight_dgrad(w))):
+        (qa, sa), (qb, sb) = fn(a), fn(b)
+        assert qa.shape == qb.shape and qa.stride() == qb.stride(), (name, qa.stride(), qb.stride())
+        assert torch.equal(qa.view(torch.uint8), qb.view(torch.uint8)), name
+        live = torch.ones_like(sb, dtype=torch.bool)
+        if name == "rows":
+            live[7] = False                                      # an all-zero row: any scale
+        assert torch.equal(sa[live], sb[live]), name

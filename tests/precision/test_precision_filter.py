@@ -193,7 +193,7 @@ def test_fp8_experts_convert_the_grouped_rows_only(tiny):
     spec = dataclasses.replace(tiny.policy.precision, compute="bf16", expert_low_precision="fp8_rowwise")
     rep = convert_low_precision(model, spec, CPU, fp8_emulate=True)
     experts = [m for m in model.modules() if isinstance(m, Experts)]
-    assert len(experts) == 5 and all(m.low_precision == "fp8_rowwise_emulated" for m in experts)
+    assert len(experts) == 5 and all(m.low_precision == "fp8_rowwise:emulate" for m in experts)
     conv = [g for g in rep.gemms if g.convert]
     assert len(conv) == 10 and all(g.kind == "grouped_experts" and "_scaled_grouped_mm" in g.reason for g in conv)
     lin = [g for g in rep.gemms if g.kind == "linear"]

@@ -278,7 +278,9 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
         compile={**comp, **compile_stats()}, activation_checkpointing={"policy": dict(pol.activation_checkpointing),
                                                                        "applied_layers": len(ac)},
         precision=pol.precision.compute + ("" if pol.precision.low_precision == "none"
-                                           else f"+{pol.precision.low_precision}"),
+                                           else f"+{pol.precision.low_precision}")
+        + ("" if pol.precision.expert_low_precision == "none"
+           else f"+experts {pol.precision.expert_low_precision} (quantizer: {_fp8_quant_path(dev)})"),
         data=data_id, ssd_backend=_ssd_backend(dev, precision.dtype, pol.kernels.ssd_states),
         conv_backend=_conv_backend(dev, precision.dtype, model),
         attention_backend=_attention_backend(model, dev),
@@ -307,6 +309,11 @@ def _conv_backend(dev, dtype, model) -> str:
         from .trainer import conv_paths
         b += " (" + ", ".join(f"K{k} {p['fwd']}/{p['bwd']}" for k, p in conv_paths(model).items()) + ")"
     return b
+
+
+def _fp8_quant_path(dev) -> str:
+    from ..ops.fp8_grouped import quant_path
+    return quant_path(dev)
 
 
 def _ssd_backend(dev, dtype, states: str) -> str:

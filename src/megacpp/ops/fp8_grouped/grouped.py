@@ -22,11 +22,17 @@ from __future__ import annotations
 
 import torch
 
-from .quant import column_major, quantize_fp8
+from .quant import column_major
+from .quant_paths import QUANT, quant_path
 from .reference import emulated_scaled_grouped_mm, grouped_wgrad_reference
 
 BACKEND = ("torch._scaled_grouped_mm, e4m3 with power-of-two rowwise scales: forward and input gradient; "
            "weight gradient bf16 torch._grouped_mm")
+
+
+def backend_text(device: torch.device) -> str:
+    """BACKEND with the quantizer that runs on `device` (quant_paths)."""
+    return BACKEND + f"; quantization: {quant_path(device)}"
 _PROBED: dict = {}
 
 
@@ -56,18 +62,26 @@ def fp8_grouped_unavailable(device: torch.device) -> str | None:
     return _PROBED[key]
 
 
+MODES = ("torchao", "torch", "emulate")
+
+
 class FP8GroupedMM(torch.autograd.Function):
-    """See the module docstring; `emulate` runs every GEMM in float32 (the reference)."""
+    """See the module docstring. mode: "torchao" or "torch" (the quantizer in
+    front of torch._scaled_grouped_mm, quant_paths), or "emulate" (the pure-torch
+    quantizer and every GEMM in float32: the reference)."""
 
     @staticmethod
-    def forward(ctx, x, w, offs, emulate):
-        xq, xs = quantize_fp8(x, dim=-1)        # scales (A, 1)
-        wq, ws = quantize_fp8(w, dim=1)         # scales (E, 1, N): per output column
+    def forward(ctx, x, w, offs, mode):
+        if mode not in MODES:
+            raise ValueError(f"FP8GroupedMM mode {mode!r}: expected one of {MODES}")
+        emulate = mode == "emulate"
+        quant = QUANT["torch" if emulate else mode]
+        xq, xs = quant.rows(x)                  # scales (A,)
+        wq, ws = quant.weight_fwd(w)            # scales (E, N): per output column, along K
         gemm = emulated_scaled_grouped_mm if emulate else torch._scaled_grouped_mm
-        y = gemm(xq, column_major(wq), xs.squeeze(-1), ws.squeeze(1), offs,
-                 out_dtype=x.dtype, use_fast_accum=True)
+        y = gemm(xq, wq, xs, ws, offs, out_dtype=x.dtype, use_fast_accum=True)
         ctx.save_for_backward(x, w, offs)
-        ctx.emulate = emulate
+        ctx.emulate, ctx.quant = emulate, quant
         return y
 
     @staticmethod
@@ -76,19 +90,18 @@ class FP8GroupedMM(torch.autograd.Function):
         g = g.contiguous()
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            gq, gs = quantize_fp8(g, dim=-1)    # scales (A, 1)
-            # w^T (E, N, K), scaled per K column along N; its column-major
-            # layout is w's own (E, K, N) storage
-            wq, ws = quantize_fp8(w, dim=2)     # scales (E, K, 1)
+            quant = ctx.quant
+            gq, gs = quant.rows(g)              # scales (A,)
+            wq, ws = quant.weight_dgrad(w)      # w^T (E, N, K), scales (E, K) along N
             gemm = emulated_scaled_grouped_mm if ctx.emulate else torch._scaled_grouped_mm
-            dx = gemm(gq, wq.transpose(-2, -1), gs.squeeze(-1), ws.squeeze(-1), offs,
-                      out_dtype=g.dtype, use_fast_accum=False)
+            dx = gemm(gq, wq, gs, ws, offs, out_dtype=g.dtype, use_fast_accum=False)
         if ctx.needs_input_grad[1]:
             dw = (grouped_wgrad_reference(x, g, offs, w.shape[0]) if ctx.emulate
                   else torch._grouped_mm(x.t(), g, offs=offs))
         return dx, dw, None, None
 
 
-def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """torch._grouped_mm(x, w, offs=offs) with the forward and input gradient in FP8."""
-    return FP8GroupedMM.apply(x, w, offs, False)
+def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, quant: str | None = None) -> torch.Tensor:
+    """torch._grouped_mm(x, w, offs=offs) with the forward and input gradient in
+    FP8; quant: "torchao" | "torch" | None (quant_path's choice for x's device)."""
+    return FP8GroupedMM.apply(x, w, offs, quant or quant_path(x.device))

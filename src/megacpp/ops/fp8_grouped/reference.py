@@ -49,4 +49,4 @@ def grouped_wgrad_reference(x: torch.Tensor, g: torch.Tensor, offs: torch.Tensor
 def fp8_grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """fp8_grouped_mm's signature and rounding, every GEMM emulated in float32."""
     from .grouped import FP8GroupedMM
-    return FP8GroupedMM.apply(x, w, offs, True)
+    return FP8GroupedMM.apply(x, w, offs, "emulate")

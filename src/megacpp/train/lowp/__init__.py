@@ -91,7 +91,7 @@ def convert_low_precision(model: nn.Module, spec, device: torch.device, *, fp8_e
         return report
     if elp != "fp8_rowwise":
         raise MegacppError(f"policy.precision.expert_low_precision: unknown value {elp!r}")
-    from ...ops.fp8_grouped import BACKEND, fp8_grouped_unavailable
+    from ...ops.fp8_grouped import BACKEND, backend_text, fp8_grouped_unavailable, quant_path
     if not fp8_emulate:
         why = fp8_grouped_unavailable(device)
         if why:
@@ -100,10 +100,11 @@ def convert_low_precision(model: nn.Module, spec, device: torch.device, *, fp8_e
         if spec.compute != "bf16":
             raise MegacppError(f"policy.precision.expert_low_precision={elp} quantizes the experts' bf16 GEMM "
                                f"inputs; policy.precision.compute must be bf16, got {spec.compute}")
-    backend = BACKEND + (" (emulated in float32)" if fp8_emulate else "")
+    backend = BACKEND + " (emulated in float32)" if fp8_emulate else backend_text(device)
+    mode = "emulate" if fp8_emulate else quant_path(device)
     for mod in model.modules():
         if isinstance(mod, Experts):
-            mod.low_precision = elp + ("_emulated" if fp8_emulate else "")
+            mod.low_precision = f"{elp}:{mode}"
     if not report.gemms:   # low_precision none: the Linears' rows say so
         report.gemms = plan_conversion(model, spec.fp32_modules, spec.min_gemm_size, linears=False)
     report.gemms = [GemmDecision(g.name, g.kind, g.shape, True, backend, g.top_k)

@@ -1,0 +1,101 @@
+"""Which quantizer feeds the FP8 grouped GEMM: torchao's Triton kernels or the pure-torch one.
+
+Three operands, each quantized per slice along its GEMM's reduction dim:
+    rows(t)          t (M, K) -> q (M, K) row-major, dequant scales (M,)
+    weight_fwd(w)    w (E, K, N) -> q (E, K, N) column-major, scales (E, N)
+    weight_dgrad(w)  w (E, K, N) -> q = w^T (E, N, K) column-major, scales (E, K)
+
+"torch" is quant.py, which inductor fuses into the kernel that produces the
+operand: measured on nam-1b (sixteenth session), its rowwise reductions
+loop over each row twice and recompute the producer (the SwiGLU backward)
+in the second loop. "torchao" takes torchao's fused Triton kernels
+(torchao.prototype.moe_training.kernels: one program per row, amax then
+scale-and-cast from L2) on the materialized bf16 operand, which the bf16
+weight gradient needs anyway. Both round scales to powers of two, so they
+give the same bytes (a CUDA test holds them to that).
+
+MEGACPP_FP8_QUANT = auto (torchao where it imports, else torch) | torchao | torch.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from .quant import FP8, column_major, quantize_fp8
+
+ENV = "MEGACPP_FP8_QUANT"
+
+
+@functools.lru_cache(maxsize=1)
+def torchao_import_error() -> str:
+    """'' when torchao's FP8 quantization kernels import, else why not."""
+    try:
+        from torchao.prototype.moe_training.kernels import (  # noqa: F401
+            triton_fp8_colwise_3d_scale_and_cast, triton_fp8_rowwise_2d_scale_and_cast,
+            triton_fp8_rowwise_3d_transpose_rhs)
+    except Exception as e:  # ImportError, or a torchao built for another torch/triton
+        return f"torchao's FP8 quantization kernels do not import ({type(e).__name__}: {str(e)[:120]})"
+    return ""
+
+
+def quant_choice() -> str:
+    v = os.environ.get(ENV, "auto").strip() or "auto"
+    if v not in ("auto", "torchao", "torch"):
+        raise ValueError(f"{ENV}={v!r}: expected auto, torchao or torch")
+    return v
+
+
+def quant_path(device: torch.device) -> str:
+    """'torchao' or 'torch': the quantizer the FP8 grouped GEMM uses on `device`."""
+    v = quant_choice()
+    if v == "torch" or device.type != "cuda":
+        return "torch"
+    why = torchao_import_error()
+    if why and v == "torchao":
+        raise RuntimeError(f"{ENV}=torchao: {why}")
+    return "torch" if why else "torchao"
+
+
+class TorchQuant:
+    @staticmethod
+    def rows(t):
+        q, s = quantize_fp8(t, dim=-1)
+        return q, s.squeeze(-1)
+
+    @staticmethod
+    def weight_fwd(w):
+        q, s = quantize_fp8(w, dim=1)
+        return column_major(q), s.squeeze(1)
+
+    @staticmethod
+    def weight_dgrad(w):
+        q, s = quantize_fp8(w, dim=2)
+        return q.transpose(-2, -1), s.squeeze(-1)
+
+
+class TorchaoQuant:
+    """torchao's kernels return quantization multipliers (448 / amax, rounded
+    down to a power of two); their reciprocals are the dequant scales, exact."""
+
+    @staticmethod
+    def rows(t):
+        from torchao.prototype.moe_training.kernels import triton_fp8_rowwise_2d_scale_and_cast
+        q, s = triton_fp8_rowwise_2d_scale_and_cast(t.contiguous(), FP8, True)
+        return q, s.squeeze(-1).reciprocal()
+
+    @staticmethod
+    def weight_fwd(w):
+        from torchao.prototype.moe_training.kernels import triton_fp8_colwise_3d_scale_and_cast
+        q, s = triton_fp8_colwise_3d_scale_and_cast(column_major(w), FP8, True)
+        return q, s.squeeze(1).reciprocal()
+
+    @staticmethod
+    def weight_dgrad(w):
+        from torchao.prototype.moe_training.kernels import triton_fp8_rowwise_3d_transpose_rhs
+        q, s = triton_fp8_rowwise_3d_transpose_rhs(w.contiguous(), FP8, True)
+        return q, s.reciprocal()
+
+
+QUANT = {"torch": TorchQuant, "torchao": TorchaoQuant}
