@@ -151,7 +151,11 @@ def test_moe_with_fp8_experts_tracks_bf16(gen):
 @pytest.mark.skipif(FP8_WHY is not None, reason=f"FP8 grouped GEMM unavailable: {FP8_WHY}")
 @pytest.mark.parametrize("shape", [(8, 4000, 2048, 2816), (8, 3001, 1408, 2048), (8, 777, 768, 1536),
                                    (3, 100, 64, 32)])
-def test_cuda_kernel_matches_reference(seed, shape):
+@pytest.mark.parametrize("quant", ["torch", "torchao"])
+def test_cuda_kernel_matches_reference(seed, shape, quant):
+    from megacpp.ops.fp8_grouped import torchao_import_error
+    if quant == "torchao" and torchao_import_error():
+        pytest.skip(torchao_import_error())
     gen = torch.Generator().manual_seed(seed)
     E, A, K, N = shape
     counts = random_groups(gen, E, A, empty=E - 1)
@@ -160,7 +164,7 @@ def test_cuda_kernel_matches_reference(seed, shape):
     g = torch.randn(A, N, generator=gen).to(torch.bfloat16)
     want = run(fp8_grouped_mm_reference, x, w, counts, g)
     dev = [t.cuda() for t in (x, w, counts, g)]
-    got = run(fp8_grouped_mm, *dev)                              # the quantizer "auto" picks
+    got = run(lambda a, b, o: fp8_grouped_mm(a, b, o, quant), *dev)
     for name, a, b in zip(("y", "dx", "dw"), got, want):
         n, m = err_norm_max(a.cpu(), b)
         # the same FP8 products in another summation order (the forward with
@@ -201,7 +205,9 @@ def test_quant_choice_reads_the_env(monkeypatch):
     monkeypatch.setenv("MEGACPP_FP8_QUANT", "bogus")
     with pytest.raises(ValueError, match="MEGACPP_FP8_QUANT='bogus'"):
         quant_path(torch.device("cuda"))
-    monkeypatch.setenv("MEGACPP_FP8_QUANT", "auto")
+    monkeypatch.delenv("MEGACPP_FP8_QUANT")
+    assert quant_path(torch.device("cuda")) == "torch"          # the default: the measured faster
+    monkeypatch.setenv("MEGACPP_FP8_QUANT", "torchao")
     assert quant_path(torch.device("cpu")) == "torch"           # torchao's kernels are CUDA only
 
 

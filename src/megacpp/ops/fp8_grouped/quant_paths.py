@@ -6,15 +6,19 @@ Three operands, each quantized per slice along its GEMM's reduction dim:
     weight_dgrad(w)  w (E, K, N) -> q = w^T (E, N, K) column-major, scales (E, K)
 
 "torch" is quant.py, which inductor fuses into the kernel that produces the
-operand: measured on nam-1b (sixteenth session), its rowwise reductions
-loop over each row twice and recompute the producer (the SwiGLU backward)
-in the second loop. "torchao" takes torchao's fused Triton kernels
-(torchao.prototype.moe_training.kernels: one program per row, amax then
-scale-and-cast from L2) on the materialized bf16 operand, which the bf16
-weight gradient needs anyway. Both round scales to powers of two, so they
-give the same bytes (a CUDA test holds them to that).
+operand (the expert-row gather, the SwiGLU and its backward). "torchao" takes
+torchao's fused Triton kernels (torchao.prototype.moe_training.kernels: one
+program per row, amax then scale-and-cast from L2) on the materialized bf16
+operand. Both round scales to powers of two, so they give the same bytes (a
+CUDA test holds them to that).
 
-MEGACPP_FP8_QUANT = auto (torchao where it imports, else torch) | torchao | torch.
+Measured on nam-1b at micro batch 32 with FP8 dense GEMMs (H200, sixteenth
+session, BENCHMARKS.md): "torch" +1.4% to +2.2% tokens/s over FP8 dense
+alone in four runs on three cards, "torchao" -0.2% to 0.0% in three; in
+isolation (benchmarks/fp8_grouped_bench.py) torchao's is the faster at
+nam-1b's shapes and the slower at nam-125m's. The default is "torch".
+
+MEGACPP_FP8_QUANT = torch (default) | torchao (an error where it does not import).
 """
 from __future__ import annotations
 
@@ -41,9 +45,9 @@ def torchao_import_error() -> str:
 
 
 def quant_choice() -> str:
-    v = os.environ.get(ENV, "auto").strip() or "auto"
-    if v not in ("auto", "torchao", "torch"):
-        raise ValueError(f"{ENV}={v!r}: expected auto, torchao or torch")
+    v = os.environ.get(ENV, "torch").strip() or "torch"
+    if v not in ("torchao", "torch"):
+        raise ValueError(f"{ENV}={v!r}: expected torch or torchao")
     return v
 
 
@@ -53,9 +57,9 @@ def quant_path(device: torch.device) -> str:
     if v == "torch" or device.type != "cuda":
         return "torch"
     why = torchao_import_error()
-    if why and v == "torchao":
+    if why:
         raise RuntimeError(f"{ENV}=torchao: {why}")
-    return "torch" if why else "torchao"
+    return "torchao"
 
 
 class TorchQuant:
