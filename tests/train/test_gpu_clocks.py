@@ -130,3 +130,32 @@ def test_a_long_run_keeps_every_second_sample_past_the_cap(tmp_path, monkeypatch
     assert 3 <= r["samples"] <= 6, r              # bounded
     assert c.period_ms > 10                       # and the period grew
     assert r["sm_mhz_min"] == 1600                # the first sample after the probe is kept
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a fake executable script")
+def test_a_closed_gate_keeps_no_samples_and_the_window_is_named(tmp_path, monkeypatch):
+    """A run's compile and evaluations leave the card idle at its boost clock:
+    samples taken while the gate is closed are dropped, those while it is open kept."""
+    state = tmp_path / "mhz"
+    state.write_text("1980")
+    exe = _fake_smi(tmp_path, f"""
+        print(open({str(state)!r}).read().strip() + ", 1980, 690, 700, 60, 0x4")
+    """)
+    monkeypatch.setattr(gpu_clocks, "_device_id", lambda device: "GPU-fake")
+    import time
+    with ClockSampler(torch.device("cuda", 0), period_ms=20, exe=exe, window="steps 3 on") as c:
+        c.gate = False
+        time.sleep(0.5)
+        assert c.current() == {"available": False, "why": "no samples in the window (steps 3 on)",
+                               "window": "steps 3 on"}
+        state.write_text("1500")
+        time.sleep(0.2)
+        c.gate = True
+        time.sleep(0.6)
+        c.gate = False
+        time.sleep(0.2)
+        state.write_text("1980")
+        time.sleep(0.5)
+    r = c.result
+    assert r["available"] and r["samples"] >= 3 and r["window"] == "steps 3 on"
+    assert r["sm_mhz_median"] == 1500 and r["sm_mhz_min"] == 1500, r

@@ -10,7 +10,11 @@ minimums. Off CUDA, or without nvidia-smi, the record says why not. A
 training run samples its card the same way, once a second, into its
 manifest (`outcome.clocks`): two runs of the same code on two cards of one
 kind differed by 4% in tokens/s with their SM clocks 0.80 and 0.86 of the
-boost (nam-1b, fifteenth session).
+boost (nam-1b, fifteenth session). A run keeps only the samples taken while
+its training steps run (`gate`): its compile, evaluations and saves leave
+the card idle at its boost clock (the sixteenth session's first run
+manifests read a median of 1,980 MHz at 121 W for a run whose steps ran
+capped at 700 W).
 """
 from __future__ import annotations
 
@@ -80,11 +84,17 @@ class ClockSampler:
     sample: its looping mode writes through a pipe buffer that a stopped
     process may never flush). A long run keeps at most `max_samples`: past
     that every second sample is dropped and the period doubled, so the kept
-    ones stay evenly spread over the whole run."""
+    ones stay evenly spread over the whole run.
+
+    gate: None keeps every sample (the bench samples only around its timed
+    steps); a run sets it False and opens it (True) around the steps it
+    counts, `window` naming them in the summary."""
 
     def __init__(self, device: torch.device, period_ms: int = 200, exe: str | None = None,
-                 max_samples: int = 20_000):
+                 max_samples: int = 20_000, window: str = ""):
         self.device, self.period_ms, self.max_samples = device, period_ms, max(2, max_samples)
+        self.gate: bool | None = None
+        self.window = window
         self.exe = exe or shutil.which("nvidia-smi")
         self.result: dict = {"available": False, "why": "not run"}
         self._cmd: list[str] | None = None
@@ -128,8 +138,10 @@ class ClockSampler:
     def _poll(self) -> None:
         while True:
             try:
+                open_before = self.gate is not False
                 q = subprocess.run(self._cmd, capture_output=True, text=True, timeout=10)
-                if q.returncode == 0:
+                # a sample counts only if the gate was open when it was asked and answered
+                if q.returncode == 0 and open_before and self.gate is not False:
                     self._lines.extend(q.stdout.splitlines())
                     if len(self._lines) > self.max_samples:
                         self._lines = self._lines[::2]
@@ -139,19 +151,27 @@ class ClockSampler:
             if self._stop.wait(self.period_ms / 1e3):
                 return
 
+    def _summary(self) -> dict:
+        out = summarize(parse_samples(list(self._lines)))
+        if self.window:
+            out["window"] = self.window
+            if not out["available"]:
+                out["why"] = f"no samples in the window ({self.window})"
+        return out
+
     def current(self) -> dict:
         """The summary so far while sampling (a checkpoint's manifest mid-run),
         the final one after: a run killed before its end still has the clocks
         of its last save."""
         if self._thread is not None and self._thread.is_alive():
-            return summarize(parse_samples(list(self._lines)))
+            return self._summary()
         return self.result
 
     def __exit__(self, *exc):
         if self._thread is not None:
             self._stop.set()
             self._thread.join(timeout=15)
-            self.result = summarize(parse_samples(list(self._lines)))
+            self.result = self._summary()
         return False
 
 

@@ -40,6 +40,8 @@ from .checkpoint import DCP, latest_good, load_sharded, load_weights, read_state
 from .compile import apply_compile, compile_stats, graph_step_begin, keep_grads_outside_graphs
 from .device import device_facts, memory_available, peak_flops, peak_memory, pick_device
 from .gpu_clocks import ClockSampler
+
+CLOCK_WARM_STEPS = 2   # a run's first steps compile (and capture CUDA graphs): no clock samples
 from .metrics import MetricsWriter
 from .optim import Optimizers
 from .precision import Precision
@@ -667,9 +669,15 @@ class Trainer:
             if self.dist.is_main else None
         self.loader_iter = iter(self.loader)
         end_reason = "completed"
-        # one nvidia-smi query a second from a thread, main rank only (its card)
-        self.clocks = ClockSampler(self.device, period_ms=1000) if self.dist.is_main else None
+        # one nvidia-smi query a second from a thread, main rank only (its card),
+        # kept only while the steps after the first CLOCK_WARM_STEPS of this
+        # process run (those compile; evaluations and saves are outside too)
+        first_timed = self.step + CLOCK_WARM_STEPS
+        self.clocks = ClockSampler(self.device, period_ms=1000,
+                                   window=f"training steps from step {first_timed + 1}: compile, "
+                                          f"evaluations and saves excluded") if self.dist.is_main else None
         if self.clocks is not None:
+            self.clocks.gate = False
             self.clocks.__enter__()
         if self.step == 0 and pol.eval_batches > 0:
             self._eval_and_log(writer)
@@ -681,6 +689,8 @@ class Trainer:
                         end_reason = "max_steps"
                         break
                     self._profile_edge()
+                    if self.clocks is not None:
+                        self.clocks.gate = self.step >= first_timed
                     t_step = time.time()
                     rec = self.train_step(self.step)
                     self.step += 1
@@ -691,6 +701,8 @@ class Trainer:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
                     now = time.time()
+                    if self.clocks is not None:
+                        self.clocks.gate = False
                     dt = max(now - t_step, 1e-9)  # the step alone: eval and saves excluded
                     rec["step_seconds"] = dt
                     rec["tokens_per_s"] = rec["tokens"] / dt
