@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Sixteenth session (BENCHMARKS.md "Not yet measured" 1-2), on a 2x H200 host; carry
-# .whl-min and .gpudata/cpp-125m: nam-1b for 300 steps in bf16 beside the same with FP8
-# tensorwise, then both compared (losses, val bits/byte, tokens/s, the cards' clocks).
+# Queued (BENCHMARKS.md "Not yet measured"), on a 2x H200 host; carry .whl-min and
+# .gpudata/cpp-125m: nam-1b for 300 steps in bf16 beside the same with FP8 (tensorwise
+# dense GEMMs, rowwise grouped experts), then both compared (losses, val bits/byte,
+# tokens/s, the cards' clocks over the counted steps).
 source benchmarks/gpu_session.sh
 python3 benchmarks/gpu_pool.py benchmarks/gpu_jobs.txt --deadline 570 --out $OUT/jobs.tar.gz \
   --only curve_1b_bf16_16 curve_1b_fp8_16
