@@ -4,7 +4,8 @@ For each expert weight of nam-125m and nam-1b (balanced random groups as the
 router makes them, 65,536 rows: two micro-batches' top-2 slots of 16 x 2048
 tokens): torch._grouped_mm against fp8_grouped_mm, each compiled (as the
 model runs them: inductor fuses the FP8 quantization into its passes),
-forward alone and forward + backward. FLOP rates count the bf16 work (6 x
+forward alone and forward + backward, with each quantizer (quant_paths:
+"torch", "torchao", "triton"). FLOP rates count the bf16 work (6 x
 rows x d_in x d_out for forward + backward) so the columns compare. Outputs
 and gradients of the FP8 path against bf16's: its error, printed.
 
@@ -40,7 +41,7 @@ def rows_for(gen, iters: int) -> list[dict]:
         return torch._grouped_mm(x, w, offs=offs)
 
     impls = {"bf16 torch._grouped_mm": torch.compile(bf16)}
-    for q in ("torch", "torchao"):
+    for q in ("torch", "torchao", "triton"):
         impls[f"fp8 (fwd, dgrad), quant {q}"] = torch.compile(lambda x, w, offs, q=q: fp8_grouped_mm(x, w, offs, q))
     out = []
     for name, (rows, E, k, n) in GROUPED.items():

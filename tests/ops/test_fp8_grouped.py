@@ -4,16 +4,20 @@ in float64. CPU: the emulated path (the op's pure-torch reference). CUDA:
 torch._scaled_grouped_mm against that reference, forward and gradients."""
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 
 import pytest
 import torch
 
 from megacpp.ops.fp8_grouped import (FP8, FP8_MAX, fp8_grouped_mm, fp8_grouped_mm_reference,
                                      fp8_grouped_unavailable, fp8_scale, quantize_fp8)
-from ops_testutil import err_norm_max, randint
+from ops_testutil import err_norm_max, randint, run_interpreter_child
 
 CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+CHILD = os.environ.get("MEGACPP_FP8Q_INTERP_CHILD") == "1"
 FP8_WHY = fp8_grouped_unavailable(torch.device("cuda")) if CUDA else "no CUDA"
 
 
@@ -26,6 +30,13 @@ def qdq(t: torch.Tensor, dim: int) -> torch.Tensor:
     s = torch.where(m == 0.5, torch.ldexp(torch.ones_like(m), e - 1), torch.ldexp(torch.ones_like(m), e))
     s = torch.where(amax > 0, s, torch.ones_like(s))
     return (t.double() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8).double() * s
+
+
+def skip_unless_quantizer(quant: str) -> None:
+    from megacpp.ops.fp8_grouped.quant_paths import torchao_import_error, triton_import_error
+    why = {"torchao": torchao_import_error, "triton": triton_import_error}.get(quant, lambda: "")()
+    if why:
+        pytest.skip(why)
 
 
 def random_groups(gen, E: int, A: int, empty: int | None = None) -> torch.Tensor:
@@ -151,11 +162,9 @@ def test_moe_with_fp8_experts_tracks_bf16(gen):
 @pytest.mark.skipif(FP8_WHY is not None, reason=f"FP8 grouped GEMM unavailable: {FP8_WHY}")
 @pytest.mark.parametrize("shape", [(8, 4000, 2048, 2816), (8, 3001, 1408, 2048), (8, 777, 768, 1536),
                                    (3, 100, 64, 32)])
-@pytest.mark.parametrize("quant", ["torch", "torchao"])
+@pytest.mark.parametrize("quant", ["torch", "torchao", "triton"])
 def test_cuda_kernel_matches_reference(seed, shape, quant):
-    from megacpp.ops.fp8_grouped import torchao_import_error
-    if quant == "torchao" and torchao_import_error():
-        pytest.skip(torchao_import_error())
+    skip_unless_quantizer(quant)
     gen = torch.Generator().manual_seed(seed)
     E, A, K, N = shape
     counts = random_groups(gen, E, A, empty=E - 1)
@@ -175,11 +184,9 @@ def test_cuda_kernel_matches_reference(seed, shape, quant):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(FP8_WHY is not None, reason=f"FP8 grouped GEMM unavailable: {FP8_WHY}")
-@pytest.mark.parametrize("quant", ["torchao", "torch"])
+@pytest.mark.parametrize("quant", ["torchao", "torch", "triton"])
 def test_cuda_compiled_matches_eager(seed, quant):
-    from megacpp.ops.fp8_grouped import torchao_import_error
-    if quant == "torchao" and torchao_import_error():
-        pytest.skip(torchao_import_error())
+    skip_unless_quantizer(quant)
     gen = torch.Generator().manual_seed(seed)
     E, A, K, N = 8, 2048, 512, 768
     counts = random_groups(gen, E, A)
@@ -213,15 +220,15 @@ def test_quant_choice_reads_the_env(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(FP8_WHY is not None, reason=f"FP8 grouped GEMM unavailable: {FP8_WHY}")
-def test_cuda_torchao_quantizer_gives_the_same_bytes(seed):
-    from megacpp.ops.fp8_grouped import QUANT, torchao_import_error
-    if torchao_import_error():
-        pytest.skip(torchao_import_error())
+@pytest.mark.parametrize("quant", ["torchao", "triton"])
+def test_cuda_quantizers_give_the_same_bytes(seed, quant):
+    from megacpp.ops.fp8_grouped import QUANT
+    skip_unless_quantizer(quant)
     gen = torch.Generator().manual_seed(seed)
     t = (torch.randn(3001, 1408, generator=gen) * torch.logspace(-3, 3, 3001)[:, None]).to(torch.bfloat16).cuda()
     t[7] = 0
     w = (torch.randn(8, 2048, 2816, generator=gen) * 0.02).to(torch.bfloat16).cuda()
-    a, b = QUANT["torchao"], QUANT["torch"]
+    a, b = QUANT[quant], QUANT["torch"]
     for name, fn in (("rows", lambda q: q.rows(t)), ("weight_fwd", lambda q: q.weight_fwd(w)),
                      ("weight_dgrad", lambda q: q.weight_dgrad(w))):
         (qa, sa), (qb, sb) = fn(a), fn(b)
@@ -231,3 +238,55 @@ def test_cuda_torchao_quantizer_gives_the_same_bytes(seed):
         if name == "rows":
             live[7] = False                                      # an all-zero row: any scale
         assert torch.equal(sa[live], sb[live]), name
+
+
+# ---------------------------------------------------------------- the Triton quantizer on CPU
+interp_only = pytest.mark.skipif(not (CHILD and HAS_TRITON), reason="runs in the TRITON_INTERPRET=1 child of "
+                                 "test_triton_quantizer_interpreter_on_cpu")
+
+
+@interp_only
+@pytest.mark.parametrize("shape", [(37, 300), (5, 2816), (1, 16)])
+def test_cpu_interp_triton_rows_give_the_same_bytes(seed, shape):
+    from megacpp.ops.fp8_grouped.triton_quant import fp8_rows_triton
+    gen = torch.Generator().manual_seed(seed)
+    M, K = shape
+    t = (torch.randn(M, K, generator=gen) * torch.logspace(-4, 4, M)[:, None]).to(torch.bfloat16)
+    if M > 8:
+        t[5] = 0                                                  # an all-zero row
+        t[6, 3] = 448 * 4                                         # an amax on a power-of-two boundary
+        t[7] *= 1e-3                                              # most of a row in e4m3's subnormals
+        t[7, 0] = 100.0
+        t[8, :4] = torch.tensor([-0.0, 31.5, -100.0, 1e-9])       # ties, and a signed zero
+        t[8, 4] = 448.0
+    q, s = fp8_rows_triton(t)
+    qr, sr = quantize_fp8(t, dim=-1)
+    assert q.dtype == FP8 and s.shape == (M,)
+    assert torch.equal(s, sr.squeeze(-1))
+    assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)), (q.view(torch.uint8) != qr.view(torch.uint8)).sum()
+
+
+@interp_only
+def test_cpu_interp_triton_rows_read_strided_rows(seed):
+    from megacpp.ops.fp8_grouped.triton_quant import fp8_rows_triton
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(20, 96, generator=gen).to(torch.bfloat16)
+    view = base[:, 16:80]                                          # row stride 96, not 64
+    q, s = fp8_rows_triton(view)
+    qr, sr = quantize_fp8(view.contiguous(), dim=-1)
+    assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr.squeeze(-1))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_triton_rows_refuse_bad_operands():
+    from megacpp.ops.fp8_grouped.triton_quant import MAX_K, fp8_rows_triton
+    with pytest.raises(ValueError, match="2-D operand"):
+        fp8_rows_triton(torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match="MAX_K"):
+        fp8_rows_triton(torch.zeros(2, MAX_K + 1))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@pytest.mark.skipif(CHILD, reason="this is the parent")
+def test_triton_quantizer_interpreter_on_cpu():
+    run_interpreter_child(__file__, "MEGACPP_FP8Q_INTERP_CHILD", 4)

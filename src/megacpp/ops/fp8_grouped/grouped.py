@@ -62,12 +62,12 @@ def fp8_grouped_unavailable(device: torch.device) -> str | None:
     return _PROBED[key]
 
 
-MODES = ("torchao", "torch", "emulate")
+MODES = (*QUANT, "emulate")
 
 
 class FP8GroupedMM(torch.autograd.Function):
-    """See the module docstring. mode: "torchao" or "torch" (the quantizer in
-    front of torch._scaled_grouped_mm, quant_paths), or "emulate" (the pure-torch
+    """See the module docstring. mode: "torch", "torchao" or "triton" (the quantizer
+    in front of torch._scaled_grouped_mm, quant_paths), or "emulate" (the pure-torch
     quantizer and every GEMM in float32: the reference)."""
 
     @staticmethod
@@ -103,5 +103,5 @@ class FP8GroupedMM(torch.autograd.Function):
 
 def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, quant: str | None = None) -> torch.Tensor:
     """torch._grouped_mm(x, w, offs=offs) with the forward and input gradient in
-    FP8; quant: "torchao" | "torch" | None (quant_path's choice for x's device)."""
+    FP8; quant: "torch" | "torchao" | "triton" | None (quant_path's choice for x's device)."""
     return FP8GroupedMM.apply(x, w, offs, quant or quant_path(x.device))

@@ -18,7 +18,12 @@ alone in four runs on three cards, "torchao" -0.2% to 0.0% in three; in
 isolation (benchmarks/fp8_grouped_bench.py) torchao's is the faster at
 nam-1b's shapes and the slower at nam-125m's. The default is "torch".
 
-MEGACPP_FP8_QUANT = torch (default) | torchao (an error where it does not import).
+"triton" (triton_quant.py, this project's) quantizes the 2-D operands in one
+pass with whole rows in registers, the same bytes again (the weights as
+"torch"); not yet measured in the model, so not the default.
+
+MEGACPP_FP8_QUANT = torch (default) | torchao | triton (an error where its
+kernels do not import).
 """
 from __future__ import annotations
 
@@ -44,22 +49,28 @@ def torchao_import_error() -> str:
     return ""
 
 
+def triton_import_error() -> str:
+    """'' when this project's Triton quantization kernel imports, else why not."""
+    from .._backend import kernels_import_error
+    return kernels_import_error(f"{__package__}.triton_quant")
+
+
 def quant_choice() -> str:
     v = os.environ.get(ENV, "torch").strip() or "torch"
-    if v not in ("torchao", "torch"):
-        raise ValueError(f"{ENV}={v!r}: expected torch or torchao")
+    if v not in QUANT:
+        raise ValueError(f"{ENV}={v!r}: expected one of {', '.join(QUANT)}")
     return v
 
 
 def quant_path(device: torch.device) -> str:
-    """'torchao' or 'torch': the quantizer the FP8 grouped GEMM uses on `device`."""
+    """'torch', 'torchao' or 'triton': the quantizer the FP8 grouped GEMM uses on `device`."""
     v = quant_choice()
     if v == "torch" or device.type != "cuda":
         return "torch"
-    why = torchao_import_error()
+    why = torchao_import_error() if v == "torchao" else triton_import_error()
     if why:
-        raise RuntimeError(f"{ENV}=torchao: {why}")
-    return "torchao"
+        raise RuntimeError(f"{ENV}={v}: {why}")
+    return v
 
 
 class TorchQuant:
@@ -102,4 +113,13 @@ class TorchaoQuant:
         return q, s.reciprocal()
 
 
-QUANT = {"torch": TorchQuant, "torchao": TorchaoQuant}
+class TritonQuant(TorchQuant):
+    """The 2-D operands through triton_quant.fp8_rows_triton; the weights as TorchQuant."""
+
+    @staticmethod
+    def rows(t):
+        from .triton_quant import fp8_rows_triton
+        return fp8_rows_triton(t)
+
+
+QUANT = {"torch": TorchQuant, "torchao": TorchaoQuant, "triton": TritonQuant}
