@@ -240,9 +240,9 @@ interp_only = pytest.mark.skipif(not (CHILD and HAS_TRITON), reason="runs in the
 
 # (b, l, h, p, g, n, chunk, with_d, with_init, resets, dtype)
 # The interpreter's time grows with batch * heads * chunks (one program each),
-# so only the first case has batch 2 and several heads per group (batch and
-# head/group indexing do not depend on the dtype); every case has 2+ chunks
-# with a ragged tail (f32-resets and f32-chunk24: 3 chunks).
+# so only the first case has batch 2 and 2 groups of 2 heads (batch and
+# head/group indexing do not depend on the dtype; f16-g=h: 2 groups of 1, the
+# others 1 group of 2-3); every case has 2 or 3 chunks with a ragged tail.
 INTERP_CASES = [
     pytest.param((2, 21, 4, 8, 2, 16, 16, True, True, 0.0, torch.float32), id="f32-ragged-g2-D-init"),
     pytest.param((1, 40, 3, 8, 1, 16, 16, False, False, 0.1, torch.float32), id="f32-resets"),
@@ -265,6 +265,7 @@ def test_cpu_interp_matches_reference(case, seed, gen):
 
 
 # (b, l, h, p, g, n, chunk, dtype): fp16 too, which the rescaled resets could not take
+# (f32-g2: batch 2 for the starts' batch stride, 2 groups; 2 heads a group: INTERP_CASES)
 STARTS_INTERP = [pytest.param((2, 37, 2, 8, 2, 16, 16, torch.float32), id="f32-g2"),
                  pytest.param((1, 40, 2, 16, 1, 32, 16, torch.float16), id="f16")]
 
@@ -298,7 +299,7 @@ def keep_states_case(device, dtype, gen, seed):
     # with batch * heads * chunks)
     b, l, h = (2, 21, 2) if device == "cpu" else (2, 300, 4)
     ins = make_inputs(b, l, h, 16, 2, 32, dtype=dtype, device=device, gen=gen)
-    starts = doc_starts(b, l, 0.2 if device == "cpu" else 0.1, gen).to(device)  # CPU: as many starts as at l = 37
+    starts = doc_starts(b, l, 0.2 if device == "cpu" else 0.1, gen).to(device)  # CPU: ~as many as at l = 37
     chunk = 16 if device == "cpu" else 128
     kept = _grads_of(ssd_triton, ins, chunk, starts, True, seed)
     recomputed = _grads_of(ssd_triton, ins, chunk, starts, False, seed)
@@ -332,9 +333,10 @@ def test_cpu_interp_custom_op_and_compile(seed, gen):
     from megacpp.ops.ssd import triton_ssd as T
     ins = make_inputs(1, 20, 2, 16, 1, 16, dtype=torch.float32, device="cpu", gen=gen)
     starts = doc_starts(1, 20, 0.2, gen)
-    # each of starts (None / given) and keep (off / on) both ways, paired: the
-    # fakes branch on keep alone and read neither starts nor kept's contents,
-    # so the other two pairings run the same code (each opcheck runs the op twice)
+    # starts (None / given) and keep (off / on, kept given / [] to the backward)
+    # each both ways, paired: the fakes branch on keep alone and read neither
+    # starts nor kept, and each real path (starts or not, kept or not) runs in
+    # one pairing; the other two add none (each opcheck runs the op twice)
     for st, keep in ((None, False), (starts, True)):
         torch.library.opcheck(T._ssd_fwd_op, (*ins, 16, st, keep), test_utils=("test_schema", "test_faketensor"))
         kept = list(T._ssd_fwd_op(*ins, 16, st, True)[2:]) if keep else []

@@ -23,7 +23,7 @@ import triton.language as tl
 from .._triton_util import device_ctx as _device_ctx
 from .._triton_util import p2 as _p2
 
-FP8_MAX = 448.0
+FP8_MAX = tl.constexpr(448.0)
 MAX_K = 8192      # a row's elements one program holds (float32 in registers)
 TILE = 8192       # elements a program holds: BR rows of the padded width
 
