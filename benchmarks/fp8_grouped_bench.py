@@ -19,14 +19,8 @@ import sys
 
 import torch
 
+from gemm_layout_bench import GROUPED  # the experts' weights of nam-125m and nam-1b, 65,536 rows
 from kernel_check_util import cuda_time, expert_batch
-
-GROUPED = {  # name: (rows, experts, d_in, d_out)
-    "nam-125m w_in": (65536, 8, 768, 1536),
-    "nam-125m w_out": (65536, 8, 768, 768),
-    "nam-1b w_in": (65536, 8, 2048, 2816),
-    "nam-1b w_out": (65536, 8, 1408, 2048),
-}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
