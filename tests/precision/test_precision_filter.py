@@ -228,3 +228,12 @@ def test_fp8_experts_setting_is_validated_and_translated():
     s = conversion_plan_summary(megacpp.load_recipe("nam-125m", ["policy.precision.expert_low_precision=fp8_rowwise"]))
     assert s["recipe"] == "none" and s["experts"] == "fp8_rowwise" and s["converted"] == 20
     assert 0 < s["share_of_model_flops"] < 1
+
+
+def test_fp8_experts_bad_quantizer_env_is_one_clear_error(tiny, monkeypatch):
+    import megacpp.ops.fp8_grouped as fg
+    monkeypatch.setattr(fg, "fp8_grouped_unavailable", lambda device: None)   # as if on a card that runs it
+    monkeypatch.setenv("MEGACPP_FP8_QUANT", "fast")
+    spec = dataclasses.replace(tiny.policy.precision, compute="bf16", expert_low_precision="fp8_rowwise")
+    with pytest.raises(MegacppError, match="expert_low_precision=fp8_rowwise: MEGACPP_FP8_QUANT='fast'"):
+        convert_low_precision(megacpp.build_model(tiny.model), spec, CPU)

@@ -100,8 +100,11 @@ def convert_low_precision(model: nn.Module, spec, device: torch.device, *, fp8_e
         if spec.compute != "bf16":
             raise MegacppError(f"policy.precision.expert_low_precision={elp} quantizes the experts' bf16 GEMM "
                                f"inputs; policy.precision.compute must be bf16, got {spec.compute}")
-    backend = BACKEND + " (emulated in float32)" if fp8_emulate else backend_text(device)
-    mode = "emulate" if fp8_emulate else quant_path(device)
+    try:
+        backend = BACKEND + " (emulated in float32)" if fp8_emulate else backend_text(device)
+        mode = "emulate" if fp8_emulate else quant_path(device)
+    except (ValueError, RuntimeError) as e:   # a bad or unrunnable MEGACPP_FP8_QUANT
+        raise MegacppError(f"policy.precision.expert_low_precision={elp}: {e}") from None
     for mod in model.modules():
         if isinstance(mod, Experts):
             mod.low_precision = f"{elp}:{mode}"
