@@ -7,9 +7,9 @@ ends. Forward and input gradient run in FP8 (e4m3, one power-of-two scale
 per row of the left operand and per column of the right, along the
 reduction dim: quant.py); the weight gradient, whose reduction runs over
 each expert's tokens (groups of any length, where the FP8 kernel wants
-16-aligned ones), stays bf16 through torch._grouped_mm. That is two of the
-three GEMMs per weight, as torchao's Float8Linear does for the dense ones.
-The forward accumulates with the kernel's fast accumulation (as torchao's
+16-aligned ones), stays bf16 through torch._grouped_mm: two of the three
+GEMMs per weight (torchao's Float8Linear converts all three of the dense
+ones, whose rows need no grouping). The forward accumulates with the kernel's fast accumulation (as torchao's
 output GEMM); the input gradient without it.
 
 `fp8_grouped_unavailable(device)` says why the kernel cannot run here (no
@@ -33,6 +33,8 @@ BACKEND = ("torch._scaled_grouped_mm, e4m3 with power-of-two rowwise scales: for
 def backend_text(device: torch.device) -> str:
     """BACKEND with the quantizer that runs on `device` (quant_paths)."""
     return BACKEND + f"; quantization: {quant_path(device)}"
+
+
 _PROBED: dict = {}
 
 
