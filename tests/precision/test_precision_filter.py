@@ -20,6 +20,14 @@ CPU = torch.device("cpu")
 HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
 
 
+def backward_under_bf16(model, recipe) -> None:
+    """One forward under CPU bf16 autocast on random ids, and a backward."""
+    ids = torch.randint(0, recipe.model.vocab_size, (2, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids)
+    out.logits.float().logsumexp(-1).mean().backward()
+
+
 def decide(name, i, o, **kw):
     kw.setdefault("fp32_modules", FP32)
     return linear_decision(name, i, o, **kw)
@@ -146,10 +154,7 @@ def test_fp8_swap_follows_the_filter(tiny, lp):
     assert swapped == set(rep.converted) == plan and swapped
     assert "layers.0.attention.o_proj" not in swapped  # 128*128 is under the size threshold
     assert rep.to_dict()["recipe"] == lp and lp.split("_")[1] in rep.backend
-    ids = torch.randint(0, tiny.model.vocab_size, (2, 32))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(ids)
-    out.logits.float().logsumexp(-1).mean().backward()
+    backward_under_bf16(model, tiny)
     assert torch.isfinite(model.layers[0].attention.q_proj.weight.grad).all()
 
 
@@ -205,10 +210,7 @@ def test_fp8_experts_convert_the_grouped_rows_only(tiny):
     e = tiny.model.moe
     w_in, w_out = model.layers[1].moe.experts.w_in.shape, model.layers[1].moe.experts.w_out.shape
     assert d["converted_flops_per_token"] == 5 * 4.0 * e.top_k * (w_in[1] * w_in[2] + w_out[1] * w_out[2])
-    ids = torch.randint(0, tiny.model.vocab_size, (2, 32))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(ids)
-    out.logits.float().logsumexp(-1).mean().backward()
+    backward_under_bf16(model, tiny)
     assert torch.isfinite(model.layers[1].moe.experts.w_in.grad).all()
 
 
