@@ -239,3 +239,12 @@ def test_fp8_experts_bad_quantizer_env_is_one_clear_error(tiny, monkeypatch):
     spec = dataclasses.replace(tiny.policy.precision, compute="bf16", expert_low_precision="fp8_rowwise")
     with pytest.raises(MegacppError, match="expert_low_precision=fp8_rowwise: MEGACPP_FP8_QUANT='fast'"):
         convert_low_precision(megacpp.build_model(tiny.model), spec, CPU)
+
+
+def test_bench_names_the_quantizer_the_experts_run(tiny):
+    from megacpp.train.bench import _expert_quantizer
+    model = megacpp.build_model(tiny.model)
+    assert _expert_quantizer(model) == ""                        # not converted: no quantizer
+    spec = dataclasses.replace(tiny.policy.precision, compute="bf16", expert_low_precision="fp8_rowwise")
+    convert_low_precision(model, spec, CPU, fp8_emulate=True)
+    assert _expert_quantizer(model) == "emulate"

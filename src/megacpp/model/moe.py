@@ -262,7 +262,8 @@ def grouped_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out
     impl: "grouped_mm" | "bmm" (padded batched matmul) | "auto" (grouped_mm when available).
     low_precision: "none" | "fp8_rowwise:Q" (both GEMMs through ops.fp8_grouped:
     forward and input gradient in FP8, whatever impl says; Q the quantizer,
-    "torchao" or "torch", or "emulate": every GEMM in float32, CPU tests).
+    "torch", "torchao" or "triton" (ops.fp8_grouped.quant_paths), or "emulate":
+    every GEMM in float32, CPU tests).
     """
     A, d = x.shape
     E = w_in.shape[0]

@@ -280,7 +280,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
         precision=pol.precision.compute + ("" if pol.precision.low_precision == "none"
                                            else f"+{pol.precision.low_precision}")
         + ("" if pol.precision.expert_low_precision == "none"
-           else f"+experts {pol.precision.expert_low_precision} (quantizer: {_fp8_quant_path(dev)})"),
+           else f"+experts {pol.precision.expert_low_precision} (quantizer: {_expert_quantizer(model)})"),
         data=data_id, ssd_backend=_ssd_backend(dev, precision.dtype, pol.kernels.ssd_states),
         conv_backend=_conv_backend(dev, precision.dtype, model),
         attention_backend=_attention_backend(model, dev),
@@ -311,9 +311,11 @@ def _conv_backend(dev, dtype, model) -> str:
     return b
 
 
-def _fp8_quant_path(dev) -> str:
-    from ..ops.fp8_grouped import quant_path
-    return quant_path(dev)
+def _expert_quantizer(model) -> str:
+    """The FP8 quantizer the model's experts were converted with ("torch", ...), as they run it."""
+    from ..model.moe import Experts
+    modes = {m.low_precision.partition(":")[2] for m in model.modules() if isinstance(m, Experts)}
+    return ",".join(sorted(modes))
 
 
 def _ssd_backend(dev, dtype, states: str) -> str:
