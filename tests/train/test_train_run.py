@@ -138,7 +138,11 @@ def test_compare_names_patch_aux_start_and_pattern(tmp_path, tiny_snapshot, caps
     assert rows["median SM clock MHz"] == (None, None) and rows["median MFU at that clock"] == (None, None)
     import megacpp.run.compare as cmp
     ma, mb = cmp.read_manifest(a), cmp.read_manifest(b)
-    mb["outcome"]["clocks"] = {"available": True, "sm_mhz_median": 1584.0, "sm_clock_share": 0.8}
+    mb["outcome"]["clocks"] = {"available": True, "sm_mhz_median": 1980.0, "sm_clock_share": 1.0}
+    got = {label: y for label, _, y in cmp.metrics_side_by_side(a, b, ma, mb)}
+    assert got["median SM clock MHz"] is None          # sampled over the whole run: not the steps' clock
+    mb["outcome"]["clocks"] = {"available": True, "sm_mhz_median": 1584.0, "sm_clock_share": 0.8,
+                               "window": "training steps from step 3"}
     recs = [{"kind": "train", "mfu": v} for v in (0.40, 0.36, 0.44)]
     got = {label: y for label, _, y in cmp.metrics_side_by_side(a, b, ma, mb)}
     assert got["median SM clock MHz"] == 1584.0

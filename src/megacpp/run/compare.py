@@ -71,9 +71,12 @@ def _median(records: list[dict], key: str):
 
 
 def _clocks(m: dict) -> dict | None:
-    """The run's card clocks (outcome.clocks), where they were sampled."""
+    """The run's card clocks over its counted steps (outcome.clocks), where sampled.
+    A record without a `window` was sampled over the whole run, compile and
+    evaluations included, when the card idles at its boost clock (the first
+    GPU manifests, sixteenth session): not the steps' clock, so not shown."""
     c = m.get("outcome", {}).get("clocks")
-    return c if c and c.get("available") else None
+    return c if c and c.get("available") and c.get("window") else None
 
 
 def metrics_side_by_side(run_a: Path, run_b: Path, ma: dict, mb: dict) -> list[tuple[str, object, object]]:
