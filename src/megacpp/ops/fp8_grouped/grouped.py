@@ -29,12 +29,6 @@ from .reference import emulated_scaled_grouped_mm, grouped_wgrad_reference
 BACKEND = ("torch._scaled_grouped_mm, e4m3 with power-of-two rowwise scales: forward and input gradient; "
            "weight gradient bf16 torch._grouped_mm")
 
-
-def backend_text(device: torch.device) -> str:
-    """BACKEND with the quantizer that runs on `device` (quant_paths)."""
-    return BACKEND + f"; quantization: {quant_path(device)}"
-
-
 _PROBED: dict = {}
 
 

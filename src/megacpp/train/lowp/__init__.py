@@ -91,7 +91,7 @@ def convert_low_precision(model: nn.Module, spec, device: torch.device, *, fp8_e
         return report
     if elp != "fp8_rowwise":
         raise MegacppError(f"policy.precision.expert_low_precision: unknown value {elp!r}")
-    from ...ops.fp8_grouped import BACKEND, backend_text, fp8_grouped_unavailable, quant_path
+    from ...ops.fp8_grouped import BACKEND, fp8_grouped_unavailable, quant_path
     if not fp8_emulate:
         why = fp8_grouped_unavailable(device)
         if why:
@@ -101,10 +101,10 @@ def convert_low_precision(model: nn.Module, spec, device: torch.device, *, fp8_e
             raise MegacppError(f"policy.precision.expert_low_precision={elp} quantizes the experts' bf16 GEMM "
                                f"inputs; policy.precision.compute must be bf16, got {spec.compute}")
     try:
-        backend = BACKEND + " (emulated in float32)" if fp8_emulate else backend_text(device)
         mode = "emulate" if fp8_emulate else quant_path(device)
     except (ValueError, RuntimeError) as e:   # a bad or unrunnable MEGACPP_FP8_QUANT
         raise MegacppError(f"policy.precision.expert_low_precision={elp}: {e}") from None
+    backend = BACKEND + (" (emulated in float32)" if fp8_emulate else f"; quantization: {mode}")
     for mod in model.modules():
         if isinstance(mod, Experts):
             mod.low_precision = f"{elp}:{mode}"
