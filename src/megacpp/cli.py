@@ -241,7 +241,7 @@ def _cmd_bench(args) -> int:
     recipe = _load(args)
     res = run_bench(recipe, steps=args.steps, warmup=args.warmup, device=args.device,
                     family_times=not args.no_family_times, data=args.data, kernels=not args.no_kernels,
-                    accum=args.accum)
+                    accum=args.accum, top_kernels=args.top_kernels)
     if args.json:
         _print_json(res.to_dict())
     else:
@@ -441,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-family-times", action="store_true")
     p.add_argument("--no-kernels", action="store_true",
                    help="skip the torch.profiler kernel breakdown of the step and the families (CUDA only)")
+    p.add_argument("--top-kernels", type=int, default=25, metavar="N",
+                   help="kernels listed in the step's breakdown, largest first (default 25)")
     p.add_argument("--data", metavar="SNAPSHOT",
                    help="feed each step a fresh batch from this snapshot's train split through the "
                         "trainer's loader (default: one synthetic batch reused)")

@@ -143,10 +143,14 @@ def rows(device: torch.device) -> list[dict]:
     else:
         why = ""
     out.append({"path": "FP8 (torchao)", "runs": f"torchao {ao}" if not why else "no", "why_not": why})
-    from .ops.fp8_grouped import fp8_grouped_unavailable
+    from .ops.fp8_grouped import fp8_grouped_unavailable, quant_path
     why = fp8_grouped_unavailable(device) or ""
-    out.append({"path": "FP8 MoE experts",
-                "runs": "torch._scaled_grouped_mm, rowwise" if not why else "no", "why_not": why})
+    if not why:
+        try:
+            runs = f"torch._scaled_grouped_mm, rowwise; quantizer: {quant_path(device)}"
+        except (ValueError, RuntimeError) as e:   # a bad or unrunnable MEGACPP_FP8_QUANT
+            runs, why = "no", str(e)
+    out.append({"path": "FP8 MoE experts", "runs": runs if not why else "no", "why_not": why})
     native_fp4 = cuda and cap is not None and cap[0] >= 10
     out.append({"path": "NVFP4", "runs": "native" if native_fp4 else "emulated (quantize-dequantize)",
                 "why_not": "" if native_fp4 else "no FP4 tensor cores before Blackwell (sm_100)"})

@@ -213,7 +213,12 @@ def test_quant_choice_reads_the_env(monkeypatch):
     with pytest.raises(ValueError, match="MEGACPP_FP8_QUANT='bogus'"):
         quant_path(torch.device("cuda"))
     monkeypatch.delenv("MEGACPP_FP8_QUANT")
-    assert quant_path(torch.device("cuda")) == "torch"          # the default: the measured faster
+    # the default ("auto"): the one-pass Triton kernel on CUDA where it imports, else pure torch
+    from megacpp.ops.fp8_grouped.quant_paths import triton_import_error
+    assert quant_path(torch.device("cuda")) == ("torch" if triton_import_error() else "triton")
+    assert quant_path(torch.device("cpu")) == "torch"
+    monkeypatch.setenv("MEGACPP_FP8_QUANT", "auto")
+    assert quant_path(torch.device("cuda")) == ("torch" if triton_import_error() else "triton")
     monkeypatch.setenv("MEGACPP_FP8_QUANT", "torchao")
     assert quant_path(torch.device("cpu")) == "torch"           # torchao's kernels are CUDA only
 

@@ -127,3 +127,27 @@ def test_gemm_rows_group_by_shape_per_repetition():
 
 def test_profile_gemms_is_none_without_cuda():
     assert profile_gemms(lambda: None, 1, torch.device("cpu")) is None
+
+
+def test_idle_gaps_group_by_the_kernels_around_them():
+    from megacpp.train.kernel_profile import idle_gaps
+    # two reps: a 20 µs gap after the gemm before the loss kernel, a 3 µs one (under
+    # the 5 µs floor) and, in rep 1 only, a 50 µs gap before the optimizer; the
+    # fused kernel inside the gemm's interval ends first and must not open a gap
+    ev = []
+    for rep in range(2):
+        t = rep * 200.0
+        ev += [("nvjet_gemm", t, t + 30.0), ("triton_poi_fused_0", t + 5.0, t + 10.0),
+               ("_ce_rows_kernel", t + 50.0, t + 60.0), ("triton_poi_fused_1", t + 63.0, t + 70.0)]
+        if rep == 1:
+            ev.append(("multi_tensor_apply_kernel", t + 120.0, t + 130.0))
+    rows = idle_gaps(ev, reps=2)
+    # per repetition: the 130 µs between the reps (the host between two steps) / 2,
+    # 50 / 2 = 25 µs before the optimizer, 2 x 20 / 2 = 20 µs before the loss
+    assert [(r["before"], r["after"]) for r in rows] == [("triton_poi_fused_1", "nvjet_gemm"),
+                                                        ("triton_poi_fused_1", "multi_tensor_apply_kernel"),
+                                                        ("nvjet_gemm", "_ce_rows_kernel")]
+    assert [r["ms"] for r in rows] == pytest.approx([65e-3, 25e-3, 20e-3])
+    assert [r["gaps"] for r in rows] == [0.5, 0.5, 1.0]
+    p = summarize(ev, reps=2, wall_ms=2.0)
+    assert p.gaps == rows

@@ -79,6 +79,8 @@ def test_bench_accumulates_micro_batches_before_one_optimizer_step(accum, want, 
     assert f"x {want} micro-batches a step" in bench_mod.bench_text(r)
     with pytest.raises(ValueError, match="accum must be >= 0"):
         bench_mod.run_bench(recipe, steps=1, warmup=0, device="cpu", family_times=False, accum=-1)
+    with pytest.raises(ValueError, match="top_kernels must be >= 1"):
+        bench_mod.run_bench(recipe, steps=1, warmup=0, device="cpu", family_times=False, top_kernels=0)
 
 
 def test_compile_mode_auto_resolves_by_device_and_sharding():

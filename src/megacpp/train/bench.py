@@ -165,7 +165,8 @@ def _family_times(model, recipe: Recipe, batch: dict, precision: Precision, devi
 
 def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | None = None,
               family_times: bool = True, micro_batch: int | None = None,
-              data: str | None = None, kernels: bool = True, accum: int = 1) -> BenchResult:
+              data: str | None = None, kernels: bool = True, accum: int = 1,
+              top_kernels: int = 25) -> BenchResult:
     """data: a snapshot directory; each step then takes a fresh batch from its
     train split through the trainer's loader (prefetch thread, pinned memory),
     inside the timed step, instead of one synthetic batch reused.
@@ -199,6 +200,8 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
     B = micro_batch or pol.micro_batch
     if accum < 0:
         raise ValueError(f"bench: accum must be >= 0 (0 = the recipe's), got {accum}")
+    if top_kernels < 1:
+        raise ValueError(f"bench: top_kernels must be >= 1, got {top_kernels}")
     accum = accum or max(1, pol.global_batch // B)
     batch = synthetic_batch(spec.vocab_size, B, pol.seq_len, dev, seed=pol.seed)
     batches = None
@@ -252,7 +255,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
             _sync(dev)
             times.append((time.perf_counter() - t0) * 1e3)
     peak_mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0
-    step_prof = profile_kernels(one_step, 2, dev, top=25) if kernels else None
+    step_prof = profile_kernels(one_step, 2, dev, top=top_kernels) if kernels else None
     # under CUDA graphs the host sees one graph launch, no matmul ops
     graphs = comp.get("mode") in GRAPH_MODES
     gemms = profile_gemms(one_step, 1, dev) if kernels and not graphs else None

@@ -59,6 +59,26 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
+def idle_gaps(events: list[tuple[str, float, float]], reps: int, min_us: float = 5.0,
+              top: int = 10) -> list[dict]:
+    """Where the GPU waited: the gaps between its busy stretches (no kernel running)
+    of at least `min_us`, grouped by the kernel that ended before the gap and the
+    one that started after it, largest total first, per repetition:
+    {before, after, gaps, ms}. The gaps a CUDA graph removes are launch gaps;
+    the ones left under graphs are where the host ran eager code (a loss, the
+    optimizer) or waited."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    last_name, last_end = None, None
+    for name, s, e in sorted(events, key=lambda ev: ev[1]):
+        if last_end is not None and s - last_end >= min_us:
+            groups.setdefault((last_name[:80], name[:80]), []).append(s - last_end)
+        if last_end is None or e >= last_end:
+            last_name, last_end = name, e
+    rows = sorted(({"before": b, "after": a, "gaps": len(g) / reps, "ms": sum(g) / 1e3 / reps}
+                   for (b, a), g in groups.items()), key=lambda r: -r["ms"])
+    return rows[:top]
+
+
 def busy_union(intervals: list[tuple[float, float]]) -> float:
     """Total length covered by the (start, end) intervals (overlaps counted once)."""
     total, cur_s, cur_e = 0.0, None, None
@@ -84,6 +104,7 @@ class KernelProfile:
     top: list[dict] = field(default_factory=list)   # {name, kind, calls, ms}, largest first
     kernels: int = 0                                  # kernel launches per repetition
     compute_busy_ms: float | None = None              # busy time of every kind but comm
+    gaps: list[dict] = field(default_factory=list)    # idle_gaps(): where the GPU waited, largest first
 
     @property
     def comm_only_ms(self) -> float:
@@ -110,7 +131,8 @@ def summarize(events: list[tuple[str, float, float]], reps: int, wall_ms: float,
         kinds_ms={k: v for k, v in kinds.items() if v > 0},
         top=rows[:top],
         kernels=round(len(events) / reps),
-        compute_busy_ms=busy_union([(s, e) for n, s, e in events if kernel_kind(n) != "comm"]) / 1e3 / reps)
+        compute_busy_ms=busy_union([(s, e) for n, s, e in events if kernel_kind(n) != "comm"]) / 1e3 / reps,
+        gaps=idle_gaps(events, reps))
 
 
 def device_events(prof) -> list[tuple[str, float, float]]:
@@ -153,6 +175,11 @@ def profile_text(title: str, p: KernelProfile, scale: float = 1.0) -> list[str]:
                      f"GPU idle: {(p.wall_ms - p.busy_ms) * scale:.1f} ms")
     for r in p.top:
         lines.append(f"      {r['ms'] * scale:7.2f} ms  {r['calls']:5.1f}x  {r['kind']:9} {r['name'][:90]}")
+    if p.gaps:
+        lines.append(f"  GPU idle between kernels (gaps of 5 us or more), largest first:")
+        for g in p.gaps[:8]:
+            lines.append(f"      {g['ms'] * scale:7.2f} ms  {g['gaps']:5.1f}x  after {g['before'][:45]}  "
+                         f"before {g['after'][:45]}")
     return lines
 
 

@@ -12,18 +12,21 @@ program per row, amax then scale-and-cast from L2) on the materialized bf16
 operand. Both round scales to powers of two, so they give the same bytes (a
 CUDA test holds them to that).
 
-Measured on nam-1b at micro batch 32 with FP8 dense GEMMs (H200, sixteenth
-session, BENCHMARKS.md): "torch" +1.4% to +2.2% tokens/s over FP8 dense
-alone in four runs on three cards, "torchao" -0.2% to 0.0% in three; in
-isolation (benchmarks/fp8_grouped_bench.py) torchao's is the faster at
-nam-1b's shapes and the slower at nam-125m's. The default is "torch".
+Measured on nam-1b at micro batch 32 with FP8 dense GEMMs (H200, BENCHMARKS.md):
+"torch" +1.4% to +2.2% tokens/s over FP8 dense alone in four runs on three
+cards, "torchao" -0.2% to 0.0% in three (sixteenth session); in isolation
+(benchmarks/fp8_grouped_bench.py) torchao's is the faster at nam-1b's shapes
+and the slower at nam-125m's.
 
 "triton" (triton_quant.py, this project's) quantizes the 2-D operands in one
 pass with whole rows in registers, the same bytes again (the weights as
-"torch"); not yet measured in the model, so not the default.
+"torch"): +0.6% and +0.8% over "torch" in the seventeenth session's first
+two pairs (two cards, both orders), and see BENCHMARKS.md for the rest.
 
-MEGACPP_FP8_QUANT = torch (default) | torchao | triton (an error where its
-kernels do not import).
+MEGACPP_FP8_QUANT = auto (default: "triton" on CUDA where its kernel imports,
+else "torch") | torch | torchao | triton (an error where its kernels do not
+import). The run records the one that ran (the manifest's GEMM plan, the
+bench's precision line).
 """
 from __future__ import annotations
 
@@ -56,9 +59,10 @@ def triton_import_error() -> str:
 
 
 def quant_choice() -> str:
-    v = os.environ.get(ENV, "torch").strip() or "torch"
-    if v not in QUANT:
-        raise ValueError(f"{ENV}={v!r}: expected one of {', '.join(QUANT)}")
+    """MEGACPP_FP8_QUANT as asked: "auto" (unset) or one of QUANT."""
+    v = os.environ.get(ENV, "auto").strip() or "auto"
+    if v != "auto" and v not in QUANT:
+        raise ValueError(f"{ENV}={v!r}: expected auto or one of {', '.join(QUANT)}")
     return v
 
 
@@ -67,6 +71,8 @@ def quant_path(device: torch.device) -> str:
     v = quant_choice()
     if v == "torch" or device.type != "cuda":
         return "torch"
+    if v == "auto":   # the one-pass kernel where it imports (it is CUDA-only), else pure torch
+        return "torch" if triton_import_error() else "triton"
     why = torchao_import_error() if v == "torchao" else triton_import_error()
     if why:
         raise RuntimeError(f"{ENV}={v}: {why}")
