@@ -165,6 +165,18 @@ NAM_1B = {
                                              "kernels": {"ssd_states": "keep", "delta_states": "keep"}}),
 }
 
+# nam-1b's model with FP8 GEMMs: the dense ones tensorwise (torchao), the experts'
+# grouped ones rowwise (ops.fp8_grouped), at micro batch 32 (two micro-batches of
+# the global 64 on one card; 85 GiB: a 141 GB H200, `--set policy.micro_batch=16`
+# on an 80 GB card). On one H200 (seventeenth session, BENCHMARKS.md) the same
+# settings ran at 45.5-46.5% MFU in 11 runs on four cards against the bf16
+# preset's 41.3% at micro 16; 300 training steps on C++ within 6.2e-2 of bf16's
+# losses, val bits/byte 1.014 against 1.018. The model is nam-1b's: precision is
+# run policy, not the model's identity (a checkpoint loads under either preset).
+NAM_1B_FP8 = deep_merge(NAM_1B, {"policy": {
+    "micro_batch": 32,
+    "precision": {"low_precision": "fp8_tensorwise", "expert_low_precision": "fp8_rowwise"}}})
+
 # mamba_ssm's Mamba-2 LM shape (state-spaces/mamba2-130m: every layer Mamba-2,
 # no MLP, tied embeddings) at this project's vocabulary; the peer benchmark
 # (benchmarks/mamba_ssm_peer.py) builds mamba_ssm's model at the same shape,
@@ -200,6 +212,8 @@ PRESETS = {
     "nam-tiny": (NAM_TINY, "NAM56R's pattern at a few million parameters; trains on a CPU in minutes"),
     "nam-125m": (NAM_125M, "NAM pattern, ~125M active parameters (GQA, Mamba-2, MoE 8x top-2); one GPU"),
     "nam-1b": (NAM_1B, "NAM pattern, ~1B parameters; one GPU"),
+    "nam-1b-fp8": (NAM_1B_FP8, "nam-1b with FP8 GEMMs (dense tensorwise, experts rowwise) at micro batch 32: "
+                               "one FP8 GPU of 141 GB (H200)"),
     "dense-125m": (DENSE_125M, "AF attention + dense SwiGLU baseline matched to nam-125m's active "
                                "parameters"),
     "mamba2-130m": (MAMBA2_130M, "all-Mamba-2 LM at mamba_ssm's mamba2-130m shape (24 x d768, state 128, "
