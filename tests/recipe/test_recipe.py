@@ -33,6 +33,17 @@ def test_preset_hashes_differ():
     assert len(hashes) == len(PRESET_NAMES)
 
 
+def test_nam_1b_fp8_is_nam_1b_with_fp8_policy_only():
+    # the FP8 preset must not fork the model: only its run policy (precision, micro batch) differs
+    base, fp8 = load_recipe("nam-1b"), load_recipe("nam-1b-fp8")
+    assert fp8.model == base.model
+    assert fp8.policy.precision.low_precision == "fp8_tensorwise"
+    assert fp8.policy.precision.expert_low_precision == "fp8_rowwise"
+    assert (fp8.policy.micro_batch, base.policy.micro_batch) == (32, 16)
+    same = dataclasses.replace(fp8.policy, precision=base.policy.precision, micro_batch=base.policy.micro_batch)
+    assert same == base.policy
+
+
 def test_equal_recipes_written_differently_hash_equal(tmp_path):
     a = tmp_path / "a.toml"
     a.write_text('base = "nam-tiny"\n[model]\nhidden_size = 256\n[policy.optimizer]\nlr = 1\n')

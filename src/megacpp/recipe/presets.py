@@ -168,11 +168,11 @@ NAM_1B = {
 # nam-1b's model with FP8 GEMMs: the dense ones tensorwise (torchao), the experts'
 # grouped ones rowwise (ops.fp8_grouped), at micro batch 32 (two micro-batches of
 # the global 64 on one card; 85 GiB: a 141 GB H200, `--set policy.micro_batch=16`
-# on an 80 GB card). On one H200 (seventeenth session, BENCHMARKS.md) the same
-# settings ran at 45.5-46.5% MFU in 11 runs on four cards against the bf16
-# preset's 41.3% at micro 16; 300 training steps on C++ within 6.2e-2 of bf16's
-# losses, val bits/byte 1.014 against 1.018. The model is nam-1b's: precision is
-# run policy, not the model's identity (a checkpoint loads under either preset).
+# on an 80 GB card). On H200s (seventeenth session, BENCHMARKS.md) these
+# settings ran at 45.0-46.5% MFU in 13 runs on six cards (this preset itself:
+# 45.8%, 45.0%) against the bf16 preset's 41.3% at micro 16; 300 training steps
+# on C++ within 6.2e-2 of bf16's losses, val bits/byte 1.015 against 1.018.
+# The model spec is nam-1b's: precision is run policy, not the model's identity.
 NAM_1B_FP8 = deep_merge(NAM_1B, {"policy": {
     "micro_batch": 32,
     "precision": {"low_precision": "fp8_tensorwise", "expert_low_precision": "fp8_rowwise"}}})
