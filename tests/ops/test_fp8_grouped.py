@@ -219,6 +219,14 @@ def test_quant_choice_reads_the_env(monkeypatch):
     assert quant_path(torch.device("cpu")) == "torch"
     monkeypatch.setenv("MEGACPP_FP8_QUANT", "auto")
     assert quant_path(torch.device("cuda")) == ("torch" if triton_import_error() else "triton")
+    # rows wider than the Triton kernel holds: "auto" takes pure torch, an explicit "triton" fails
+    from megacpp.ops.fp8_grouped.quant_paths import TRITON_MAX_ROW
+    assert quant_path(torch.device("cuda"), TRITON_MAX_ROW + 1) == "torch"
+    if not triton_import_error():
+        assert quant_path(torch.device("cuda"), TRITON_MAX_ROW) == "triton"
+        monkeypatch.setenv("MEGACPP_FP8_QUANT", "triton")
+        with pytest.raises(RuntimeError, match=f"rows of {TRITON_MAX_ROW + 1} elements exceed"):
+            quant_path(torch.device("cuda"), TRITON_MAX_ROW + 1)
     monkeypatch.setenv("MEGACPP_FP8_QUANT", "torchao")
     assert quant_path(torch.device("cpu")) == "torch"           # torchao's kernels are CUDA only
 
@@ -295,3 +303,21 @@ def test_triton_rows_refuse_bad_operands():
 @pytest.mark.skipif(CHILD, reason="this is the parent")
 def test_triton_quantizer_interpreter_on_cpu():
     run_interpreter_child(__file__, "MEGACPP_FP8Q_INTERP_CHILD", 4)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_triton_row_limit_is_the_one_the_choice_reads():
+    from megacpp.ops.fp8_grouped.quant_paths import TRITON_MAX_ROW
+    from megacpp.ops.fp8_grouped.triton_quant import MAX_K
+    assert MAX_K == TRITON_MAX_ROW
+
+
+def test_widest_expert_row_covers_every_rowwise_operand():
+    import megacpp
+    from megacpp import load_recipe
+    from megacpp.train.lowp import _widest_expert_row
+    spec = load_recipe("nam-tiny").model
+    model = megacpp.build_model(spec)
+    d, ffn = spec.hidden_size, spec.moe.expert_ffn
+    assert _widest_expert_row(model) == max(d, 2 * ffn, ffn)   # SwiGLU experts: w_in is d x 2*ffn
+    assert _widest_expert_row(megacpp.build_model(load_recipe("dense-125m").model)) == 0

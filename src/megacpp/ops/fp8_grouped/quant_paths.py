@@ -67,14 +67,22 @@ def quant_choice() -> str:
     return v
 
 
-def quant_path(device: torch.device) -> str:
-    """'torch', 'torchao' or 'triton': the quantizer the FP8 grouped GEMM uses on `device`."""
+TRITON_MAX_ROW = 8192   # triton_quant.MAX_K, here so that choosing needs no triton import
+
+
+def quant_path(device: torch.device, widest_row: int = 0) -> str:
+    """'torch', 'torchao' or 'triton': the quantizer the FP8 grouped GEMM uses on
+    `device` for operands whose rows are at most `widest_row` elements (0: not
+    known). The Triton kernel holds whole rows in registers, up to
+    TRITON_MAX_ROW: "auto" takes pure torch past it, an explicit "triton" fails."""
     v = quant_choice()
     if v == "torch" or device.type != "cuda":
         return "torch"
-    if v == "auto":   # the one-pass kernel where it imports (it is CUDA-only), else pure torch
-        return "torch" if triton_import_error() else "triton"
+    if v == "auto":   # the one-pass kernel where it imports (it is CUDA-only) and rows fit, else pure torch
+        return "torch" if triton_import_error() or widest_row > TRITON_MAX_ROW else "triton"
     why = torchao_import_error() if v == "torchao" else triton_import_error()
+    if v == "triton" and not why and widest_row > TRITON_MAX_ROW:
+        why = f"rows of {widest_row} elements exceed the Triton quantizer's {TRITON_MAX_ROW}"
     if why:
         raise RuntimeError(f"{ENV}={v}: {why}")
     return v

@@ -24,7 +24,7 @@ from .._triton_util import device_ctx as _device_ctx
 from .._triton_util import p2 as _p2
 
 FP8_MAX = tl.constexpr(448.0)
-MAX_K = 8192      # a row's elements one program holds (float32 in registers)
+MAX_K = 8192      # a row's elements one program holds (float32 in registers); = quant_paths.TRITON_MAX_ROW
 TILE = 8192       # elements a program holds: BR rows of the padded width
 
 

@@ -78,6 +78,13 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
+def _widest_expert_row(model: nn.Module) -> int:
+    """The widest row the FP8 grouped GEMMs quantize rowwise: the experts' input
+    (d), their gated hidden (up * ffn, the first GEMM's output gradient) and ffn."""
+    return max((max(m.w_in.shape[1], m.w_in.shape[2], m.w_out.shape[1])
+                for m in model.modules() if isinstance(m, Experts)), default=0)
+
+
 def convert_low_precision(model: nn.Module, spec, device: torch.device, *, fp8_emulate: bool = False) -> LowPrecisionReport:
     """Apply spec.low_precision (a PrecisionSpec) to `model` in place.
 
@@ -101,7 +108,7 @@ def convert_low_precision(model: nn.Module, spec, device: torch.device, *, fp8_e
             raise MegacppError(f"policy.precision.expert_low_precision={elp} quantizes the experts' bf16 GEMM "
                                f"inputs; policy.precision.compute must be bf16, got {spec.compute}")
     try:
-        mode = "emulate" if fp8_emulate else quant_path(device)
+        mode = "emulate" if fp8_emulate else quant_path(device, _widest_expert_row(model))
     except (ValueError, RuntimeError) as e:   # a bad or unrunnable MEGACPP_FP8_QUANT
         raise MegacppError(f"policy.precision.expert_low_precision={elp}: {e}") from None
     backend = BACKEND + (" (emulated in float32)" if fp8_emulate else f"; quantization: {mode}")
