@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import megacpp
 from megacpp.data.loader import open_snapshot
@@ -34,19 +35,59 @@ def test_bench_refuses_snapshot_of_another_seq_len(tiny_snapshot):
 
 
 @pytest.mark.parametrize("mode", ["none", "reduce-overhead"])
-def test_bench_family_times_skipped_under_cuda_graphs(mode, monkeypatch):
+def test_bench_family_times_under_cuda_graphs_compile_each_layer_alone(mode, monkeypatch):
     """Under CUDA graphs one layer called alone would replay over its own saved
-    tensors: the bench says so instead of timing (compile itself stubbed out:
-    the decision is the policy's, not the device's)."""
+    tensors: each family's layer forward is compiled by itself in inductor's
+    default mode instead, and the note says so (compile of the step stubbed
+    out: the decision is the policy's, not the device's)."""
     import megacpp.train.bench as bench
+    import torch._dynamo
     monkeypatch.setattr(bench, "apply_compile", lambda model, pol, *a: {"mode": pol.mode})
-    recipe = megacpp.load_recipe("nam-tiny", tiny_sets(**{"policy.compile.mode": mode}))
+    compiled = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or real_compile(fn, **kw))
+    torch._dynamo.reset()
+    recipe = megacpp.load_recipe("nam-tiny", tiny_sets(**{"policy.compile.mode": mode, "model.depth": 2,
+                                                          "model.pattern": "AM"}))
     r = run_bench(recipe, steps=1, warmup=0, device="cpu", family_times=True, kernels=False)
+    assert set(r.family_ms) == {"attention", "mamba"} and all(v > 0 for v in r.family_ms.values())
     if mode == "none":
-        assert r.family_ms and not r.family_note
+        assert not r.family_note and compiled == []
     else:
-        assert r.family_ms == {} and "reduce-overhead" in r.family_note
-        assert "per family: not measured" in bench.bench_text(r)
+        assert len(compiled) == 2 and all(getattr(f, "__name__", "") == "forward" for f in compiled)
+        assert "compiled alone" in r.family_note and "reduce-overhead" in r.family_note
+        assert "per family: each family's layer compiled alone" in bench.bench_text(r)
+
+
+def test_bench_family_probe_follows_the_step_compile():
+    from megacpp.train.bench import family_probe
+    assert family_probe({"mode": "none"}) == "as built"
+    assert family_probe({"mode": "default", "scope": "block"}) == "as built"
+    assert family_probe({"mode": "default", "scope": "model"}) == "compiled alone"
+    assert family_probe({"mode": "reduce-overhead", "scope": "block"}) == "compiled alone"
+    assert family_probe({"mode": "reduce-overhead", "scope": "model"}) == "compiled alone"
+
+
+def test_bench_family_that_fails_is_named_and_the_rest_stand(monkeypatch):
+    """A probe that fails to compile or run leaves its family out, named in the
+    note; the other families and the step's results are kept."""
+    import megacpp.train.bench as bench
+    monkeypatch.setattr(bench, "apply_compile", lambda model, pol, *a: {"mode": "reduce-overhead"})
+    calls = []
+
+    def fake_compile(fn, **kw):
+        calls.append(fn)
+        if len(calls) == 2:
+            def broken(*a, **k):
+                raise RuntimeError("inductor said no\nsecond line")
+            return broken
+        return fn
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    recipe = megacpp.load_recipe("nam-tiny", tiny_sets(**{"model.depth": 2, "model.pattern": "AM"}))
+    r = run_bench(recipe, steps=1, warmup=0, device="cpu", family_times=True, kernels=False)
+    assert set(r.family_ms) == {"attention"} and r.tokens_per_s > 0
+    assert "mamba (M) not timed: RuntimeError: inductor said no" in r.family_note
+    assert "second line" not in r.family_note
 
 
 @pytest.mark.parametrize("accum,want", [(3, 3), (0, None)])

@@ -50,7 +50,7 @@ class BenchResult:
     active_params: int
     peak_memory_gib: float
     family_ms: dict[str, float] = field(default_factory=dict)
-    family_note: str = ""   # why family_ms is empty when it was asked for
+    family_note: str = ""   # how the families were timed where not as the step runs them, and any left out
     patches: list[dict] = field(default_factory=list)
     compile: dict = field(default_factory=dict)
     activation_checkpointing: dict = field(default_factory=dict)
@@ -111,15 +111,33 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def family_probe(comp: dict) -> str:
+    """How the per-family timing calls a layer, given the step's compile record:
+    "as built" (eager, or already compiled one graph per layer in inductor's
+    default mode) or "compiled alone": the step compiles the model as one graph
+    (its layers are not compiled on their own) or replays CUDA graphs (a layer
+    called alone would replay over the tensors its graph's backward still
+    needs: torch 2.11 raised "accessing tensor output of CUDAGraphs that has
+    been overwritten"), so each family's layer forward is compiled by itself in
+    inductor's default mode, as per-layer compile would run it."""
+    mode = comp.get("mode", "none")
+    if mode == "none" or (comp.get("scope") == "block" and mode not in GRAPH_MODES):
+        return "as built"
+    return "compiled alone"
+
+
 def _family_times(model, recipe: Recipe, batch: dict, precision: Precision, device, reps: int = 5,
-                  kernels: bool = False) -> tuple[dict, dict]:
+                  kernels: bool = False, probe: str = "as built") -> tuple[dict, dict, list[str]]:
     """Isolated fwd+bwd of one layer of each letter, times its count (ms per step);
-    with kernels, also that layer's kernel profile (per layer, unscaled)."""
+    with kernels, also that layer's kernel profile (per layer, unscaled). probe:
+    family_probe()'s answer. A family whose timing fails is left out and named in
+    the returned notes (the bench's other results stand)."""
     from ..model.context import SeqContext
 
     letters = recipe.layers.letters
     out: dict[str, float] = {}
     prof: dict[str, dict] = {}
+    failed: list[str] = []
     b, t = batch["input_ids"].shape
     d = recipe.model.hidden_size
     ctx = SeqContext(b, t, device, batch["doc_ids"], batch["positions"])
@@ -127,6 +145,8 @@ def _family_times(model, recipe: Recipe, batch: dict, precision: Precision, devi
     for letter in dict.fromkeys(letters):
         idx = letters.index(letter)
         layer = model.layers[idx]
+        # the module's own forward: not a per-layer compile's (or CUDA graph's) __call__
+        call = layer if probe == "as built" else torch.compile(layer.forward)
         x = torch.randn(b, t, d, device=device, requires_grad=True)
         grad_out: list[torch.Tensor] = []
 
@@ -138,20 +158,25 @@ def _family_times(model, recipe: Recipe, batch: dict, precision: Precision, devi
             layer.zero_grad(set_to_none=True)
             x.grad = None
             with precision.autocast():
-                y, _, _ = layer(x, ctx)
+                y, _, _ = call(x, ctx)
             if not grad_out:
                 grad_out.append(torch.randn_like(y))
             y.backward(grad_out[0])
 
-        times = []
-        for i in range(reps + 2):
-            _sync(device)
-            t0 = time.perf_counter()
-            fwd_bwd()
-            _sync(device)
-            if i >= 2:
-                times.append((time.perf_counter() - t0) * 1e3)
         fam = FAMILY[letter] + ("" if letter not in "D" else "+dsa")
+        times = []
+        try:
+            for i in range(reps + 2):
+                _sync(device)
+                t0 = time.perf_counter()
+                fwd_bwd()
+                _sync(device)
+                if i >= 2:
+                    times.append((time.perf_counter() - t0) * 1e3)
+        except Exception as e:  # a probe that does not compile or run: the step's results stand
+            failed.append(f"{fam} ({letter}) not timed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+            model.zero_grad(set_to_none=True)
+            continue
         out[fam] = out.get(fam, 0.0) + statistics.median(times) * letters.count(letter)
         if kernels:
             # 20 kernels a family: past the largest few, where a layer's
@@ -160,7 +185,7 @@ def _family_times(model, recipe: Recipe, batch: dict, precision: Precision, devi
             if p is not None:
                 prof[f"{fam}:{letter}"] = {"layers": letters.count(letter), "per_layer": p.to_dict()}
         model.zero_grad(set_to_none=True)
-    return out, prof
+    return out, prof, failed
 
 
 def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | None = None,
@@ -265,13 +290,15 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
     tps = accum * B * pol.seq_len / (med / 1e3)
     peak = peak_flops(dev)
     fam, fam_prof, fam_note = {}, {}, ""
-    if family_times and graphs:
-        # one layer called alone, outside the step its CUDA graph trees recorded,
-        # replays over the outputs its backward still needs (torch 2.11 raises
-        # "accessing tensor output of CUDAGraphs that has been overwritten")
-        fam_note = f"not measured: compile mode {comp['mode']} (CUDA graphs) replays whole steps only"
-    elif family_times:
-        fam, fam_prof = _family_times(model, recipe, batch, precision, dev, kernels=kernels)
+    if family_times:
+        probe = family_probe(comp)
+        fam, fam_prof, failed = _family_times(model, recipe, batch, precision, dev, kernels=kernels, probe=probe)
+        notes = []
+        if probe == "compiled alone":
+            why = (f"the step replays CUDA graphs ({comp['mode']})" if graphs
+                   else "the step compiles the model as one graph")
+            notes.append(f"each family's layer compiled alone in inductor's default mode ({why})")
+        fam_note = "; ".join(notes + failed)
     return BenchResult(
         recipe=spec.name, recipe_hash=recipe.hash, device=device_facts(dev).get("name", str(dev)),
         batch=B, grad_accumulation=accum, seq_len=pol.seq_len, steps=steps, step_ms_median=med, step_ms_all=times,
