@@ -14,5 +14,9 @@ wait; echo "one-GPU runs done at ${SECONDS}s"
 CUDA_VISIBLE_DEVICES=0,1 $S --recipes nam-1b-fp8 --worlds 2 --master-port 29700 --json $OUT/sc_fp8_w2.json > /root/sc/fp8_w2.log 2>&1
 echo "fp8 w2 done at ${SECONDS}s"
 [ $SECONDS -lt 380 ] && CUDA_VISIBLE_DEVICES=0,1 $S --recipes nam-1b --worlds 2 --master-port 29800 --json $OUT/sc_bf16_w2.json > /root/sc/bf16_w2.log 2>&1
+# the bench's per-family times under CUDA graphs (each family's layer compiled alone; built in
+# the seventeenth session without a GPU left to run it): nam-125m's preset, families on
+[ $SECONDS -lt 470 ] && CUDA_VISIBLE_DEVICES=0 timeout 100 python3 -m megacpp bench --recipe nam-125m --steps 4 \
+  --warmup 2 --accum 0 --top-kernels 10 > $OUT/bench_nam125m_families.txt 2>&1; grep -A3 "per family" $OUT/bench_nam125m_families.txt
 tail -5 /root/sc/*.log
 python3 benchmarks/scaling.py --data /root/cpp-125m --merge $OUT/sc_*.json 2>&1 | tail -12
