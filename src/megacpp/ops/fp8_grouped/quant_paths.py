@@ -20,9 +20,9 @@ and the slower at nam-125m's.
 
 "triton" (triton_quant.py, this project's) quantizes the 2-D operands in one
 pass with whole rows in registers, the same bytes again (the weights as
-"torch"): +0.3% to +0.8% tokens/s over "torch" in all five same-card pairs
-on four cards, both orders (nam-1b as above, seventeenth session), so the
-default where it imports.
+"torch"): +0.6% to +0.9% tokens/s over "torch" on each of four cards, both
+orders (nam-1b as above, seventeenth session), so the default where it
+imports.
 
 MEGACPP_FP8_QUANT = auto (default: "triton" on CUDA where its kernel imports,
 else "torch") | torch | torchao | triton (an error where its kernels do not
