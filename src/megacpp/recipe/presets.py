@@ -171,7 +171,7 @@ NAM_1B = {
 # on an 80 GB card). On H200s (seventeenth session, BENCHMARKS.md) these
 # settings ran at 45.0-46.5% MFU in 13 runs on at least four cards (this preset:
 # 45.8%, 45.0%) against the bf16 preset's 41.3% at micro 16; 300 training steps
-# on C++ within 6.2e-2 of bf16's losses, val bits/byte 1.015 against 1.018.
+# on C++ within 6.2e-2 of bf16's losses, val bits/byte 1.014 against 1.018.
 # The model spec is nam-1b's: precision is run policy, not the model's identity.
 NAM_1B_FP8 = deep_merge(NAM_1B, {"policy": {
     "micro_batch": 32,
