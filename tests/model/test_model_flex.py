@@ -240,8 +240,10 @@ def test_flex_inside_compiled_model(seed, monkeypatch):
     monkeypatch.setattr(attention, "_FLEX_COMPILED", None)
     # no E layer: in float32 off CUDA the experts take the padded path, whose
     # capacity is a host value (a graph break of its own); on CUDA in bf16 they
-    # take torch._grouped_mm (the GPU test below has them)
-    model = build(make_spec("AMRF"), torch.float32)
+    # take torch._grouped_mm (the GPU test below has them). No R layer either:
+    # inductor's CPU compile of the reference delta rule is ~40 s of this suite;
+    # the next test traces AMRF with flex through dynamo alone.
+    model = build(make_spec("AMF"), torch.float32)
 
     def compile_body():
         counters["graph_break"].clear()
@@ -252,6 +254,31 @@ def test_flex_inside_compiled_model(seed, monkeypatch):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=3e-5)
     assert breaks == {}, breaks
     assert attention._FLEX_COMPILED is None  # flex was lowered by the model's compile
+
+
+def test_flex_model_with_every_scan_traces_to_one_graph(seed, monkeypatch):
+    """Scope "model" over A, M, R and F layers with flex: dynamo alone (a
+    capturing backend, no inductor) makes one graph with no break, and its
+    no-grad logits equal the eager SDPA model's."""
+    from torch._dynamo.utils import counters
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = build(make_spec("AMRF"), torch.float32)
+
+    def compile_body():
+        counters["graph_break"].clear()
+        model.compile_body(backend=capture, dynamic=False)
+
+    out, ref = _model_flex_and_sdpa(model, monkeypatch, compile_body)
+    assert dict(counters["graph_break"]) == {} and len(graphs) == 1, (dict(counters["graph_break"]), len(graphs))
+    traced = {str(n.target) for n in graphs[0].graph.nodes}
+    assert any("flex_attention" in t for t in traced), sorted(traced)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=3e-5)
 
 
 def test_compiled_body_takes_rotary_tables_as_inputs():
