@@ -1,5 +1,5 @@
 """The experts' grouped GEMM, forward + backward, with the weight gradient cut
-into 1, 2 or 4 parts per expert (model.moe.grouped_mm, MEGACPP_MOE_WGRAD_SPLITS).
+into 1, 2 or 4 parts per expert (model.moe.grouped_mm, policy.kernels.moe_wgrad_splits).
 
 At nam-125m's experts the weight gradient's grouped GEMMs ran at 36-49% of an
 H200's bf16 peak (few output tiles per expert: 768 x 768 and 768 x 1536); this

@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from megacpp.model.moe import (MoE, capacity, gather_slots, grouped_mm, grouped_mm_available, inverse_permutation,
-                               sort_keys, split_offsets, wgrad_splits, top_rows,
+                               sort_keys, split_offsets, top_rows,
                                moe_reference, permute_rows)
 
 from model_testutil import make_spec
@@ -330,19 +330,20 @@ def test_split_wgrad_equals_torch_grouped_mm(dtype, splits, seed):
     assert (dw1.float() - ref).abs().max() <= tol * ref.abs().max()
 
 
-def test_moe_with_split_wgrad_equals_reference(seed, monkeypatch):
-    """The whole layer (grouped experts) with MEGACPP_MOE_WGRAD_SPLITS=3 against the per-expert loop."""
+def test_moe_with_split_wgrad_equals_reference(seed):
+    """The whole layer (grouped experts) with policy.kernels.moe_wgrad_splits=3,
+    applied as a run applies it, against the per-expert loop."""
+    from megacpp.train.activation import apply_moe_wgrad_splits
     x0 = torch.randn(3, 21, 32)
     if not grouped_mm_available(x0.device, x0.dtype, 32, 32, 16):
         pytest.skip("torch._grouped_mm not available here")
-    monkeypatch.setenv("MEGACPP_MOE_WGRAD_SPLITS", "3")
-    assert wgrad_splits() == 3
     moe = make_moe({"top_k": 2})
     moe.impl = "grouped_mm"
+    assert apply_moe_wgrad_splits(moe, 3) == 1 and moe.experts.wgrad_splits == 3
     _matches_reference(moe, x0, y_atol=5e-5, y_rtol=1e-4)
-    monkeypatch.setenv("MEGACPP_MOE_WGRAD_SPLITS", "0")
-    with pytest.raises(ValueError, match="MEGACPP_MOE_WGRAD_SPLITS='0'"):
-        wgrad_splits()
+    for bad in (0, 17, True, "4"):
+        with pytest.raises(ValueError, match="policy.kernels.moe_wgrad_splits"):
+            apply_moe_wgrad_splits(moe, bad)
 
 
 def test_split_wgrad_traces_under_compile(seed, monkeypatch):

@@ -66,6 +66,30 @@ def test_delta_states_policy_reaches_every_recurrent_mixer_is_validated_and_flag
     assert not any("kernels.delta_states" in i for i in translate(megacpp.load_recipe("nam-tiny")).issues)
 
 
+def test_moe_wgrad_splits_policy_reaches_every_expert_module_is_validated_and_flagged():
+    import megacpp
+    from megacpp.errors import RecipeError
+    from megacpp.model.moe import Experts
+    from megacpp.recipe.megatron import translate
+    from megacpp.train.activation import apply_moe_wgrad_splits
+    from megacpp.train.trainer import moe_wgrad_splits
+
+    recipe = megacpp.load_recipe("nam-tiny", ["policy.kernels.moe_wgrad_splits=4"])
+    model = megacpp.build_model(recipe.model)
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    assert experts and moe_wgrad_splits(model) == 1          # the class default: torch's own backward
+    assert apply_moe_wgrad_splits(model, recipe.policy.kernels.moe_wgrad_splits) == len(experts)
+    assert all(m.wgrad_splits == 4 for m in experts) and moe_wgrad_splits(model) == 4
+    dense = megacpp.build_model(megacpp.load_recipe("dense-125m", ["model.depth=2", "model.hidden_size=96", "model.vocab_size=256"]).model)
+    assert apply_moe_wgrad_splits(dense, 4) == 0 and moe_wgrad_splits(dense) is None
+    for bad in ("0", "17", "two"):
+        with pytest.raises(RecipeError, match="policy.kernels.moe_wgrad_splits"):
+            megacpp.load_recipe("nam-tiny", [f"policy.kernels.moe_wgrad_splits={bad}"])
+    assert any("kernels.moe_wgrad_splits" in i for i in translate(recipe).issues)
+    assert not any("kernels.moe_wgrad_splits" in i for i in translate(megacpp.load_recipe("nam-tiny")).issues)
+    assert megacpp.load_recipe("nam-125m").policy.kernels.moe_wgrad_splits == 4   # its measured A/B
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 def test_conv_paths_name_each_width_kernels():
     """What the manifest records on CUDA for the Triton conv: each depthwise

@@ -27,10 +27,11 @@ Experts run as one grouped computation: assignments are sorted by expert,
 then either `torch._grouped_mm` (when the device/dtype/alignment allow) or
 a padded batched matmul computes every expert at once. `moe_reference` is
 the per-expert python loop the tests compare both against.
-MEGACPP_MOE_WGRAD_SPLITS=N (default 1: torch's own backward) computes the
-grouped path's weight gradient with each expert's rows cut into N parts,
-for more GEMM tiles where the experts are narrow (`_GroupedMM`; measured,
-not adopted: BENCHMARKS.md, fourteenth session).
+policy.kernels.moe_wgrad_splits = N (default 1: torch's own backward;
+Experts.wgrad_splits, set by train.activation.apply_moe_wgrad_splits)
+computes the grouped path's weight gradient with each expert's rows cut
+into N parts, for more GEMM tiles where the experts are narrow
+(`_GroupedMM`; nam-125m's preset takes 4: BENCHMARKS.md, eighteenth session).
 
 Per-forward RouterStats: router logits (z-loss), scores and mean
 probabilities (load-balance loss, differentiable), load per router row.
@@ -38,7 +39,6 @@ probabilities (load-balance loss, differentiable), load per router row.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -198,15 +198,6 @@ def sort_keys(expert: torch.Tensor, num_experts: int) -> torch.Tensor:
     return expert.to(torch.uint8) if num_experts <= 256 else expert
 
 
-def wgrad_splits() -> int:
-    """MEGACPP_MOE_WGRAD_SPLITS (default 1): how many parts each expert's rows
-    are cut into for the experts' weight gradient (see _GroupedMM)."""
-    v = os.environ.get("MEGACPP_MOE_WGRAD_SPLITS", "1").strip()
-    if not v.isdigit() or not 1 <= int(v) <= 16:
-        raise ValueError(f"MEGACPP_MOE_WGRAD_SPLITS={v!r}: expected an integer from 1 to 16")
-    return int(v)
-
-
 def split_offsets(offs: torch.Tensor, splits: int) -> torch.Tensor:
     """Group ends `offs` (E,) -> (E * splits,): each group's rows cut into
     `splits` nearly equal consecutive parts (empty parts where it has fewer rows)."""
@@ -256,7 +247,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, splits: int
 
 
 def grouped_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
-                activation: str, impl: str = "auto", low_precision: str = "none") -> torch.Tensor:
+                activation: str, impl: str = "auto", low_precision: str = "none",
+                wgrad_splits: int = 1) -> torch.Tensor:
     """Every expert's FFN on its own rows. x (A, d) sorted by expert; counts (E,).
 
     impl: "grouped_mm" | "bmm" (padded batched matmul) | "auto" (grouped_mm when available).
@@ -264,6 +256,8 @@ def grouped_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out
     forward and input gradient in FP8, whatever impl says; Q the quantizer,
     "torch", "torchao" or "triton" (ops.fp8_grouped.quant_paths), or "emulate":
     every GEMM in float32, CPU tests).
+    wgrad_splits: the grouped_mm path's weight gradient in this many parts per
+    expert (policy.kernels.moe_wgrad_splits; see _GroupedMM).
     """
     A, d = x.shape
     E = w_in.shape[0]
@@ -280,9 +274,8 @@ def grouped_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out
         impl = "grouped_mm" if ok else "bmm"
     if impl == "grouped_mm":
         offs = torch.cumsum(counts, 0).to(torch.int32)
-        splits = wgrad_splits()
-        h = _ContiguousGrad.apply(grouped_mm(x, w_in, offs, splits))
-        return _ContiguousGrad.apply(grouped_mm(activate(h, activation), w_out, offs, splits))
+        h = _ContiguousGrad.apply(grouped_mm(x, w_in, offs, wgrad_splits))
+        return _ContiguousGrad.apply(grouped_mm(activate(h, activation), w_out, offs, wgrad_splits))
     if impl != "bmm":
         raise ValueError(f"unknown grouped impl {impl!r} (auto | grouped_mm | bmm)")
     # Padded: scatter each expert's rows into an (E, max_count, d) block.
@@ -364,6 +357,9 @@ class Experts(nn.Module):
         # "none" | "fp8_rowwise:QUANT" (see grouped_ffn): set by the run's low-precision
         # conversion (policy.precision.expert_low_precision), never by the model spec
         self.low_precision = "none"
+        # policy.kernels.moe_wgrad_splits (run policy, not identity): the grouped
+        # path's weight gradient in this many parts per expert (see _GroupedMM)
+        self.wgrad_splits = 1
 
     def init_weights(self, std: float, out_std: float) -> None:
         winit.normal_(self.w_in, std)
@@ -376,7 +372,7 @@ class Experts(nn.Module):
         module, such as an FSDP2 group of its own, gather the weights first."""
         dtype = dtype or x.dtype
         return grouped_ffn(x.to(dtype), counts, self.w_in.to(dtype), self.w_out.to(dtype), activation, impl,
-                           self.low_precision)
+                           self.low_precision, self.wgrad_splits)
 
 
 class MoE(nn.Module):

@@ -233,6 +233,8 @@ def translate(recipe: Recipe) -> Translation:
     if p.kernels.delta_states != "recompute":
         issues.add("kernels.delta_states (megacpp's Triton delta rule keeping its intermediates) "
                    "has no Megatron flag")
+    if p.kernels.moe_wgrad_splits != 1:
+        issues.add("kernels.moe_wgrad_splits (megacpp's experts' weight gradient in parts) has no Megatron flag")
 
     # batch, optimizer, schedule
     o, s = p.optimizer, p.schedule

@@ -76,6 +76,11 @@ class KernelSpec:
     # "keep" them from the forward (~0.45 GB a nam-125m layer, float32).
     # Changes no result; fla's kernels and the reference ignore it.
     delta_states: str = "recompute"
+    # The MoE experts' weight gradient (grouped GEMM path) with each expert's
+    # rows cut into this many parts, summed in float32: more GEMM tiles where
+    # the experts are narrow (model.moe._GroupedMM). 1 is torch's own backward.
+    # Changes the gradient's rounding only (one bf16 rounding per part).
+    moe_wgrad_splits: int = 1
 
 
 @dataclass(frozen=True)

@@ -245,6 +245,9 @@ def validate_policy(p: RunPolicy) -> None:
     _choice(p.compile.scope, IMPLEMENTED["compile.scope"], f + "compile.scope")
     _choice(p.kernels.ssd_states, IMPLEMENTED["kernels.ssd_states"], f + "kernels.ssd_states")
     _choice(p.kernels.delta_states, IMPLEMENTED["kernels.delta_states"], f + "kernels.delta_states")
+    w = p.kernels.moe_wgrad_splits
+    if isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= 16:
+        _err(f + "kernels.moe_wgrad_splits", f"expected an integer from 1 to 16, got {w!r}")
     for name, mode in p.patches.items():
         if name not in KNOWN_PATCHES:
             _err(f + f"patches.{name}", f"unknown patch; known: {', '.join(KNOWN_PATCHES)}")

@@ -66,3 +66,16 @@ def apply_ssd_states(model: torch.nn.Module, mode: str) -> int:
     how many mixers it set (0 for a model without Mamba layers)."""
     from ..model.mamba import _MambaBase
     return _keep_or_recompute(model, _MambaBase, "keep_ssd_states", mode, "ssd_states")
+
+
+def apply_moe_wgrad_splits(model: torch.nn.Module, splits: int) -> int:
+    """policy.kernels.moe_wgrad_splits onto every MoE layer's experts: their
+    grouped weight gradient in `splits` parts per expert. Returns how many
+    expert modules it set (0 for a model without E layers)."""
+    from ..model.moe import Experts
+    if isinstance(splits, bool) or not isinstance(splits, int) or not 1 <= splits <= 16:
+        raise ValueError(f"policy.kernels.moe_wgrad_splits = {splits!r}: an integer from 1 to 16")
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    for m in experts:
+        m.wgrad_splits = splits
+    return len(experts)

@@ -24,7 +24,8 @@ from ..losses.moe_aux import load_balance_loss, z_loss
 from ..recipe import Recipe
 from ..recipe.count import summarize
 from ..recipe.pattern import FAMILY
-from .activation import apply_activation_checkpointing, apply_delta_states, apply_ssd_states
+from .activation import (apply_activation_checkpointing, apply_delta_states, apply_moe_wgrad_splits,
+                         apply_ssd_states)
 from .compile import GRAPH_MODES, apply_compile, compile_stats, graph_step_begin, keep_grads_outside_graphs
 from .device import device_facts, peak_flops, pick_device
 from .gpu_clocks import ClockSampler, clocks_text
@@ -67,7 +68,7 @@ class BenchResult:
     gated_norm_backend: str = ""
     swiglu_backend: str = ""
     fused_projections: bool = False  # model.projections.fusion_enabled(): off unless asked
-    moe_wgrad_splits: int = 1        # model.moe.wgrad_splits(): MEGACPP_MOE_WGRAD_SPLITS
+    moe_wgrad_splits: int = 1        # policy.kernels.moe_wgrad_splits as the E layers took it
     linear_ce_dw_path: str | None = None  # the Triton head's d_weight accumulation, once it ran
     clocks: dict = field(default_factory=dict)  # gpu_clocks.ClockSampler over the timed steps
     # torch.profiler on CUDA (kernels=True): the whole step, and per family
@@ -202,10 +203,9 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
     every micro-batch."""
     import megacpp
     from ..patches.registry import install_patches
-    from ..model.moe import wgrad_splits
     from ..model.projections import fusion_enabled
     from .trainer import (_attention_backend, _delta_rule_backend, gated_norm_record, linear_ce_dw_path, lm_loss,
-                          split_aux, swiglu_record)
+                          moe_wgrad_splits, split_aux, swiglu_record)
 
     dev = pick_device(device)
     pol, spec = recipe.policy, recipe.model
@@ -219,6 +219,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
     ac = apply_activation_checkpointing(model, recipe.layers.letters, pol.activation_checkpointing)
     apply_ssd_states(model, pol.kernels.ssd_states)  # before compile: read at trace time
     apply_delta_states(model, pol.kernels.delta_states)
+    apply_moe_wgrad_splits(model, pol.kernels.moe_wgrad_splits)
     comp = apply_compile(model, pol.compile, dev, pol.parallel.sharding)
     grads_in_place = keep_grads_outside_graphs(model, comp)
     opt = Optimizers(model, pol.optimizer, dev)
@@ -317,7 +318,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
         delta_rule_backend=_delta_text(_delta_rule_backend(model, dev, precision.dtype)),
         gated_norm_backend=_gated_norm_text(gated_norm_record(model, dev, precision.dtype)),
         swiglu_backend=swiglu_record(model, dev, precision.dtype)["backend"] or "",
-        fused_projections=fusion_enabled(), moe_wgrad_splits=wgrad_splits(),
+        fused_projections=fusion_enabled(), moe_wgrad_splits=moe_wgrad_splits(model) or 1,
         linear_ce_dw_path=linear_ce_dw_path(model),
         clocks=clocks.result,
         step_profile=step_prof.to_dict() if step_prof is not None else {}, family_profile=fam_prof,

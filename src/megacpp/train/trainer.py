@@ -29,13 +29,13 @@ from ..errors import MegacppError
 from ..losses.gates import GateSet
 from ..losses.moe_aux import load_balance_loss, z_loss
 from ..losses.stp import stp_over_layers
-from ..model.moe import wgrad_splits
 from ..model.projections import fusion_enabled
 from ..recipe import Recipe
 from ..recipe.count import summarize
 from ..recipe.validate import stp_layers
 from ..run.manifest import MANIFEST, git_commit, new_manifest, write_json_atomic
-from .activation import apply_activation_checkpointing, apply_delta_states, apply_ssd_states
+from .activation import (apply_activation_checkpointing, apply_delta_states, apply_moe_wgrad_splits,
+                         apply_ssd_states)
 from .checkpoint import DCP, latest_good, load_sharded, load_weights, read_state, save_checkpoint, save_sharded
 from .compile import apply_compile, compile_stats, graph_step_begin, keep_grads_outside_graphs
 from .device import device_facts, memory_available, peak_flops, peak_memory, pick_device
@@ -267,6 +267,7 @@ class Trainer:
                                                          pol.activation_checkpointing)
         apply_ssd_states(self.model, pol.kernels.ssd_states)  # before compile: read at trace time
         apply_delta_states(self.model, pol.kernels.delta_states)
+        apply_moe_wgrad_splits(self.model, pol.kernels.moe_wgrad_splits)
         self.train_model = self.dist.wrap(self.model, self.recipe)
         self.compile_info = apply_compile(self.model, pol.compile, self.device, pol.parallel.sharding)
         self.grads_in_place = keep_grads_outside_graphs(self.model, self.compile_info)
@@ -369,7 +370,8 @@ class Trainer:
             # attention's q/k/v and Gated DeltaNet's input projections as one GEMM each
             "fused_projections": _kernel_choice("fused projections", fusion_enabled),
             # each expert's rows cut into this many parts for the experts' weight gradient
-            "moe_wgrad_splits": _kernel_choice("MoE weight-gradient splits", wgrad_splits),
+            # (policy.kernels.moe_wgrad_splits; None without E layers)
+            "moe_wgrad_splits": moe_wgrad_splits(self.model),
             "linear_ce_dw_path": linear_ce_dw_path(self.model),
             "compile": {**self.compile_info, **compile_stats()},
             "activation_checkpointing": {"policy": dict(pol.activation_checkpointing),
@@ -768,6 +770,17 @@ class Trainer:
         if writer:
             writer.log({"kind": "val", "step": self.step, "loss": loss, "bpb": bpb})
             writer.console(self.step, f"val loss {loss:.4f} bpb {bpb:.4f}")
+
+
+def moe_wgrad_splits(model) -> int | None:
+    """The parts per expert the E layers' grouped weight gradient runs in
+    (Experts.wgrad_splits, from policy.kernels.moe_wgrad_splits), None without
+    E layers. The FP8 experts and the padded bmm path ignore it."""
+    from ..model.moe import Experts
+    for m in model.modules():
+        if isinstance(m, Experts):
+            return m.wgrad_splits
+    return None
 
 
 def _kernel_choice(what: str, fn):

@@ -4,8 +4,8 @@
 
 has `reference.swiglu`'s signature and result. It takes the Triton kernels
 (`triton_swiglu.swiglu_triton`) when `swiglu_backend(h.device, h.dtype)` says
-"triton": h on CUDA, triton importable, h not float64, and MEGACPP_SWIGLU=triton
-until the kernels are measured faster (MEASURED_FASTER; then also by default).
+"triton": h on CUDA, triton importable, h not float64 (MEASURED_FASTER: "auto"
+takes them since the eighteenth session's A/B; MEGACPP_SWIGLU=reference not).
 MEGACPP_SWIGLU=triton makes a missing Triton path an error instead of a
 silent fallback.
 
@@ -34,10 +34,11 @@ def triton_import_error() -> str:
 BACKEND = KernelBackend(ENV, "SwiGLU", f"{__package__}.triton_swiglu", "swiglu_triton", triton_import_error)
 
 
-# The kernels are not yet measured against inductor's fusion of the reference
-# on a GPU: until they are (benchmarks/gpu_jobs.txt, swiglu_15), "auto" keeps
-# the reference and MEGACPP_SWIGLU=triton takes them.
-MEASURED_FASTER = False
+# Measured against inductor's fusion of the reference on an H200: nam-125m
+# +0.9% alone (fifteenth session), +2.0% with the experts' weight gradient in
+# 4 parts in three alternating pairs (eighteenth); nam-1b -0.3%, within two
+# runs' spread. "auto" takes them; MEGACPP_SWIGLU=reference the reference.
+MEASURED_FASTER = True
 
 
 def swiglu_backend_reason(device, dtype: torch.dtype | None = None) -> str:
