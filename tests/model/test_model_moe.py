@@ -81,6 +81,16 @@ def test_router_stats(name, seed):
     assert st.num_tokens == T and st.num_experts == E
     assert st.logits.requires_grad and st.probs.requires_grad
     assert torch.all(st.kept[E:] == 0)
+    # the aux terms the layer computes in its forward, by their definitions
+    f = st.load[:E] / st.load.sum()
+    torch.testing.assert_close(st.balance, E * (f * st.mean_probs[:E]).sum())
+    torch.testing.assert_close(st.z_sq, (torch.logsumexp(st.logits, -1) ** 2).mean())
+    assert st.balance.shape == () and st.balance.requires_grad and st.z_sq.requires_grad
+    g_b, = torch.autograd.grad(st.balance, st.mean_probs, retain_graph=True)
+    g_z, = torch.autograd.grad(st.z_sq, st.logits, retain_graph=True)
+    torch.testing.assert_close(g_b[:E], E * f)                         # load is a constant
+    torch.testing.assert_close(g_z, 2 * torch.logsumexp(st.logits, -1, keepdim=True)
+                               * torch.softmax(st.logits, -1) / T)
     if moe.routing == "expert_choice":
         C = min(T, capacity(T, moe.top_k, E, moe.capacity_factor))
         assert st.topk_idx.shape == (T, 0)

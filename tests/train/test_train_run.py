@@ -57,6 +57,7 @@ def test_end_to_end_manifest(tmp_path, tiny_snapshot):
     assert b["swiglu_backend"] == {"backend": "reference", "reason": "no CUDA"}  # nam-tiny's experts
     assert b["fused_projections"] is False  # off unless MEGACPP_FUSED_PROJECTIONS=1
     assert b["moe_wgrad_splits"] == 1  # policy.kernels.moe_wgrad_splits as the E layers took it
+    assert b["grad_sum"] == "autograd"  # the foreach sum needs CUDA graphs' kept .grads
     # (f) outcome
     o = m["outcome"]
     assert o["status"] == "finished" and o["end_reason"] == "completed" and o["steps"] == 6

@@ -23,3 +23,11 @@ def load_balance_loss(mean_probs: torch.Tensor, load: torch.Tensor, num_experts:
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+
+
+def moe_aux_terms(routers) -> tuple[torch.Tensor, torch.Tensor]:
+    """(load balance, z-loss), each the mean over the E layers' RouterStats of
+    the term the layer computed in its forward (RouterStats.balance, .z_sq:
+    load_balance_loss and z_loss above, fused there by a compiled model)."""
+    return (torch.stack([r.balance for r in routers]).mean(),
+            torch.stack([r.z_sq for r in routers]).mean())

@@ -49,6 +49,7 @@ from ..recipe.spec import ModelSpec
 from . import init as winit
 from .mlp import MLP, activate, is_gated
 from .norm import fp
+from ..losses.moe_aux import load_balance_loss, z_loss
 
 
 @dataclass
@@ -68,6 +69,13 @@ class RouterStats:
     kept:        (R,) float32 assignments that reached an expert (null rows: 0).
     dropped:     assignments dropped by capacity (0-dim int64 tensor).
     num_tokens, num_experts (real experts), top_k (expert choice: 0).
+    balance:     0-dim switch load-balance term, losses.moe_aux.load_balance_loss
+                 of mean_probs and load, differentiable.
+    z_sq:        0-dim router z-loss, losses.moe_aux.z_loss of logits, differentiable.
+    Both are computed here, inside the layer's forward, so a compiled model fuses
+    their reductions with the router's (outside it they were ~50 small eager
+    kernels a micro-batch at nam-125m, and as many in the backward). Whether and
+    how much they count stays run policy (policy.aux.moe).
     """
     logits: torch.Tensor
     scores: torch.Tensor
@@ -80,6 +88,18 @@ class RouterStats:
     num_tokens: int
     num_experts: int
     top_k: int
+    balance: torch.Tensor
+    z_sq: torch.Tensor
+
+
+def router_stats(logits, scores, probs, topk_idx, load, kept, dropped, num_experts: int,
+                 top_k: int) -> RouterStats:
+    """RouterStats with the mean probabilities and both auxiliary terms computed
+    from what the router made."""
+    mean_probs = probs.mean(0)
+    return RouterStats(logits, scores, probs, mean_probs, topk_idx, load, kept, dropped, logits.shape[0],
+                       num_experts, top_k, balance=load_balance_loss(mean_probs, load, num_experts),
+                       z_sq=z_loss(logits))
 
 
 @dataclass
@@ -440,9 +460,8 @@ class MoE(nn.Module):
             gate = scores[token, expert]
             load = torch.zeros(self.rows, device=dev)
             load[:E] = C
-            stats = RouterStats(logits, scores, probs, probs.mean(0),
-                                torch.zeros(T, 0, dtype=torch.long, device=dev), load, load.clone(),
-                                torch.zeros((), dtype=torch.long, device=dev), T, E, 0)
+            stats = router_stats(logits, scores, probs, torch.zeros(T, 0, dtype=torch.long, device=dev), load,
+                                 load.clone(), torch.zeros((), dtype=torch.long, device=dev), E, 0)
             return Routing(token, expert, gate, stats)
 
         rows, gates = self.select_topk(scores)
@@ -452,8 +471,8 @@ class MoE(nn.Module):
         if self._dropless():
             # Dropless with only real experts: every choice is kept, so shapes
             # are static (T * k) and no boolean mask forces a host sync.
-            stats = RouterStats(logits, scores, probs, probs.mean(0), rows, load, load.clone(),
-                                torch.zeros((), dtype=torch.long, device=dev), T, E, self.top_k)
+            stats = router_stats(logits, scores, probs, rows, load, load.clone(),
+                                 torch.zeros((), dtype=torch.long, device=dev), E, self.top_k)
             return Routing(flat_token, flat_rows, flat_gate, stats)
         real = flat_rows < E
         keep = real
@@ -469,8 +488,7 @@ class MoE(nn.Module):
             keep = real & (rank < C)
         dropped = (real & ~keep).sum()
         kept = count_per_row(flat_rows[keep], self.rows).float()
-        stats = RouterStats(logits, scores, probs, probs.mean(0), rows, load, kept, dropped,
-                            T, E, self.top_k)
+        stats = router_stats(logits, scores, probs, rows, load, kept, dropped, E, self.top_k)
         return Routing(flat_token[keep], flat_rows[keep], flat_gate[keep], stats)
 
     @torch.no_grad()

@@ -20,10 +20,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..losses.moe_aux import load_balance_loss, z_loss
+from ..losses.moe_aux import moe_aux_terms
 from ..recipe import Recipe
 from ..recipe.count import summarize
 from ..recipe.pattern import FAMILY
+from .grads import GradAccumulator
 from .activation import (apply_activation_checkpointing, apply_delta_states, apply_moe_wgrad_splits,
                          apply_ssd_states)
 from .compile import GRAPH_MODES, apply_compile, compile_stats, graph_step_begin, keep_grads_outside_graphs
@@ -222,6 +223,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
     apply_moe_wgrad_splits(model, pol.kernels.moe_wgrad_splits)
     comp = apply_compile(model, pol.compile, dev, pol.parallel.sharding)
     grads_in_place = keep_grads_outside_graphs(model, comp)
+    grad_acc = GradAccumulator(model, grads_in_place)   # as the trainer sums micro-batches on one device
     opt = Optimizers(model, pol.optimizer, dev)
     B = micro_batch or pol.micro_batch
     if accum < 0:
@@ -242,7 +244,6 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
         data_id = snap.snapshot_id
         batches = iter(PackedLoader(snap, "train", B, seed=pol.seed, pin_memory=dev.type == "cuda"))
     moe_w, z_w = pol.aux.moe.weight if pol.aux.moe.enabled else 0.0, pol.aux.moe.z_loss_weight
-    E = spec.moe.num_experts
     state = {"batch": batch}
 
     def micro_step():
@@ -256,9 +257,9 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
             loss = lm_loss(model, out.hidden, batch["labels"])
             routers, _ = split_aux(out.aux)
             if routers and moe_w:
-                loss = loss + moe_w * torch.stack([load_balance_loss(r.mean_probs, r.load, E) for r in routers]).mean()
-                loss = loss + z_w * torch.stack([z_loss(r.logits) for r in routers]).mean()
-        precision.scale(loss / accum).backward()
+                lb, zl = moe_aux_terms(routers)
+                loss = loss + moe_w * lb + z_w * zl
+        grad_acc.backward(precision.scale(loss / accum))
 
     def one_step():
         for _ in range(accum):
@@ -267,7 +268,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
         if pol.optimizer.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), pol.optimizer.grad_clip, foreach=True)
         precision.step(opt.optimizers)
-        opt.zero_grad(set_to_none=not grads_in_place)
+        grad_acc.zero_grad(opt, set_to_none=not grads_in_place)
 
     for _ in range(warmup):
         one_step()

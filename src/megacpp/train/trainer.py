@@ -27,13 +27,14 @@ import torch
 
 from ..errors import MegacppError
 from ..losses.gates import GateSet
-from ..losses.moe_aux import load_balance_loss, z_loss
+from ..losses.moe_aux import moe_aux_terms
 from ..losses.stp import stp_over_layers
 from ..model.projections import fusion_enabled
 from ..recipe import Recipe
 from ..recipe.count import summarize
 from ..recipe.validate import stp_layers
 from ..run.manifest import MANIFEST, git_commit, new_manifest, write_json_atomic
+from .grads import GradAccumulator
 from .activation import (apply_activation_checkpointing, apply_delta_states, apply_moe_wgrad_splits,
                          apply_ssd_states)
 from .checkpoint import DCP, latest_good, load_sharded, load_weights, read_state, save_checkpoint, save_sharded
@@ -271,6 +272,8 @@ class Trainer:
         self.train_model = self.dist.wrap(self.model, self.recipe)
         self.compile_info = apply_compile(self.model, pol.compile, self.device, pol.parallel.sharding)
         self.grads_in_place = keep_grads_outside_graphs(self.model, self.compile_info)
+        # one foreach copy/add a micro-batch into the kept .grads (train.grads), one device only
+        self.grad_acc = GradAccumulator(self.model, self.grads_in_place and not self.dist.active)
         self.opt = Optimizers(self.model, pol.optimizer, self.device)
         has = set(self.letters)
         self.gates = GateSet.from_policy(pol.aux, {"moe": "E" in has, "dsa": "D" in has,
@@ -373,6 +376,9 @@ class Trainer:
             # (policy.kernels.moe_wgrad_splits; None without E layers)
             "moe_wgrad_splits": moe_wgrad_splits(self.model),
             "linear_ce_dw_path": linear_ce_dw_path(self.model),
+            # how micro-batches' gradients are summed into .grad: one foreach pass
+            # a micro-batch (train.grads, CUDA graphs on one device) or autograd's
+            "grad_sum": "foreach" if self.grad_acc.enabled else "autograd",
             "compile": {**self.compile_info, **compile_stats()},
             "activation_checkpointing": {"policy": dict(pol.activation_checkpointing),
                                          "applied_layers": len(self.ac_applied)},
@@ -495,10 +501,8 @@ class Trainer:
                 terms["stp"] = stp.detach()
                 aux_total = aux_total + g["stp"].weight_at(step) * stp
             routers, dsa = split_aux(out.aux)
-            E = self.recipe.model.moe.num_experts
             if routers and (g["moe"].active(step) or g["moe_z"].active(step)):
-                lb = torch.stack([load_balance_loss(r.mean_probs, r.load, E) for r in routers]).mean()
-                zl = torch.stack([z_loss(r.logits) for r in routers]).mean()
+                lb, zl = moe_aux_terms(routers)
                 terms["moe_balance"], terms["moe_z"] = lb.detach(), zl.detach()
                 aux_total = aux_total + g["moe"].weight_at(step) * lb + g["moe_z"].weight_at(step) * zl
             if dsa and g["dsa"].active(step):
@@ -519,7 +523,7 @@ class Trainer:
                 terms["mtp"] = mt.detach()
                 aux_total = aux_total + g["mtp"].weight_at(step) * mt
             total = total + aux_total / self.accum
-        self.precision.scale(total).backward()
+        self.grad_acc.backward(self.precision.scale(total))
         terms["aux_total"] = aux_total.detach().float()
         if routers:
             with torch.no_grad():
@@ -580,7 +584,7 @@ class Trainer:
             self.nonfinite_total += 1
             self.nonfinite_run += 1
             self.precision.skip_step()  # fp16: back the loss scale off, restart its growth count
-        self.opt.zero_grad(set_to_none=not self.grads_in_place)
+        self.grad_acc.zero_grad(self.opt, set_to_none=not self.grads_in_place)
         record = {"kind": "train", "step": step, "lr": lr, "grad_norm": float(gnorm),
                   "loss": float(lm_mean), "total_loss": float(loss_val),
                   "tokens": tokens * self.dist.world_size, "finite": finite, "stepped": stepped,
