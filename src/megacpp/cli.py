@@ -126,8 +126,24 @@ def _cmd_train(args) -> int:
         print(f"run {result.run_dir}: {o['status']} ({o['end_reason']}) after {o['steps']} steps, "
               f"{o['tokens']:,} tokens, {o['wall_seconds']} s")
         if o.get("first_val_bpb") is not None:
-            print(f"val bits/byte: {o['first_val_bpb']:.4f} at start -> {o['final_val_bpb']:.4f} at the end")
+            print(val_line(o))
     return 0
+
+
+def val_line(o: dict) -> str:
+    """The run's val bits/byte as evaluated: at its first eval's step and its last
+    one's, or the first alone where no eval ran after it in this process
+    (--max-steps, policy.eval_interval, or a resume that ended before its next eval)."""
+    first, last = o.get("first_val_step"), o.get("final_val_step")
+
+    def at(step, default):
+        return f"step {step}" if step is not None else default
+    head = f"val bits/byte: {o['first_val_bpb']:.4f} at {at(first, 'start')}"
+    if o.get("final_val_bpb") is None:   # resumed, and ended before its next eval
+        return f"{head} (no eval since the resume; the run ended at step {o['steps']})"
+    if first is not None and first == last:
+        return f"{head} (no eval after it; the run ended at step {o['steps']})"
+    return f"{head} -> {o['final_val_bpb']:.4f} at {at(last, 'the end')}"
 
 
 def _cmd_eval(args) -> int:

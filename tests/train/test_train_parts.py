@@ -175,3 +175,19 @@ def test_grad_accumulator_off_is_plain_backward(seed):
             Opt.called = set_to_none
     acc.zero_grad(Opt(), set_to_none=True)
     assert Opt.called is True
+
+
+def test_val_line_says_which_steps_were_evaluated():
+    """`megacpp train`'s closing line: the evals' steps, never a start value
+    repeated as the end's (30 steps with no later eval printed "4.3568 at start
+    -> 4.3568 at the end" on an H200, eighteenth session)."""
+    from megacpp.cli import val_line
+
+    o = {"first_val_bpb": 4.35678, "final_val_bpb": 2.5, "first_val_step": 0, "final_val_step": 200, "steps": 200}
+    assert val_line(o) == "val bits/byte: 4.3568 at step 0 -> 2.5000 at step 200"
+    o.update(final_val_bpb=4.35678, final_val_step=0, steps=30)
+    assert val_line(o) == "val bits/byte: 4.3568 at step 0 (no eval after it; the run ended at step 30)"
+    o.update(final_val_bpb=None, final_val_step=None, steps=60)
+    assert val_line(o) == "val bits/byte: 4.3568 at step 0 (no eval since the resume; the run ended at step 60)"
+    old = {"first_val_bpb": 4.0, "final_val_bpb": 3.0, "steps": 9}   # a manifest from before the steps were kept
+    assert val_line(old) == "val bits/byte: 4.0000 at start -> 3.0000 at the end"

@@ -62,6 +62,7 @@ def test_end_to_end_manifest(tmp_path, tiny_snapshot):
     o = m["outcome"]
     assert o["status"] == "finished" and o["end_reason"] == "completed" and o["steps"] == 6
     assert o["tokens"] == 6 * 8 * 64 and o["final_val_bpb"] > 0 and o["wall_seconds"] > 0
+    assert o["first_val_step"] == 0 and o["final_val_step"] == 6   # the evals' steps: at start, at the end
     assert o["clocks"] == {"available": False, "why": "not a CUDA device"}  # the card's clocks: none here
     assert (res.run_dir / "recipe.toml").is_file()
     assert load_recipe(str(res.run_dir / "recipe.toml")).hash == m["spec"]["recipe_hash"]

@@ -291,7 +291,9 @@ class Trainer:
         self.nonfinite_total = 0
         self.nonfinite_run = 0
         self.last_val: tuple[float, float] | None = None
+        self.last_val_step: int | None = None
         self.first_val_bpb: float | None = None
+        self.first_val_step: int | None = None
         self.train_loss_ema: float | None = None
         self.tokens_seen = 0
         self.wall_before = 0.0
@@ -301,7 +303,8 @@ class Trainer:
                 "precision": self.precision.state_dict(), "loader": self.loader.state_dict(),
                 "gates": self.gates.state_dict(), "rng": rng_state(),
                 "counters": {"nonfinite_total": self.nonfinite_total, "tokens_seen": self.tokens_seen,
-                             "first_val_bpb": self.first_val_bpb, "wall": self._wall(),
+                             "first_val_bpb": self.first_val_bpb, "first_val_step": self.first_val_step,
+                             "wall": self._wall(),
                              "train_loss_ema": self.train_loss_ema},
                 "recipe_hash": self.recipe.hash}
 
@@ -342,6 +345,8 @@ class Trainer:
         self.nonfinite_total = c["nonfinite_total"]
         self.tokens_seen = c["tokens_seen"]
         self.first_val_bpb = c["first_val_bpb"]
+        # checkpoints before the step was kept: the first eval ran at step 0
+        self.first_val_step = c.get("first_val_step", 0 if self.first_val_bpb is not None else None)
         self.wall_before = c["wall"]
         self.train_loss_ema = c.get("train_loss_ema")
         self.warnings.append(f"resumed from {v.path.name} (step {self.step})")
@@ -398,6 +403,8 @@ class Trainer:
             "tokens": self.tokens_seen, "final_train_loss": tl,
             "final_val_loss": vl[0] if vl else None, "final_val_bpb": vl[1] if vl else None,
             "first_val_bpb": self.first_val_bpb, "wall_seconds": round(self._wall(), 2),
+            # the steps those two evals ran at (equal: no eval after the first one)
+            "final_val_step": self.last_val_step if vl else None, "first_val_step": self.first_val_step,
             "peak_memory_bytes": peak_memory(self.device),
             "nonfinite_steps_skipped": self.nonfinite_total, "warnings": list(self.warnings),
             # the main rank's card while the run ran (SM clock, power, throttle
@@ -768,9 +775,9 @@ class Trainer:
 
     def _eval_and_log(self, writer) -> None:
         loss, bpb = self.evaluate("val")
-        self.last_val = (loss, bpb)
+        self.last_val, self.last_val_step = (loss, bpb), self.step
         if self.first_val_bpb is None:
-            self.first_val_bpb = bpb
+            self.first_val_bpb, self.first_val_step = bpb, self.step
         if writer:
             writer.log({"kind": "val", "step": self.step, "loss": loss, "bpb": bpb})
             writer.console(self.step, f"val loss {loss:.4f} bpb {bpb:.4f}")
