@@ -5,7 +5,8 @@ router makes them, 65,536 rows: two micro-batches' top-2 slots of 16 x 2048
 tokens): torch._grouped_mm against fp8_grouped_mm, each compiled (as the
 model runs them: inductor fuses the FP8 quantization into its passes),
 forward alone and forward + backward, with each quantizer (quant_paths:
-"torch", "torchao", "triton"). FLOP rates count the bf16 work (6 x
+"torch", "torchao", "triton"), and with the weight gradient in FP8 too
+(ops.fp8_grouped.wgrad). FLOP rates count the bf16 work (6 x
 rows x d_in x d_out for forward + backward) so the columns compare. Outputs
 and gradients of the FP8 path against bf16's: its error, printed.
 
@@ -37,6 +38,9 @@ def rows_for(gen, iters: int) -> list[dict]:
     impls = {"bf16 torch._grouped_mm": torch.compile(bf16)}
     for q in ("torch", "torchao", "triton"):
         impls[f"fp8 (fwd, dgrad), quant {q}"] = torch.compile(lambda x, w, offs, q=q: fp8_grouped_mm(x, w, offs, q))
+    # the weight gradient in FP8 too (ops.fp8_grouped.wgrad: per-expert column scales, 16-row groups)
+    impls["fp8 (fwd, dgrad, wgrad), quant triton"] = torch.compile(
+        lambda x, w, offs: fp8_grouped_mm(x, w, offs, "triton", fp8_wgrad=True))
     out = []
     for name, (rows, E, k, n) in GROUPED.items():
         offs, x0, w0, g = expert_batch(gen, rows, E, k, n)

@@ -214,6 +214,29 @@ def test_fp8_experts_convert_the_grouped_rows_only(tiny):
     assert torch.isfinite(model.layers[1].moe.experts.w_in.grad).all()
 
 
+def test_fp8_experts_with_their_weight_gradient_convert_and_count_it(tiny):
+    """expert_low_precision = "fp8_rowwise_wgrad": the experts take the FP8 weight
+    gradient too (their mode string says so, the backend names it) and the
+    converted FLOPs count it (6 * d_in * d_out a row, where fp8_rowwise counts 4)."""
+    from megacpp.model.moe import Experts
+    from megacpp.train.lowp import conversion_plan_summary
+    model = megacpp.build_model(tiny.model)
+    spec = dataclasses.replace(tiny.policy.precision, compute="bf16", expert_low_precision="fp8_rowwise_wgrad")
+    rep = convert_low_precision(model, spec, CPU, fp8_emulate=True)
+    assert all(m.low_precision == "fp8_rowwise_wgrad:emulate" for m in model.modules() if isinstance(m, Experts))
+    d = rep.to_dict()
+    assert d["experts"] == "fp8_rowwise_wgrad" and "weight gradient per expert and column" in d["experts_backend"]
+    e = tiny.model.moe
+    w_in, w_out = model.layers[1].moe.experts.w_in.shape, model.layers[1].moe.experts.w_out.shape
+    assert d["converted_flops_per_token"] == 5 * 6.0 * e.top_k * (w_in[1] * w_in[2] + w_out[1] * w_out[2])
+    backward_under_bf16(model, tiny)
+    assert torch.isfinite(model.layers[1].moe.experts.w_in.grad).all()
+    four = conversion_plan_summary(megacpp.load_recipe("nam-125m", ["policy.precision.expert_low_precision=fp8_rowwise"]))
+    six = conversion_plan_summary(megacpp.load_recipe("nam-125m", ["policy.precision.expert_low_precision=fp8_rowwise_wgrad"]))
+    assert six["experts"] == "fp8_rowwise_wgrad" and six["converted"] == four["converted"] == 20
+    assert six["converted_flops_per_token"] == 1.5 * four["converted_flops_per_token"]
+
+
 def test_fp8_experts_setting_is_validated_and_translated():
     from megacpp.recipe.megatron import translate
     with pytest.raises(MegacppError, match="policy.precision.expert_low_precision.*must be one of"):

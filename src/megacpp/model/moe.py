@@ -272,7 +272,7 @@ def grouped_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out
     """Every expert's FFN on its own rows. x (A, d) sorted by expert; counts (E,).
 
     impl: "grouped_mm" | "bmm" (padded batched matmul) | "auto" (grouped_mm when available).
-    low_precision: "none" | "fp8_rowwise:Q" (both GEMMs through ops.fp8_grouped:
+    low_precision: "none" | "fp8_rowwise:Q" | "fp8_rowwise_wgrad:Q" (both GEMMs through ops.fp8_grouped:
     forward and input gradient in FP8, whatever impl says; Q the quantizer,
     "torch", "torchao" or "triton" (ops.fp8_grouped.quant_paths), or "emulate":
     every GEMM in float32, CPU tests).
@@ -284,11 +284,13 @@ def grouped_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out
     if low_precision != "none":
         from ..ops.fp8_grouped import FP8GroupedMM
         kind, _, mode = low_precision.partition(":")
-        if kind != "fp8_rowwise":
-            raise ValueError(f"unknown expert low precision {low_precision!r} (none | fp8_rowwise:QUANT)")
+        if kind not in ("fp8_rowwise", "fp8_rowwise_wgrad"):
+            raise ValueError(f"unknown expert low precision {low_precision!r} "
+                             "(none | fp8_rowwise:QUANT | fp8_rowwise_wgrad:QUANT)")
+        wg = kind == "fp8_rowwise_wgrad"
         offs = torch.cumsum(counts, 0).to(torch.int32)
-        h = _ContiguousGrad.apply(FP8GroupedMM.apply(x, w_in, offs, mode))
-        return _ContiguousGrad.apply(FP8GroupedMM.apply(activate(h, activation), w_out, offs, mode))
+        h = _ContiguousGrad.apply(FP8GroupedMM.apply(x, w_in, offs, mode, wg))
+        return _ContiguousGrad.apply(FP8GroupedMM.apply(activate(h, activation), w_out, offs, mode, wg))
     if impl == "auto":
         ok = grouped_mm_available(x.device, x.dtype, d, w_in.shape[-1], w_out.shape[1], w_out.shape[-1])
         impl = "grouped_mm" if ok else "bmm"
@@ -374,7 +376,7 @@ class Experts(nn.Module):
         up = 2 if is_gated(activation) else 1
         self.w_in = nn.Parameter(torch.empty(num_experts, d, up * ffn))
         self.w_out = nn.Parameter(torch.empty(num_experts, ffn, d))
-        # "none" | "fp8_rowwise:QUANT" (see grouped_ffn): set by the run's low-precision
+        # "none" | "fp8_rowwise[_wgrad]:QUANT" (see grouped_ffn): set by the run's low-precision
         # conversion (policy.precision.expert_low_precision), never by the model spec
         self.low_precision = "none"
         # policy.kernels.moe_wgrad_splits (run policy, not identity): the grouped

@@ -37,6 +37,8 @@ class PrecisionSpec:
     low_precision: str = "none"      # none | fp8_rowwise | fp8_tensorwise | nvfp4_emulated
     # The MoE experts' grouped GEMMs (not nn.Linear, so outside low_precision):
     # none | fp8_rowwise (forward and input gradient in FP8, weight gradient bf16)
+    # | fp8_rowwise_wgrad (the weight gradient in FP8 too: one scale per expert
+    # and column, each expert's rows padded to 16; ops.fp8_grouped.wgrad)
     expert_low_precision: str = "none"
     # Modules kept in float32 whatever the compute dtype (matched by name part).
     fp32_modules: tuple[str, ...] = ("A_log", "D", "dt_bias", "norm", "router")

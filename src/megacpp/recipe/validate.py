@@ -26,7 +26,7 @@ IMPLEMENTED = {
     "precision.compute": {"fp32", "bf16", "fp16"},
     "precision.params": {"fp32", "bf16"},
     "precision.low_precision": {"none", "fp8_rowwise", "fp8_tensorwise", "nvfp4_emulated"},
-    "precision.expert_low_precision": {"none", "fp8_rowwise"},
+    "precision.expert_low_precision": {"none", "fp8_rowwise", "fp8_rowwise_wgrad"},
     "precision.fp32_matmul": {"tf32", "ieee"},
     "compile.mode": {"none", "default", "reduce-overhead", "max-autotune", "auto"},
     "compile.scope": {"block", "model", "auto"},

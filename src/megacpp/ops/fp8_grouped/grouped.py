@@ -9,7 +9,10 @@ reduction dim: quant.py); the weight gradient, whose reduction runs over
 each expert's tokens (groups of any length, where the FP8 kernel wants
 16-aligned ones), stays bf16 through torch._grouped_mm: two of the three
 GEMMs per weight (torchao's Float8Linear converts all three of the dense
-ones, whose rows need no grouping). The forward accumulates with the kernel's fast accumulation (as torchao's
+ones, whose rows need no grouping) — unless fp8_wgrad asks for the third
+too (wgrad.py: each expert's rows padded to 16, one scale per expert and
+column; policy.precision.expert_low_precision = "fp8_rowwise_wgrad").
+The forward accumulates with the kernel's fast accumulation (as torchao's
 output GEMM); the input gradient without it.
 
 `fp8_grouped_unavailable(device)` says why the kernel cannot run here (no
@@ -25,9 +28,12 @@ import torch
 from .quant import column_major
 from .quant_paths import QUANT, quant_path
 from .reference import emulated_scaled_grouped_mm, grouped_wgrad_reference
+from .wgrad import fp8_grouped_wgrad
 
 BACKEND = ("torch._scaled_grouped_mm, e4m3 with power-of-two rowwise scales: forward and input gradient; "
            "weight gradient bf16 torch._grouped_mm")
+BACKEND_WGRAD = ("torch._scaled_grouped_mm, e4m3 with power-of-two scales: forward and input gradient rowwise; "
+                 "weight gradient per expert and column (groups padded to 16 rows, ops.fp8_grouped.wgrad)")
 
 _PROBED: dict = {}
 
@@ -64,10 +70,12 @@ MODES = (*QUANT, "emulate")
 class FP8GroupedMM(torch.autograd.Function):
     """See the module docstring. mode: "torch", "torchao" or "triton" (the quantizer
     in front of torch._scaled_grouped_mm, quant_paths), or "emulate" (the pure-torch
-    quantizer and every GEMM in float32: the reference)."""
+    quantizer and every GEMM in float32: the reference). fp8_wgrad: the weight
+    gradient in FP8 too (ops.fp8_grouped.wgrad: per-expert column scales), where
+    it is bf16 otherwise."""
 
     @staticmethod
-    def forward(ctx, x, w, offs, mode):
+    def forward(ctx, x, w, offs, mode, fp8_wgrad=False):
         if mode not in MODES:
             raise ValueError(f"FP8GroupedMM mode {mode!r}: expected one of {MODES}")
         emulate = mode == "emulate"
@@ -77,7 +85,7 @@ class FP8GroupedMM(torch.autograd.Function):
         gemm = emulated_scaled_grouped_mm if emulate else torch._scaled_grouped_mm
         y = gemm(xq, wq, xs, ws, offs, out_dtype=x.dtype, use_fast_accum=True)
         ctx.save_for_backward(x, w, offs)
-        ctx.emulate, ctx.quant = emulate, quant
+        ctx.emulate, ctx.quant, ctx.fp8_wgrad = emulate, quant, fp8_wgrad
         return y
 
     @staticmethod
@@ -92,12 +100,17 @@ class FP8GroupedMM(torch.autograd.Function):
             gemm = emulated_scaled_grouped_mm if ctx.emulate else torch._scaled_grouped_mm
             dx = gemm(gq, wq, gs, ws, offs, out_dtype=g.dtype, use_fast_accum=False)
         if ctx.needs_input_grad[1]:
-            dw = (grouped_wgrad_reference(x, g, offs, w.shape[0]) if ctx.emulate
-                  else torch._grouped_mm(x.t(), g, offs=offs))
-        return dx, dw, None, None
+            if ctx.fp8_wgrad:
+                dw = fp8_grouped_wgrad(x, g, offs, w.shape[0], emulate=ctx.emulate)
+            else:
+                dw = (grouped_wgrad_reference(x, g, offs, w.shape[0]) if ctx.emulate
+                      else torch._grouped_mm(x.t(), g, offs=offs))
+        return dx, dw, None, None, None
 
 
-def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, quant: str | None = None) -> torch.Tensor:
+def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, quant: str | None = None,
+                   fp8_wgrad: bool = False) -> torch.Tensor:
     """torch._grouped_mm(x, w, offs=offs) with the forward and input gradient in
-    FP8; quant: "torch" | "torchao" | "triton" | None (quant_path's choice for x's device)."""
-    return FP8GroupedMM.apply(x, w, offs, quant or quant_path(x.device))
+    FP8 (and the weight gradient, with fp8_wgrad); quant: "torch" | "torchao" |
+    "triton" | None (quant_path's choice for x's device)."""
+    return FP8GroupedMM.apply(x, w, offs, quant or quant_path(x.device), fp8_wgrad)

@@ -46,7 +46,9 @@ def grouped_wgrad_reference(x: torch.Tensor, g: torch.Tensor, offs: torch.Tensor
     return dw.to(x.dtype)
 
 
-def fp8_grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """fp8_grouped_mm's signature and rounding, every GEMM emulated in float32."""
+def fp8_grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, quant: str | None = None,
+                             fp8_wgrad: bool = False) -> torch.Tensor:
+    """fp8_grouped_mm's signature and rounding, every GEMM emulated in float32
+    (quant is accepted for the signature; the emulation quantizes in pure torch)."""
     from .grouped import FP8GroupedMM
-    return FP8GroupedMM.apply(x, w, offs, "emulate")
+    return FP8GroupedMM.apply(x, w, offs, "emulate", fp8_wgrad)

@@ -96,9 +96,9 @@ def convert_low_precision(model: nn.Module, spec, device: torch.device, *, fp8_e
     elp = spec.expert_low_precision
     if elp == "none":
         return report
-    if elp != "fp8_rowwise":
+    if elp not in ("fp8_rowwise", "fp8_rowwise_wgrad"):
         raise MegacppError(f"policy.precision.expert_low_precision: unknown value {elp!r}")
-    from ...ops.fp8_grouped import BACKEND, fp8_grouped_unavailable, quant_path
+    from ...ops.fp8_grouped import BACKEND, BACKEND_WGRAD, fp8_grouped_unavailable, quant_path
     if not fp8_emulate:
         why = fp8_grouped_unavailable(device)
         if why:
@@ -111,13 +111,14 @@ def convert_low_precision(model: nn.Module, spec, device: torch.device, *, fp8_e
         mode = "emulate" if fp8_emulate else quant_path(device, _widest_expert_row(model))
     except (ValueError, RuntimeError) as e:   # a bad or unrunnable MEGACPP_FP8_QUANT
         raise MegacppError(f"policy.precision.expert_low_precision={elp}: {e}") from None
-    backend = BACKEND + (" (emulated in float32)" if fp8_emulate else f"; quantization: {mode}")
+    backend = ((BACKEND_WGRAD if elp == "fp8_rowwise_wgrad" else BACKEND)
+               + (" (emulated in float32)" if fp8_emulate else f"; quantization: {mode}"))
     for mod in model.modules():
         if isinstance(mod, Experts):
             mod.low_precision = f"{elp}:{mode}"
     if not report.gemms:   # low_precision none: the Linears' rows say so
         report.gemms = plan_conversion(model, spec.fp32_modules, spec.min_gemm_size, linears=False)
-    report.gemms = [GemmDecision(g.name, g.kind, g.shape, True, backend, g.top_k)
+    report.gemms = [GemmDecision(g.name, g.kind, g.shape, True, backend, g.top_k, elp == "fp8_rowwise_wgrad")
                     if g.kind == "grouped_experts" else g for g in report.gemms]
     report.experts, report.experts_backend = elp, backend
     return report

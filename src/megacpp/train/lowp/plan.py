@@ -19,7 +19,8 @@ Rules, first match wins:
 The stacked MoE experts (3-D `w_in`, `w_out` through torch._grouped_mm) are
 not nn.Linear: low_precision leaves them alone; policy.precision.
 expert_low_precision = "fp8_rowwise" converts them (ops.fp8_grouped: forward
-and input gradient in FP8, the weight gradient bf16).
+and input gradient in FP8, the weight gradient bf16), "fp8_rowwise_wgrad"
+the weight gradient too.
 """
 from __future__ import annotations
 
@@ -81,6 +82,7 @@ class GemmDecision:
     convert: bool
     reason: str
     top_k: int = 0            # grouped experts: expert rows per token (their GEMMs' share per token)
+    wgrad: bool = False       # grouped experts: the weight gradient converted too (fp8_rowwise_wgrad)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "shape": list(self.shape),
@@ -115,19 +117,21 @@ def plan_conversion(model: nn.Module, fp32_modules=(), min_gemm_size: int = 0,
         elif isinstance(mod, Experts):
             for pname, p in mod.named_parameters(recurse=False):
                 rows.append(GemmDecision(f"{name}.{pname}", "grouped_experts", tuple(p.shape), bool(experts_as),
-                                         experts_as or GROUPED_REASON, top_k.get(name, 0)))
+                                         experts_as or GROUPED_REASON, top_k.get(name, 0),
+                                         wgrad=experts_as == "fp8_rowwise_wgrad"))
     return rows
 
 
 def gemm_flops_per_token(g: GemmDecision) -> float:
     """Training FLOPs per token of one GEMM that a recipe converts: an nn.Linear's
     forward 2*in*out and backward twice that; a grouped expert weight's
-    forward and input gradient (4*in*out per expert row, top_k rows a token;
-    its weight gradient stays bf16); 0 for embeddings."""
+    forward and input gradient (4*in*out per expert row, top_k rows a token),
+    and its weight gradient (2*in*out more) where that is converted too; 0 for
+    embeddings."""
     if g.kind == "linear":
         return 6.0 * g.shape[0] * g.shape[1]
     if g.kind == "grouped_experts":
-        return 4.0 * g.shape[-2] * g.shape[-1] * g.top_k
+        return (6.0 if g.wgrad else 4.0) * g.shape[-2] * g.shape[-1] * g.top_k
     return 0.0
 
 
