@@ -4,6 +4,8 @@ quantization through test_fp8_grouped's frexp `qdq`, the product in float64.
 CPU: the emulated GEMM; CUDA: torch._scaled_grouped_mm's 2d x 2d case."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -164,3 +166,67 @@ def test_moe_with_fp8_wgrad_experts_tracks_bf16(seed):
     for got, want in ((b[2], bf[2]), (b[3], bf[3])):
         rel = ((got.float() - want.float()).norm() / want.float().norm()).item()
         assert rel < 1e-1, rel
+
+
+# ------------------------------------------------- the kernel's contract, emulated on CPU
+@functools.cache   # a custom op registers once a process
+def _contract_checked_sgmm():
+    """A CPU stand-in for torch._scaled_grouped_mm as a custom op (so dynamo records
+    it as one node): it refuses what the H200 kernel refuses (BENCHMARKS.md,
+    eighteenth session: operand layouts, flat 1-D scales, 16-row groups in the 2d
+    x 2d case) and computes through this project's float32 emulations."""
+    from megacpp.ops.fp8_grouped import emulated_scaled_grouped_mm
+    from megacpp.ops.fp8_grouped.wgrad import emulated_scaled_grouped_mm_2d2d
+
+    @torch.library.custom_op("megacpp_test::scaled_grouped_mm", mutates_args=())
+    def sgmm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+             offs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        assert a.dtype == b.dtype == torch.float8_e4m3fn and a.stride(-1) == 1, "left operand row-major e4m3"
+        assert b.stride(-2) == 1, "Expected mat2 to be transposed"
+        if b.dim() == 2:
+            E = offs.shape[0]
+            assert scale_a.dim() == scale_b.dim() == 1, "scale must be a 1D tensor"
+            assert scale_a.numel() == E * a.shape[0] and scale_b.numel() == E * b.shape[1]
+            assert bool((offs % 16 == 0).all()), "group ends must be multiples of 16"
+            return emulated_scaled_grouped_mm_2d2d(a, b, scale_a, scale_b, offs, out_dtype)
+        return emulated_scaled_grouped_mm(a, b, scale_a, scale_b, offs, out_dtype)
+
+    @sgmm.register_fake
+    def _(a, b, scale_a, scale_b, offs, out_dtype):
+        if b.dim() == 2:
+            return a.new_empty((offs.shape[0], a.shape[0], b.shape[1]), dtype=out_dtype)
+        return a.new_empty((a.shape[0], b.shape[-1]), dtype=out_dtype)
+
+    def call(a, b, scale_a, scale_b, offs=None, bias=None, scale_result=None, out_dtype=None,
+             use_fast_accum=False):
+        return sgmm(a, b, scale_a, scale_b, offs, out_dtype)
+    return call
+
+
+def test_fp8_path_with_fp8_wgrad_meets_the_kernel_contract_and_compiles_whole(seed, monkeypatch):
+    """fp8_grouped_mm(..., fp8_wgrad=True) on its kernel path (quantizer "torch"),
+    the kernel replaced by a contract-checking CPU stand-in: compiled with
+    fullgraph (forward and backward, no graph break) it gives the emulated
+    reference's output and gradients."""
+    from torch._dynamo.utils import counters
+
+    from megacpp.ops.fp8_grouped import fp8_grouped_mm, fp8_grouped_mm_reference
+    from test_fp8_grouped import random_groups, run
+
+    monkeypatch.setattr(torch, "_scaled_grouped_mm", _contract_checked_sgmm())
+    gen = torch.Generator().manual_seed(seed)
+    E, A, K, N = 4, 150, 32, 48
+    counts = random_groups(gen, E, A, empty=1)
+    x = torch.randn(A, K, generator=gen).to(torch.bfloat16)
+    w = (torch.randn(E, K, N, generator=gen) * 0.05).to(torch.bfloat16)
+    g = torch.randn(A, N, generator=gen).to(torch.bfloat16)
+    want = run(lambda a, b, o: fp8_grouped_mm_reference(a, b, o, fp8_wgrad=True), x, w, counts, g)
+    torch._dynamo.reset()
+    counters["graph_break"].clear()
+    fn = torch.compile(lambda a, b, o: fp8_grouped_mm(a, b, o, "torch", fp8_wgrad=True),
+                       backend="aot_eager", fullgraph=True)
+    got = run(fn, x, w, counts, g)
+    assert not counters["graph_break"]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not got[2][1].any()                                     # the empty expert
