@@ -25,6 +25,7 @@ def test_bench_synthetic_and_snapshot_batches(tiny_snapshot):
         assert r.ssd_backend == "reference" and r.conv_backend == "reference"  # no CUDA here
         assert (r.delta_rule_backend, r.attention_backend) == ("reference", "sdpa")
         assert r.gated_norm_backend == "reference"
+        assert r.grad_sum == "autograd" and r.moe_wgrad_splits == 1   # no CUDA graphs; nam-tiny's policy
         json.dumps(r.to_dict())  # --json output stays serialisable
 
 

@@ -157,10 +157,16 @@ def test_grad_accumulator_sums_micro_batches_as_autograd_does(seed):
         acc.zero_grad(None, set_to_none=False)   # enabled: no optimizer call, the next step copies
 
 
-def test_grad_accumulator_off_is_plain_backward(seed):
+def test_grad_accumulator_off_is_plain_backward(seed, monkeypatch):
     from megacpp.train.grads import GradAccumulator
 
     model, ids = _tiny_model_and_batches(2)
+    monkeypatch.setenv("MEGACPP_GRAD_SUM", "autograd")        # the A/B switch turns it off
+    assert not GradAccumulator(model, enabled=True).enabled
+    monkeypatch.setenv("MEGACPP_GRAD_SUM", "fast")
+    with pytest.raises(ValueError, match="MEGACPP_GRAD_SUM='fast'"):
+        GradAccumulator(model, enabled=True)
+    monkeypatch.delenv("MEGACPP_GRAD_SUM")
     acc = GradAccumulator(model, enabled=False)
     assert not acc.enabled
     acc.backward(_loss(model, ids[0]))

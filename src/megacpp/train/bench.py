@@ -70,6 +70,7 @@ class BenchResult:
     swiglu_backend: str = ""
     fused_projections: bool = False  # model.projections.fusion_enabled(): off unless asked
     moe_wgrad_splits: int = 1        # policy.kernels.moe_wgrad_splits as the E layers took it
+    grad_sum: str = ""               # micro-batch gradients summed by "foreach" (train.grads) or "autograd"
     linear_ce_dw_path: str | None = None  # the Triton head's d_weight accumulation, once it ran
     clocks: dict = field(default_factory=dict)  # gpu_clocks.ClockSampler over the timed steps
     # torch.profiler on CUDA (kernels=True): the whole step, and per family
@@ -320,6 +321,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
         gated_norm_backend=_gated_norm_text(gated_norm_record(model, dev, precision.dtype)),
         swiglu_backend=swiglu_record(model, dev, precision.dtype)["backend"] or "",
         fused_projections=fusion_enabled(), moe_wgrad_splits=moe_wgrad_splits(model) or 1,
+        grad_sum="foreach" if grad_acc.enabled else "autograd",
         linear_ce_dw_path=linear_ce_dw_path(model),
         clocks=clocks.result,
         step_profile=step_prof.to_dict() if step_prof is not None else {}, family_profile=fam_prof,
@@ -373,6 +375,7 @@ def bench_text(r: BenchResult) -> str:
              + f"; SwiGLU: {r.swiglu_backend or '-'}"
              + f"; fused projections: {'on' if r.fused_projections else 'off'}"
              + (f"; MoE wgrad splits: {r.moe_wgrad_splits}" if r.moe_wgrad_splits != 1 else "")
+             + (f"; grad sum: {r.grad_sum}" if r.grad_sum else "")
              + f"; packed attention: {r.attention_backend or '?'}; data: {r.data}"]
     if r.clocks:
         lines.append("  " + clocks_text(r.clocks, r.mfu))

@@ -13,17 +13,26 @@ order as AccumulateGrad adds them.
 Off (a plain .backward()) wherever something else owns the gradients: under
 DDP or FSDP2 (their hooks reduce them), and where .grads are not kept
 (without CUDA graphs the first micro-batch's gradient becomes the .grad at
-no cost).
+no cost). MEGACPP_GRAD_SUM=autograd turns it off anywhere (an A/B switch:
+the manifest's backend.grad_sum names the path that ran).
 """
 from __future__ import annotations
 
+import os
+
 import torch
+
+ENV = "MEGACPP_GRAD_SUM"
 
 
 class GradAccumulator:
     """backward(loss) per micro-batch, step_done() after the optimizer step."""
 
     def __init__(self, model: torch.nn.Module, enabled: bool):
+        choice = os.environ.get(ENV, "auto").strip() or "auto"
+        if choice not in ("auto", "autograd"):
+            raise ValueError(f"{ENV}={choice!r}: expected auto or autograd")
+        enabled = enabled and choice == "auto"
         self.params = [p for p in model.parameters() if p.requires_grad] if enabled else []
         self.enabled = bool(self.params)
         self.fresh = True   # the next backward is its step's first: copy, do not add

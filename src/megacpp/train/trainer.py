@@ -273,7 +273,8 @@ class Trainer:
         self.compile_info = apply_compile(self.model, pol.compile, self.device, pol.parallel.sharding)
         self.grads_in_place = keep_grads_outside_graphs(self.model, self.compile_info)
         # one foreach copy/add a micro-batch into the kept .grads (train.grads), one device only
-        self.grad_acc = GradAccumulator(self.model, self.grads_in_place and not self.dist.active)
+        self.grad_acc = _kernel_choice("gradient sum", lambda: GradAccumulator(
+            self.model, self.grads_in_place and not self.dist.active))
         self.opt = Optimizers(self.model, pol.optimizer, self.device)
         has = set(self.letters)
         self.gates = GateSet.from_policy(pol.aux, {"moe": "E" in has, "dsa": "D" in has,
