@@ -5,7 +5,7 @@
 # machine: `--only fp8wgrad_19a` alone. Then a 40-step training pair on the C++ snapshot
 # (carry .gpudata/cpp-125m too) if the jobs left time.
 source benchmarks/gpu_session.sh
-python3 benchmarks/gpu_pool.py benchmarks/gpu_jobs.txt --deadline 560 --out $OUT/jobs.tar.gz --only fp8wgrad_19a fp8wgrad_19b
-for f in /tmp/gpu-jobs/wg_*.json; do
+python3 benchmarks/gpu_pool.py benchmarks/gpu_jobs.txt --deadline 560 --out $OUT/jobs.tar.gz --only fp8wgrad_19a fp8wgrad_19b gradsum_19
+for f in /tmp/gpu-jobs/wg_*.json /tmp/gpu-jobs/gs_*.json; do
   [ -s "$f" ] && printf "%s " "$(basename $f)" && python3 benchmarks/show_bench.py "$f" 2>/dev/null | sed -n 3p
 done
