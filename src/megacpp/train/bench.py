@@ -206,8 +206,8 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
     import megacpp
     from ..patches.registry import install_patches
     from ..model.projections import fusion_enabled
-    from .trainer import (_attention_backend, _delta_rule_backend, gated_norm_record, linear_ce_dw_path, lm_loss,
-                          moe_wgrad_splits, split_aux, swiglu_record)
+    from .trainer import (_attention_backend, _delta_rule_backend, _kernel_choice, gated_norm_record,
+                          linear_ce_dw_path, lm_loss, moe_wgrad_splits, split_aux, swiglu_record)
 
     dev = pick_device(device)
     pol, spec = recipe.policy, recipe.model
@@ -224,7 +224,8 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
     apply_moe_wgrad_splits(model, pol.kernels.moe_wgrad_splits)
     comp = apply_compile(model, pol.compile, dev, pol.parallel.sharding)
     grads_in_place = keep_grads_outside_graphs(model, comp)
-    grad_acc = GradAccumulator(model, grads_in_place)   # as the trainer sums micro-batches on one device
+    # as the trainer sums micro-batches on one device; a bad MEGACPP_GRAD_SUM is one clear error
+    grad_acc = _kernel_choice("gradient sum", lambda: GradAccumulator(model, grads_in_place))
     opt = Optimizers(model, pol.optimizer, dev)
     B = micro_batch or pol.micro_batch
     if accum < 0:
