@@ -33,8 +33,9 @@ computes the grouped path's weight gradient with each expert's rows cut
 into N parts, for more GEMM tiles where the experts are narrow
 (`_GroupedMM`; nam-125m's preset takes 4: BENCHMARKS.md, eighteenth session).
 
-Per-forward RouterStats: router logits (z-loss), scores and mean
-probabilities (load-balance loss, differentiable), load per router row.
+Per-forward RouterStats: router logits, scores and mean probabilities
+(differentiable), load per router row, and the load-balance and z-loss
+terms computed from them in the forward.
 """
 from __future__ import annotations
 
@@ -272,10 +273,11 @@ def grouped_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out
     """Every expert's FFN on its own rows. x (A, d) sorted by expert; counts (E,).
 
     impl: "grouped_mm" | "bmm" (padded batched matmul) | "auto" (grouped_mm when available).
-    low_precision: "none" | "fp8_rowwise:Q" | "fp8_rowwise_wgrad:Q" (both GEMMs through ops.fp8_grouped:
+    low_precision: "none" | "fp8_rowwise:Q" (both GEMMs through ops.fp8_grouped:
     forward and input gradient in FP8, whatever impl says; Q the quantizer,
     "torch", "torchao" or "triton" (ops.fp8_grouped.quant_paths), or "emulate":
-    every GEMM in float32, CPU tests).
+    every GEMM in float32, CPU tests) | "fp8_rowwise_wgrad:Q" (the weight
+    gradient in FP8 too).
     wgrad_splits: the grouped_mm path's weight gradient in this many parts per
     expert (policy.kernels.moe_wgrad_splits; see _GroupedMM).
     """
