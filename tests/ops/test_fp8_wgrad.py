@@ -40,10 +40,15 @@ def test_padded_layout_puts_each_group_on_a_16_row_boundary(seed, with_empty):
     counts = _counts(E, with_empty)
     offs = torch.cumsum(counts, 0).to(torch.int32)
     A = int(counts.sum())
-    expert, pos, pends, cap = padded_layout(offs, A, E)
+    lay = padded_layout(offs, A, E)
+    expert, pos, pends, cap = lay.expert, lay.pos, lay.ends, lay.capacity
     assert pends.dtype == torch.int32 and cap % ALIGN == 0 and int(pends[-1]) <= cap
     assert torch.all(pends % ALIGN == 0)
     assert len(set(pos.tolist())) == A and int(pos.max()) < int(pends[-1])
+    assert lay.src.shape == (cap,) and torch.equal(lay.src[pos], torch.arange(A))
+    assert int((lay.src >= 0).sum()) == A                                          # gaps and tail: -1
+    assert lay.blocks.shape == (E + 1,) and int(lay.blocks.sum()) * ALIGN == cap
+    assert torch.equal(torch.cumsum(lay.blocks[:E], 0) * ALIGN, pends.long())
     start, pstart = 0, 0
     for e, c in enumerate(counts.tolist()):
         assert torch.all(expert[start:start + c] == e)
@@ -58,8 +63,9 @@ def test_group_column_quantization_matches_frexp_reference(seed):
     offs = torch.cumsum(counts, 0).to(torch.int32)
     A = int(counts.sum())
     t = torch.randn(A, C) * torch.logspace(-3, 3, C)           # columns of very different sizes
-    expert, pos, pends, cap = padded_layout(offs, A, E)
-    q, s = quantize_groups_transposed(t, expert, pos, E, cap)
+    lay = padded_layout(offs, A, E)
+    expert, pos, cap = lay.expert, lay.pos, lay.capacity
+    q, s = quantize_groups_transposed(t, lay, E)
     assert q.shape == (C, cap) and q.dtype == torch.float8_e4m3fn and s.shape == (E * C,)
     deq = q.float()[:, pos].t() * s.view(E, C)[expert]
     start = 0
