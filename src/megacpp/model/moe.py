@@ -74,8 +74,8 @@ class RouterStats:
                  of mean_probs and load, differentiable.
     z_sq:        0-dim router z-loss, losses.moe_aux.z_loss of logits, differentiable.
     Both are computed here, inside the layer's forward, so a compiled model fuses
-    their reductions with the router's (outside it they were ~50 small eager
-    kernels a micro-batch at nam-125m, and as many in the backward). Whether and
+    their reductions with the router's (outside it they were small eager
+    kernels for each E layer, forward and backward). Whether and
     how much they count stays run policy (policy.aux.moe).
     """
     logits: torch.Tensor
