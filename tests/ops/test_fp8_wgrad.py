@@ -122,6 +122,17 @@ def test_fp8_wgrad_kernel_equals_emulation_on_cuda(seed, with_empty):
         assert not got[e].any()
 
 
+def _grouped_operands(seed: int, E: int, A: int, K: int, N: int, empty: int):
+    """(counts, x, w, g) in bf16 for an E-expert grouped GEMM, expert `empty` without rows."""
+    from test_fp8_grouped import random_groups
+    gen = torch.Generator().manual_seed(seed)
+    counts = random_groups(gen, E, A, empty=empty)
+    x = torch.randn(A, K, generator=gen).to(torch.bfloat16)
+    w = (torch.randn(E, K, N, generator=gen) * 0.05).to(torch.bfloat16)
+    g = torch.randn(A, N, generator=gen).to(torch.bfloat16)
+    return counts, x, w, g
+
+
 def test_fp8_grouped_mm_with_fp8_wgrad_changes_only_the_weight_gradient(seed):
     """FP8GroupedMM(fp8_wgrad=True), emulated: output and input gradient bit-equal
     to the bf16-wgrad path; the weight gradient equals the FP8 wgrad of (x, g),
@@ -129,14 +140,10 @@ def test_fp8_grouped_mm_with_fp8_wgrad_changes_only_the_weight_gradient(seed):
     from functools import partial
 
     from megacpp.ops.fp8_grouped import fp8_grouped_mm_reference
-    from test_fp8_grouped import random_groups, run
+    from test_fp8_grouped import run
 
-    gen = torch.Generator().manual_seed(seed)
-    E, A, K, N = 5, 200, 64, 48
-    counts = random_groups(gen, E, A, empty=2)
-    x = torch.randn(A, K, generator=gen).to(torch.bfloat16)
-    w = (torch.randn(E, K, N, generator=gen) * 0.05).to(torch.bfloat16)
-    g = torch.randn(A, N, generator=gen).to(torch.bfloat16)
+    E = 5
+    counts, x, w, g = _grouped_operands(seed, E, 200, 64, 48, empty=2)
     y0, dx0, dw0 = run(fp8_grouped_mm_reference, x, w, counts, g)
     y1, dx1, dw1 = run(partial(fp8_grouped_mm_reference, fp8_wgrad=True), x, w, counts, g)
     assert torch.equal(y0, y1) and torch.equal(dx0, dx1)
@@ -217,15 +224,10 @@ def test_fp8_path_with_fp8_wgrad_meets_the_kernel_contract_and_compiles_whole(se
     from torch._dynamo.utils import counters
 
     from megacpp.ops.fp8_grouped import fp8_grouped_mm, fp8_grouped_mm_reference
-    from test_fp8_grouped import random_groups, run
+    from test_fp8_grouped import run
 
     monkeypatch.setattr(torch, "_scaled_grouped_mm", _contract_checked_sgmm())
-    gen = torch.Generator().manual_seed(seed)
-    E, A, K, N = 4, 150, 32, 48
-    counts = random_groups(gen, E, A, empty=1)
-    x = torch.randn(A, K, generator=gen).to(torch.bfloat16)
-    w = (torch.randn(E, K, N, generator=gen) * 0.05).to(torch.bfloat16)
-    g = torch.randn(A, N, generator=gen).to(torch.bfloat16)
+    counts, x, w, g = _grouped_operands(seed, 4, 150, 32, 48, empty=1)
     want = run(lambda a, b, o: fp8_grouped_mm_reference(a, b, o, fp8_wgrad=True), x, w, counts, g)
     torch._dynamo.reset()
     counters["graph_break"].clear()
