@@ -69,17 +69,24 @@ def assert_errors_within(errs: dict, dtype: torch.dtype, tol: dict, own_key: str
     assert not bad, f"{dtype}: tolerance norm {tn:g} / max {tm:g} exceeded by {sorted(bad)}\n{table}"
 
 
-def run_interpreter_child(test_file: str, child_env: str, n_tests: int) -> None:
-    """Run test_file's `cpu_interp` tests in a child pytest with TRITON_INTERPRET=1
-    (read when @triton.jit decorates the kernels, i.e. at their import) and
-    child_env=1; all n_tests must pass, none skipped."""
-    env = dict(os.environ, TRITON_INTERPRET="1", **{child_env: "1"})
+def run_interpreter_children(specs: list[tuple[str, str, int]]) -> None:
+    """Run each test file's `cpu_interp` tests in ONE child pytest with
+    TRITON_INTERPRET=1 (read when @triton.jit decorates the kernels, i.e. at
+    their import) and every file's child variable set; specs: (test file,
+    child variable, how many tests it must pass). Each file must pass exactly
+    its count, nothing skipped or failed. One child, not one a file: each
+    start costs ~5 s of imports on CI's two cores."""
+    env = dict(os.environ, TRITON_INTERPRET="1", **{var: "1" for _, var, _ in specs})
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     # (no hypothesis plugin: no interpreter test uses it, and its import is ~1 s of the child's start)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider",
-           "-p", "no:hypothesispytest", os.path.abspath(test_file), "-k", "cpu_interp"]
-    r = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rA", "-o", "addopts=", "-p", "no:cacheprovider",
+           "-p", "no:hypothesispytest", *[os.path.abspath(f) for f, _, _ in specs], "-k", "cpu_interp"]
+    r = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=1200)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-6000:]
-    want = f"{n_tests} passed"
-    assert want in out and "skipped" not in out, out[-2000:]
+    for f, _, n in specs:
+        base = os.path.basename(f)
+        got = sum(1 for line in out.splitlines() if line.startswith("PASSED ") and f"{base}::" in line)
+        assert got == n, f"{base}: {got} interpreter tests passed, expected {n}\n{out[-3000:]}"
+    total = sum(n for _, _, n in specs)
+    assert f"{total} passed" in out and "skipped" not in out, out[-2000:]

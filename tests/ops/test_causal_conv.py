@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from megacpp.ops.causal_conv import causal_conv1d, causal_conv1d_fast, conv_backend, same_doc_mask
-from ops_testutil import assert_errors_within, err_norm_max, run_interpreter_child
+from ops_testutil import assert_errors_within, err_norm_max
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CUDA = torch.cuda.is_available()
@@ -178,7 +178,7 @@ def test_cuda_dispatch_and_compile(seed, gen, monkeypatch):
 
 
 interp_only = pytest.mark.skipif(not (CHILD and HAS_TRITON), reason="runs in the TRITON_INTERPRET=1 child of "
-                                 "test_triton_interpreter_on_cpu")
+                                 "test_triton_interpreter.py")
 
 
 @interp_only
@@ -279,8 +279,6 @@ def test_cuda_dpre_row_steps(launch, bias, dtype, seed, gen):
     assert_within(_dpre_rows_case(launch, bias, dtype, "cuda", gen), dtype)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
-@pytest.mark.skipif(CHILD, reason="this is the parent")
-def test_triton_interpreter_on_cpu():
-    run_interpreter_child(__file__, "MEGACPP_CONV_INTERP_CHILD",
-                          len(INTERP_CASES) * len(PATHS) + len(WALK_WIDTHS) + 1 + len(DPRE_ROWS))
+# this file's interpreter tests (the `cpu_interp` ones) and the variable that marks the
+# child they run in: test_triton_interpreter.py runs every op's in one child process
+INTERP_CHILD = ("MEGACPP_CONV_INTERP_CHILD", len(INTERP_CASES) * len(PATHS) + len(WALK_WIDTHS) + 1 + len(DPRE_ROWS))

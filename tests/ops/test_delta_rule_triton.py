@@ -12,7 +12,7 @@ rounded) input values, so the error measured is the kernel's alone.
 - CPU: if triton imports, the same checks on tiny shapes under the Triton
   interpreter. TRITON_INTERPRET=1 is read when @triton.jit decorates the
   kernels, i.e. at import of triton_delta_rule, so those tests run in a
-  child pytest started with it set (test_triton_interpreter_on_cpu).
+  child pytest started with it set (test_triton_interpreter.py).
 - CPU: every kernel launch of forward + backward at the nam-125m shape
   compiled for sm_90 (Hopper) as the JIT would specialise it, no GPU needed:
   catches compile errors and shared-memory overflows before a GPU session.
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from megacpp.ops.delta_rule import delta_rule_backend, delta_rule_backend_reason, gated_delta_rule_fast
 from megacpp.ops.delta_rule.reference import gated_delta_rule as gdr_ref
-from ops_testutil import assert_errors_within, run_interpreter_child
+from ops_testutil import assert_errors_within
 from ops_testutil import err_norm_max as _err
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -247,7 +247,7 @@ def test_cuda_kept_intermediates_give_the_same_gradients(seed, gen):
 # ------------------------------------------------------- CPU interpreter
 
 interp_only = pytest.mark.skipif(not (CHILD and HAS_TRITON), reason="runs in the TRITON_INTERPRET=1 child of "
-                                 "test_triton_interpreter_on_cpu")
+                                 "test_triton_interpreter.py")
 
 # (b, l, h, dk, dv, chunk, with_init, resets, strong_decay, use_state, dtype, gate_dtype)
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -390,10 +390,9 @@ def test_launch_overrides(monkeypatch):
     assert T._cfg("_dqk_kernel", half)["BV"] == bv
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
-@pytest.mark.skipif(CHILD, reason="this is the parent")
-def test_triton_interpreter_on_cpu():
-    run_interpreter_child(__file__, "MEGACPP_DELTA_RULE_INTERP_CHILD", len(INTERP_CASES) + 1 + 2 + 1)
+# this file's interpreter tests (the `cpu_interp` ones) and the variable that marks the
+# child they run in: test_triton_interpreter.py runs every op's in one child process
+INTERP_CHILD = ("MEGACPP_DELTA_RULE_INTERP_CHILD", len(INTERP_CASES) + 1 + 2 + 1)
 
 
 # ------------------------------------------- sm_90 compile, no GPU needed

@@ -13,7 +13,7 @@ import torch
 
 from megacpp.ops.fp8_grouped import (FP8, FP8_MAX, fp8_grouped_mm, fp8_grouped_mm_reference,
                                      fp8_grouped_unavailable, fp8_scale, quantize_fp8)
-from ops_testutil import err_norm_max, randint, run_interpreter_child
+from ops_testutil import err_norm_max, randint
 
 CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -255,7 +255,7 @@ def test_cuda_quantizers_give_the_same_bytes(seed, quant):
 
 # ---------------------------------------------------------------- the Triton quantizer on CPU
 interp_only = pytest.mark.skipif(not (CHILD and HAS_TRITON), reason="runs in the TRITON_INTERPRET=1 child of "
-                                 "test_triton_quantizer_interpreter_on_cpu")
+                                 "test_triton_interpreter.py")
 
 
 @interp_only
@@ -299,10 +299,9 @@ def test_triton_rows_refuse_bad_operands():
         fp8_rows_triton(torch.zeros(2, MAX_K + 1))
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
-@pytest.mark.skipif(CHILD, reason="this is the parent")
-def test_triton_quantizer_interpreter_on_cpu():
-    run_interpreter_child(__file__, "MEGACPP_FP8Q_INTERP_CHILD", 4)
+# this file's interpreter tests (the `cpu_interp` ones) and the variable that marks the
+# child they run in: test_triton_interpreter.py runs every op's in one child process
+INTERP_CHILD = ("MEGACPP_FP8Q_INTERP_CHILD", 4)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")

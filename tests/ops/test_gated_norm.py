@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from megacpp.model.norm import GatedRMSNorm
 from megacpp.ops.gated_norm import (gated_norm_backend, gated_norm_backend_reason, gated_rms_norm,
                                     gated_rms_norm_fast)
-from ops_testutil import assert_errors_within, err_norm_max, run_interpreter_child
+from ops_testutil import assert_errors_within, err_norm_max
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CUDA = torch.cuda.is_available()
@@ -159,7 +159,7 @@ def test_cuda_dispatch_and_compile(seed, gen, monkeypatch):
 
 
 interp_only = pytest.mark.skipif(not (CHILD and HAS_TRITON), reason="runs in the TRITON_INTERPRET=1 child of "
-                                 "test_triton_interpreter_on_cpu")
+                                 "test_triton_interpreter.py")
 
 
 @interp_only
@@ -195,10 +195,9 @@ def test_triton_entry_refuses_float64_and_huge_groups(gen):
         gated_rms_norm_triton(x, z, w, 1e-5)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
-@pytest.mark.skipif(CHILD, reason="this is the parent")
-def test_triton_interpreter_on_cpu():
-    run_interpreter_child(__file__, "MEGACPP_GNORM_INTERP_CHILD", len(INTERP_CASES) + 1)
+# this file's interpreter tests (the `cpu_interp` ones) and the variable that marks the
+# child they run in: test_triton_interpreter.py runs every op's in one child process
+INTERP_CHILD = ("MEGACPP_GNORM_INTERP_CHILD", len(INTERP_CASES) + 1)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from megacpp.ops.linear_ce import linear_cross_entropy_naive
-from ops_testutil import rel_err, run_interpreter_child
+from ops_testutil import rel_err
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CHILD = os.environ.get("MEGACPP_LCE_INTERP_CHILD") == "1"
 interp_only = pytest.mark.skipif(not (CHILD and HAS_TRITON), reason="runs in the TRITON_INTERPRET=1 child of "
-                                 "test_triton_interpreter_on_cpu")
+                                 "test_triton_interpreter.py")
 cuda_only = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA and triton")
 
 
@@ -97,10 +97,9 @@ def test_cpu_interp_no_grad_skips_the_gradient_gemms(gen, monkeypatch):
     assert len(calls) == 4 and torch.equal(a, b.detach())
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
-@pytest.mark.skipif(CHILD, reason="this is the parent")
-def test_triton_interpreter_on_cpu():
-    run_interpreter_child(__file__, "MEGACPP_LCE_INTERP_CHILD", len(CASES) + 2)
+# this file's interpreter tests (the `cpu_interp` ones) and the variable that marks the
+# child they run in: test_triton_interpreter.py runs every op's in one child process
+INTERP_CHILD = ("MEGACPP_LCE_INTERP_CHILD", len(CASES) + 2)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")

@@ -12,7 +12,7 @@ rounded) input values, so the error measured is the kernel's alone.
 - CPU: if triton imports, the same checks on tiny shapes under the Triton
   interpreter. TRITON_INTERPRET=1 is read when @triton.jit decorates the
   kernels, i.e. at import of triton_ssd, so those tests run in a child
-  pytest started with it set (test_triton_interpreter_on_cpu).
+  pytest started with it set (test_triton_interpreter.py).
 
 Errors are measured per tensor as  norm = ||a - r|| / ||r||  and
 max = max|a - r| / max|r|  (r: float64 reference).
@@ -29,7 +29,7 @@ import torch
 
 from megacpp.ops.ssd import ssd_backend, ssd_backend_reason, ssd_fast
 from megacpp.ops.ssd.reference import ssd as ssd_ref
-from ops_testutil import assert_errors_within, run_interpreter_child
+from ops_testutil import assert_errors_within
 from ops_testutil import err_norm_max as _err
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -236,7 +236,7 @@ def test_cuda_dispatch_and_compile(seed, gen, monkeypatch):
 # ------------------------------------------------------- CPU interpreter
 
 interp_only = pytest.mark.skipif(not (CHILD and HAS_TRITON), reason="runs in the TRITON_INTERPRET=1 child of "
-                                 "test_triton_interpreter_on_cpu")
+                                 "test_triton_interpreter.py")
 
 # (b, l, h, p, g, n, chunk, with_d, with_init, resets, dtype)
 # The interpreter's time grows with batch * heads * chunks (one program each),
@@ -368,10 +368,9 @@ def test_cpu_interp_state_dtype(half, seed, gen, monkeypatch):
     keep_states_case("cpu", torch.bfloat16, gen, seed)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
-@pytest.mark.skipif(CHILD, reason="this is the parent")
-def test_triton_interpreter_on_cpu():
-    run_interpreter_child(__file__, "MEGACPP_SSD_INTERP_CHILD", len(INTERP_CASES) + len(STARTS_INTERP) + 2 + 2)
+# this file's interpreter tests (the `cpu_interp` ones) and the variable that marks the
+# child they run in: test_triton_interpreter.py runs every op's in one child process
+INTERP_CHILD = ("MEGACPP_SSD_INTERP_CHILD", len(INTERP_CASES) + len(STARTS_INTERP) + 2 + 2)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")

@@ -13,7 +13,7 @@ import torch
 
 from megacpp.model.mlp import activate
 from megacpp.ops.swiglu import swiglu, swiglu_backend, swiglu_backend_reason, swiglu_fast
-from ops_testutil import assert_errors_within, err_norm_max, run_interpreter_child
+from ops_testutil import assert_errors_within, err_norm_max
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CUDA = torch.cuda.is_available()
@@ -91,7 +91,7 @@ INTERP_CASES = [pytest.param(((37, 96), torch.float32), id="f32"),
 
 cuda_only = pytest.mark.skipif(not (CUDA and HAS_TRITON), reason="needs CUDA and triton")
 interp_only = pytest.mark.skipif(not (CHILD and HAS_TRITON), reason="runs in the TRITON_INTERPRET=1 child of "
-                                 "test_triton_interpreter_on_cpu")
+                                 "test_triton_interpreter.py")
 
 
 @cuda_only
@@ -168,7 +168,6 @@ def test_triton_entry_refuses_float64_and_odd_widths(gen):
         swiglu_triton(h[:, :7].float())
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
-@pytest.mark.skipif(CHILD, reason="this is the parent")
-def test_triton_interpreter_on_cpu():
-    run_interpreter_child(__file__, "MEGACPP_SWIGLU_INTERP_CHILD", len(INTERP_CASES) + 1)
+# this file's interpreter tests (the `cpu_interp` ones) and the variable that marks the
+# child they run in: test_triton_interpreter.py runs every op's in one child process
+INTERP_CHILD = ("MEGACPP_SWIGLU_INTERP_CHILD", len(INTERP_CASES) + 1)
