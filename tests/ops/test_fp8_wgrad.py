@@ -189,7 +189,7 @@ def _contract_checked_sgmm():
     eighteenth session: operand layouts, flat 1-D scales, 16-row groups in the 2d
     x 2d case) and computes through this project's float32 emulations."""
     from megacpp.ops.fp8_grouped import emulated_scaled_grouped_mm
-    from megacpp.ops.fp8_grouped.wgrad import emulated_scaled_grouped_mm_2d2d
+    from megacpp.ops.fp8_grouped.reference import emulated_scaled_grouped_mm_2d2d
 
     @torch.library.custom_op("megacpp_test::scaled_grouped_mm", mutates_args=())
     def sgmm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,

@@ -2,7 +2,8 @@
 scaled GEMM emulated in float32 (dequantize, multiply per group, round).
 
 `emulated_scaled_grouped_mm` has torch._scaled_grouped_mm's signature for the
-2-D x 3-D case the experts use; `fp8_grouped_mm_reference` is
+2-D x 3-D case the experts use (`emulated_scaled_grouped_mm_2d2d` for the 2-D x
+2-D case of their FP8 weight gradient); `fp8_grouped_mm_reference` is
 `fp8_grouped_mm`'s, through the same autograd function with this GEMM.
 """
 from __future__ import annotations
@@ -33,6 +34,22 @@ def emulated_scaled_grouped_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.
     for e, s, t in _groups(offs):
         if t > s:
             out[s:t] = af[s:t] @ (b[e].float() * scale_b[e].float()[None, :])
+    return out.to(out_dtype)
+
+
+def emulated_scaled_grouped_mm_2d2d(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor,
+                                    scale_b: torch.Tensor, offs: torch.Tensor,
+                                    out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """torch._scaled_grouped_mm's 2d x 2d case (groups along the reduction dim, the
+    experts' weight gradient: wgrad.py) in float32: out[e] = (a[:, group e] *
+    scale_a[e]) @ (b[group e, :] * scale_b[e]); a (K, M), b (M, N) e4m3, scales
+    (E*K,), (E*N,), offs (E,) group ends along M. Empty groups give zeros."""
+    K, N, E = a.shape[0], b.shape[1], offs.shape[0]
+    sa, sb = scale_a.float().view(E, K), scale_b.float().view(E, N)
+    out = torch.zeros(E, K, N, dtype=torch.float32, device=a.device)
+    for e, s, t in _groups(offs):
+        if t > s:
+            out[e] = (a[:, s:t].float() * sa[e][:, None]) @ (b[s:t].float() * sb[e][None, :])
     return out.to(out_dtype)
 
 

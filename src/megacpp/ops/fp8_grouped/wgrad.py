@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .quant import FP8, FP8_MAX, pow2, scale_exponent
+from .reference import emulated_scaled_grouped_mm_2d2d
 
 ALIGN = 16   # rows per group the 2d x 2d FP8 kernel requires
 
@@ -92,23 +93,6 @@ def quantize_groups_transposed(t: torch.Tensor, lay: PaddedLayout, num_groups: i
     return q.view(torch.uint8).t().contiguous().view(FP8), scale.reshape(-1)
 
 
-def emulated_scaled_grouped_mm_2d2d(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor,
-                                    scale_b: torch.Tensor, offs: torch.Tensor,
-                                    out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """torch._scaled_grouped_mm's 2d x 2d case in float32: out[e] = (a[:, group e] *
-    scale_a[e]) @ (b[group e, :] * scale_b[e]); a (K, M), b (M, N) e4m3, scales
-    (E*K,), (E*N,), offs (E,) group ends along M. Empty groups give zeros."""
-    K, N, E = a.shape[0], b.shape[1], offs.shape[0]
-    sa, sb = scale_a.float().view(E, K), scale_b.float().view(E, N)
-    out = torch.zeros(E, K, N, dtype=torch.float32, device=a.device)
-    start = 0
-    for e, end in enumerate(offs.tolist()):
-        if end > start:
-            out[e] = (a[:, start:end].float() * sa[e][:, None]) @ (b[start:end].float() * sb[e][None, :])
-        start = end
-    return out.to(out_dtype)
-
-
 def fp8_grouped_wgrad(x: torch.Tensor, g: torch.Tensor, offs: torch.Tensor, num_groups: int,
                       emulate: bool = False) -> torch.Tensor:
     """dW (E, K, N) in x's dtype, the GEMM in FP8 (see the module docstring)."""
@@ -121,5 +105,5 @@ def fp8_grouped_wgrad(x: torch.Tensor, g: torch.Tensor, offs: torch.Tensor, num_
         dw = emulated_scaled_grouped_mm_2d2d(xq, gq.t(), xs, gs, lay.ends, out_dtype=x.dtype)
     else:
         dw = torch._scaled_grouped_mm(xq, gq.t(), xs, gs, offs=lay.ends, out_dtype=x.dtype)
-    counts = torch.diff(offs.to(torch.int64), prepend=offs.new_zeros(1, dtype=torch.int64))
-    return torch.where((counts > 0)[:, None, None], dw, torch.zeros((), dtype=dw.dtype, device=dw.device))
+    has_rows = lay.blocks[:num_groups] > 0     # a padded expert has blocks iff it has rows
+    return torch.where(has_rows[:, None, None], dw, torch.zeros((), dtype=dw.dtype, device=dw.device))
