@@ -10,7 +10,7 @@ the defaults are timed end to end (fwd + bwd, CUDA events) at every
 --paths first times the two paths' defaults against each other (and checks
 they agree) at every shape.
 
-    python benchmarks/conv_tune.py [--path walk|tiles] [--paths] [--tune-shape 8,2048,1792,4] [--shapes ...] [--json OUT]
+    python benchmarks/conv_tune.py [--path walk|tiles] [--kernels K ...] [--paths] [--tune-shape 8,2048,1792,4] [--shapes ...] [--json OUT]
 
 Shapes are batch,seqlen,channels,K: mamba2-130m's / nam-125m's M conv
 (1792 channels, bias), nam-125m's R convs (768, no bias) by default;
@@ -41,6 +41,8 @@ OPTIONS["dpre"] = {"RT": [8, 16, 32], "BT": [32, 64, 128, 256], "BC": [32, 64, 1
 for _k in ("fwd_walk", "bwd_walk"):
     OPTIONS[_k] = {"BT": [8, 16, 32, 64], "BC": [32, 64, 128, 256, 512], "num_warps": [1, 2, 4],
                    "num_stages": [1, 2]}
+# the backward walk's blocks a program (a loop; its d(weight) partials cover NB * BT rows)
+OPTIONS["bwd_walk"]["NB"] = [1, 2, 4, 8, 16, 32]
 KERNEL_NAME = {"fwd": "_conv_fwd_kernel", "dpre": "_conv_dpre_kernel", "dx": "_conv_dx_kernel",
                "fwd_walk": "_conv_fwd_walk_kernel", "bwd_walk": "_conv_bwd_walk_kernel"}
 PATH_KERNELS = {"walk": ["fwd_walk", "bwd_walk"], "tiles": ["fwd", "dpre", "dx"]}
@@ -95,6 +97,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", nargs="+", default=["8,2048,1792,4", "16,2048,1792,4", "16,2048,768,4"])
     ap.add_argument("--tol", type=float, default=1e-3)
     ap.add_argument("--path", choices=sorted(PATH_KERNELS), default="walk", help="the kernels tuned")
+    ap.add_argument("--kernels", nargs="+", help="only these of the path's kernels (default: all of them)")
     ap.add_argument("--paths", action="store_true", help="first time the two paths' defaults at --shapes")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
@@ -105,7 +108,10 @@ def main(argv=None) -> int:
                     T, OPTIONS, KERNEL_NAME, make_inputs, fwd_bwd)
     paths = compare_paths(target, args.shapes, args.tol) if args.paths else None
     T.PATH.update(fwd=args.path, bwd=args.path)
-    out = sweep(target, args.tune_shape, args.shapes, PATH_KERNELS[args.path], args.tol)
+    kernels = args.kernels or PATH_KERNELS[args.path]
+    if set(kernels) - set(PATH_KERNELS[args.path]):
+        ap.error(f"--kernels {kernels}: the {args.path} path's kernels are {PATH_KERNELS[args.path]}")
+    out = sweep(target, args.tune_shape, args.shapes, kernels, args.tol)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({**out, "path": args.path, "paths": paths}, f, indent=1)
