@@ -41,8 +41,6 @@ OPTIONS["dpre"] = {"RT": [8, 16, 32], "BT": [32, 64, 128, 256], "BC": [32, 64, 1
 for _k in ("fwd_walk", "bwd_walk"):
     OPTIONS[_k] = {"BT": [8, 16, 32, 64], "BC": [32, 64, 128, 256, 512], "num_warps": [1, 2, 4],
                    "num_stages": [1, 2]}
-# the backward walk's blocks a program (a loop; its d(weight) partials cover NB * BT rows)
-OPTIONS["bwd_walk"]["NB"] = [1, 2, 4, 8, 16, 32]
 KERNEL_NAME = {"fwd": "_conv_fwd_kernel", "dpre": "_conv_dpre_kernel", "dx": "_conv_dx_kernel",
                "fwd_walk": "_conv_fwd_walk_kernel", "bwd_walk": "_conv_bwd_walk_kernel"}
 PATH_KERNELS = {"walk": ["fwd_walk", "bwd_walk"], "tiles": ["fwd", "dpre", "dx"]}

@@ -4,6 +4,8 @@
 # its launch at nam-125m's M conv, and nam-125m's step with the sweep's choice against the
 # defaults (NB = 1, the old kernel's work), alternating; then where the FP8 expert weight
 # gradient's time goes at nam-1b (call 1 measured it 15% slower): one profiled step.
+# Measured: NB > 1 was slower (0.27 -> 0.31 ms at NB 4-8; NB 2 even), so the kernel change was
+# reverted after this call; the script records what ran (at that commit, dc15140).
 source benchmarks/gpu_session.sh
 J=$OUT/c19b; mkdir -p $J
 timeout 120 python3 -m pytest -q -rA --tb=short -p no:cacheprovider -p no:warnings -m gpu tests/ops/test_causal_conv.py 2>&1 | grep -E "PASSED|FAILED|passed|failed|Error" | tail -40

@@ -208,18 +208,6 @@ def test_cpu_interp_walk_every_width(K, bias, act, seed, gen):
         assert_within(compare(T.causal_conv1d_triton, x, w, bb, doc, act, gen), torch.float32)
 
 
-# the backward walk over several blocks a program (NB): 21 rows in programs of
-# 3 x 4 rows, the second ragged; the walk's carried window crosses blocks
-@interp_only
-@pytest.mark.parametrize("K,bias", [(4, True), (3, False)])
-def test_cpu_interp_bwd_walk_blocks(K, bias, seed, gen):
-    x, w, bb, doc = make(1, 21, 20, K, dtype=torch.float32, device="cpu", bias=bias, gen=gen)
-    with conv_path("walk") as T:
-        T.LAUNCH["bwd_walk"] = {"BT": 4, "BC": 16, "NB": 3}
-        assert T._launch("bwd_walk", 1, 21, 20)[1] == (2, 2, 1)
-        assert_within(compare(T.causal_conv1d_triton, x, w, bb, doc, "silu", gen), torch.float32)
-
-
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 def test_path_choice():
     from megacpp.ops.causal_conv import triton_conv as T
@@ -293,5 +281,4 @@ def test_cuda_dpre_row_steps(launch, bias, dtype, seed, gen):
 
 # this file's interpreter tests (the `cpu_interp` ones) and the variable that marks the
 # child they run in: test_triton_interpreter.py runs every op's in one child process
-INTERP_CHILD = ("MEGACPP_CONV_INTERP_CHILD", len(INTERP_CASES) * len(PATHS) + len(WALK_WIDTHS) + 2 + 1
-                + len(DPRE_ROWS))
+INTERP_CHILD = ("MEGACPP_CONV_INTERP_CHILD", len(INTERP_CASES) * len(PATHS) + len(WALK_WIDTHS) + 1 + len(DPRE_ROWS))

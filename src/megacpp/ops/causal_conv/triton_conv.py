@@ -307,102 +307,25 @@ def _conv_fwd_walk_kernel(
 
 
 @triton.jit
-def _bwd_walk_row(t, x_base, d_base, g_base, o_base, c, vc, L,
-                  s_xl, s_xc, s_dl, s_gl, s_gc, s_ol, s_oc,
-                  w0, w1, w2, w3, bias,
-                  xa, xb, xc, da, db_, dc, g1, g2, g3, e1, e2, e3, dw0, dw1, dw2, dw3, dbias,
-                  K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOC: tl.constexpr, SILU: tl.constexpr,
-                  OWN: tl.constexpr):
-    """One row t of the backward walk (see _conv_bwd_walk_kernel): the carried
-    window in, the window moved one row down out. OWN: the row belongs to this
-    program (adds to the d(weight) sums and writes dx)."""
-    xn = _row(x_base, t - (K - 1), c, vc, L, s_xl, s_xc)
-    dn = _doc1(d_base, t - (K - 1), L, s_dl, HAS_DOC)
-    # taps of row t: x_{t-k} for k < K is (xa, xb, xc, xn)[:K-1] + [xn]
-    if K == 1:
-        v1, v2, v3 = xa, xa, xa
-        f1, f2, f3 = dn, dn, dn
-    elif K == 2:
-        v1, v2, v3 = xn, xn, xn
-        f1, f2, f3 = dn, dn, dn
-    elif K == 3:
-        v1, v2, v3 = xb, xn, xn
-        f1, f2, f3 = db_, dn, dn
-    else:
-        v1, v2, v3 = xb, xc, xn
-        f1, f2, f3 = db_, dc, dn
-    v0 = xa
-    if K == 1:
-        v0 = xn
-    s1 = f1 == da
-    s2 = f2 == da
-    s3 = f3 == da
-    g = _row(g_base, t, c, vc, L, s_gl, s_gc)
-    if SILU:
-        pre = _walk_pre(bias, v0, v1, v2, v3, w0, w1, w2, w3, s1, s2, s3, K)
-        p = pre.to(g.dtype).to(tl.float32)
-        sg = tl.sigmoid(p)
-        g = (g.to(tl.float32) * sg * (1.0 + p * (1.0 - sg))).to(g.dtype)
-    gf = g.to(tl.float32)
-    if OWN:
-        dw0 += gf * v0.to(tl.float32)
-        if K > 1:
-            dw1 += _tap(v1, gf, s1)
-        if K > 2:
-            dw2 += _tap(v2, gf, s2)
-        if K > 3:
-            dw3 += _tap(v3, gf, s3)
-        if HAS_BIAS:
-            dbias += gf
-        dx = gf * w0
-        if K > 1:
-            dx += tl.where(e1 == da, g1 * w1, 0.0)
-        if K > 2:
-            dx += tl.where(e2 == da, g2 * w2, 0.0)
-        if K > 3:
-            dx += tl.where(e3 == da, g3 * w3, 0.0)
-        tl.store(o_base + t * s_ol + c * s_oc, dx.to(o_base.dtype.element_ty), mask=vc & (t < L))
-    g3, g2, g1 = g2, g1, gf
-    e3, e2, e1 = e2, e1, da
-    if K == 1:
-        xa = xn
-        da = dn
-    elif K == 2:
-        xa = xn
-        da = dn
-    elif K == 3:
-        xa, xb = xb, xn
-        da, db_ = db_, dn
-    else:
-        xa, xb, xc = xb, xc, xn
-        da, db_, dc = db_, dc, dn
-    return xa, xb, xc, da, db_, dc, g1, g2, g3, e1, e2, e3, dw0, dw1, dw2, dw3, dbias
-
-
-@triton.jit
 def _conv_bwd_walk_kernel(
     x_ptr, w_ptr, bias_ptr, doc_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr,
     L, CH,
     s_xb, s_xl, s_xc, s_db, s_dl, s_gb, s_gl, s_gc, s_ob, s_ol, s_oc,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOC: tl.constexpr, SILU: tl.constexpr,
-    BT: tl.constexpr, BC: tl.constexpr, NB: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr,
 ):
-    """The whole backward in one walk down t over a program's NB blocks of BT
-    rows: at each row the pre-activation (recomputed from the carried inputs),
-    its gradient g (rounded to dy's dtype, as the reference's SiLU backward
-    rounds it), g's share of the program's d(weight)/d(bias) sums, and dx_t =
-    sum_s w[K-1-s] g_{t+s} from the last K gradients carried (rounded once).
-    The walk starts K-1 rows above the program's rows to have the g's its
-    last rows need (those rows add nothing to the sums: the program above owns
-    them). Each block's BT rows are unrolled; the NB blocks are a loop, so a
-    program's partial sums cover NB * BT rows: fewer partials to write and
-    reduce, and fewer re-walked rows, than one block a program."""
+    """The whole backward in one walk down t: at each row the pre-activation
+    (recomputed from the carried inputs), its gradient g (rounded to dy's
+    dtype, as the reference's SiLU backward rounds it), g's share of the
+    per-program d(weight)/d(bias) sums, and dx_t = sum_s w[K-1-s] g_{t+s}
+    from the last K gradients carried (rounded once). The walk starts K-1
+    rows above the block to have the g's its last rows need (those rows add
+    nothing to the sums: the program above owns them)."""
     pid_t, b, c, vc, x_base, d_base, w0, w1, w2, w3, bias = _walk_setup(
         x_ptr, w_ptr, bias_ptr, doc_ptr, s_xb, s_db, CH, K, HAS_BIAS, BC)
     g_base = dy_ptr + b.to(tl.int64) * s_gb
     o_base = dx_ptr + b.to(tl.int64) * s_ob
-    t_own = pid_t * (BT * NB) + BT * NB - 1   # the program's top row
-    t_top = t_own + K - 1
+    t_top = pid_t * BT + BT + K - 2
     # inputs x_{t}, x_{t-1}, x_{t-2} of the first row walked (x_{t-K+1} is loaded in the step)
     xa = _row(x_base, t_top, c, vc, L, s_xl, s_xc)
     xb = _row(x_base, t_top - 1, c, vc, L, s_xl, s_xc)
@@ -422,20 +345,65 @@ def _conv_bwd_walk_kernel(
     dw2 = tl.zeros((BC,), dtype=tl.float32)
     dw3 = tl.zeros((BC,), dtype=tl.float32)
     dbias = tl.zeros((BC,), dtype=tl.float32)
-    for j in tl.static_range(K - 1):   # the rows above, for their g's
-        xa, xb, xc, da, db_, dc, g1, g2, g3, e1, e2, e3, dw0, dw1, dw2, dw3, dbias = _bwd_walk_row(
-            t_top - j, x_base, d_base, g_base, o_base, c, vc, L,
-            s_xl, s_xc, s_dl, s_gl, s_gc, s_ol, s_oc, w0, w1, w2, w3, bias,
-            xa, xb, xc, da, db_, dc, g1, g2, g3, e1, e2, e3, dw0, dw1, dw2, dw3, dbias,
-            K, HAS_BIAS, HAS_DOC, SILU, False)
-    for blk in range(NB):
-        t_blk = t_own - blk * BT
-        for i in tl.static_range(BT):
-            xa, xb, xc, da, db_, dc, g1, g2, g3, e1, e2, e3, dw0, dw1, dw2, dw3, dbias = _bwd_walk_row(
-                t_blk - i, x_base, d_base, g_base, o_base, c, vc, L,
-                s_xl, s_xc, s_dl, s_gl, s_gc, s_ol, s_oc, w0, w1, w2, w3, bias,
-                xa, xb, xc, da, db_, dc, g1, g2, g3, e1, e2, e3, dw0, dw1, dw2, dw3, dbias,
-                K, HAS_BIAS, HAS_DOC, SILU, True)
+    for j in tl.static_range(BT + K - 1):
+        t = t_top - j
+        xn = _row(x_base, t - (K - 1), c, vc, L, s_xl, s_xc)
+        dn = _doc1(d_base, t - (K - 1), L, s_dl, HAS_DOC)
+        # taps of row t: x_{t-k} for k < K is (xa, xb, xc, xn)[:K-1] + [xn]
+        if K == 1:
+            v1, v2, v3 = xa, xa, xa
+            f1, f2, f3 = dn, dn, dn
+        elif K == 2:
+            v1, v2, v3 = xn, xn, xn
+            f1, f2, f3 = dn, dn, dn
+        elif K == 3:
+            v1, v2, v3 = xb, xn, xn
+            f1, f2, f3 = db_, dn, dn
+        else:
+            v1, v2, v3 = xb, xc, xn
+            f1, f2, f3 = db_, dc, dn
+        v0 = xa
+        if K == 1:
+            v0 = xn
+        s1 = f1 == da
+        s2 = f2 == da
+        s3 = f3 == da
+        g = _row(g_base, t, c, vc, L, s_gl, s_gc)
+        if SILU:
+            pre = _walk_pre(bias, v0, v1, v2, v3, w0, w1, w2, w3, s1, s2, s3, K)
+            p = pre.to(g.dtype).to(tl.float32)
+            sg = tl.sigmoid(p)
+            g = (g.to(tl.float32) * sg * (1.0 + p * (1.0 - sg))).to(g.dtype)
+        gf = g.to(tl.float32)
+        if j >= K - 1:   # rows of this block (the first K-1 walked are the block above's)
+            dw0 += gf * v0.to(tl.float32)
+            if K > 1:
+                dw1 += _tap(v1, gf, s1)
+            if K > 2:
+                dw2 += _tap(v2, gf, s2)
+            if K > 3:
+                dw3 += _tap(v3, gf, s3)
+            if HAS_BIAS:
+                dbias += gf
+            dx = gf * w0
+            if K > 1:
+                dx += tl.where(e1 == da, g1 * w1, 0.0)
+            if K > 2:
+                dx += tl.where(e2 == da, g2 * w2, 0.0)
+            if K > 3:
+                dx += tl.where(e3 == da, g3 * w3, 0.0)
+            tl.store(o_base + t * s_ol + c * s_oc, dx.to(dx_ptr.dtype.element_ty), mask=vc & (t < L))
+        g3, g2, g1 = g2, g1, gf
+        e3, e2, e1 = e2, e1, da
+        if K == 3:
+            xa, xb = xb, xn
+            da, db_ = db_, dn
+        elif K == 2:
+            xa = xn
+            da = dn
+        elif K > 3:
+            xa, xb, xc = xb, xc, xn
+            da, db_, dc = db_, dc, dn
     part = (b * tl.num_programs(0) + pid_t).to(tl.int64)
     dw_base = dw_ptr + (part * CH + c) * K
     tl.store(dw_base + (K - 1), dw0, mask=vc)
@@ -462,7 +430,7 @@ def _conv_bwd_walk_kernel(
 KERNELS = ("fwd", "dpre", "dx", "fwd_walk", "bwd_walk")
 _TILE = {"BT": 64, "BC": 128, "num_warps": 4}
 DEFAULT = {"fwd": _TILE, "dpre": _TILE, "dx": _TILE, "fwd_walk": {"BT": 32, "BC": 128, "num_warps": 1},
-           "bwd_walk": {"BT": 8, "BC": 64, "num_warps": 1, "NB": 1}}
+           "bwd_walk": {"BT": 8, "BC": 64, "num_warps": 1}}
 TUNED: dict[str, dict] = {k: {} for k in KERNELS}
 LAUNCH: dict[str, dict] = {k: {} for k in KERNELS}
 # Which kernels run: "walk" (K <= WALK_MAX_K) or "tiles" (any K; the only
@@ -488,8 +456,7 @@ def _launch(name: str, b: int, l: int, ch: int) -> tuple[dict, tuple]:
         cfg.setdefault("RT", cfg["BT"])
         if cfg["RT"] > cfg["BT"] or cfg["BT"] % cfg["RT"]:
             raise ValueError(f"causal conv dpre launch: RT={cfg['RT']} must divide BT={cfg['BT']}")
-    rows = cfg["BT"] * cfg.get("NB", 1)   # the backward walk's programs cover NB blocks of BT rows
-    return cfg, (triton.cdiv(l, rows), triton.cdiv(ch, cfg["BC"]), b)
+    return cfg, (triton.cdiv(l, cfg["BT"]), triton.cdiv(ch, cfg["BC"]), b)
 
 
 def _operands(x, weight, doc_ids):
