@@ -14,7 +14,7 @@ import torch
 @pytest.mark.parametrize("env,msg", [
     ({"MEGACPP_SSD": "bogus"}, "Mamba SSD scan: MEGACPP_SSD='bogus': expected one of"),
     ({"MEGACPP_DELTA_RULE": "triton"}, "gated delta rule: MEGACPP_DELTA_RULE=triton, but the Triton gated delta rule cannot run"),
-    ({"MEGACPP_GRAD_SUM": "fast"}, "gradient sum: MEGACPP_GRAD_SUM='fast': expected auto or autograd"),
+    ({"MEGACPP_GRAD_SUM": "fast"}, "gradient sum: MEGACPP_GRAD_SUM='fast': expected autograd or foreach"),
 ])
 def test_bad_kernel_choice_is_one_clear_error(env, msg, tiny_snapshot, tmp_path):
     if torch.cuda.is_available() and env.get("MEGACPP_DELTA_RULE") == "triton":

@@ -126,7 +126,7 @@ def _loss(model, ids):
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
 
 
-def test_grad_accumulator_sums_micro_batches_as_autograd_does(seed):
+def test_grad_accumulator_sums_micro_batches_as_autograd_does(seed, monkeypatch):
     """train.grads.GradAccumulator (one foreach copy, then adds) against autograd's
     own accumulation into kept zero .grads, over two steps of three micro-batches:
     bit-equal, a new step starts its own sum, and a parameter no micro-batch
@@ -144,6 +144,7 @@ def test_grad_accumulator_sums_micro_batches_as_autograd_does(seed):
         for x in ids[step:] + ids[:step]:
             _loss(model, x).backward()
         ref[step] = [p.grad.clone() for p in params]
+    monkeypatch.setenv("MEGACPP_GRAD_SUM", "foreach")         # opt-in (the default is autograd's)
     acc = GradAccumulator(model, enabled=True)
     assert acc.enabled
     for p in params:
@@ -161,8 +162,12 @@ def test_grad_accumulator_off_is_plain_backward(seed, monkeypatch):
     from megacpp.train.grads import GradAccumulator
 
     model, ids = _tiny_model_and_batches(2)
-    monkeypatch.setenv("MEGACPP_GRAD_SUM", "autograd")        # the A/B switch turns it off
+    monkeypatch.delenv("MEGACPP_GRAD_SUM", raising=False)
+    assert not GradAccumulator(model, enabled=True).enabled    # the default: autograd's sum
+    monkeypatch.setenv("MEGACPP_GRAD_SUM", "autograd")
     assert not GradAccumulator(model, enabled=True).enabled
+    monkeypatch.setenv("MEGACPP_GRAD_SUM", "foreach")
+    assert GradAccumulator(model, enabled=True).enabled
     monkeypatch.setenv("MEGACPP_GRAD_SUM", "fast")
     with pytest.raises(ValueError, match="MEGACPP_GRAD_SUM='fast'"):
         GradAccumulator(model, enabled=True)

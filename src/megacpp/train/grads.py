@@ -10,11 +10,14 @@ copies them into the .grads at a step's first micro-batch (no zeroing pass:
 0 + g is g) and adds them at the later ones: the same sums, added in the same
 order as AccumulateGrad adds them.
 
-Off (a plain .backward()) wherever something else owns the gradients: under
-DDP or FSDP2 (their hooks reduce them), and where .grads are not kept
-(without CUDA graphs the first micro-batch's gradient becomes the .grad at
-no cost). MEGACPP_GRAD_SUM=autograd turns it off anywhere (an A/B switch:
-the manifest's backend.grad_sum names the path that ran).
+Opt-in: MEGACPP_GRAD_SUM=foreach (the default, "autograd", is a plain
+.backward()). Measured on nam-125m (H200, nineteenth session, two alternating
+pairs; BENCHMARKS.md): the same tokens/s within 0.1%, and the peak 0.094 GiB
+higher (19.186 against 19.092 GiB), the handed-back gradients living beside
+the kept .grads. It also stays off wherever something else owns the
+gradients: under DDP or FSDP2 (their hooks reduce them), and where .grads are
+not kept (without CUDA graphs the first micro-batch's gradient becomes the
+.grad at no cost). The manifest's backend.grad_sum names the path that ran.
 """
 from __future__ import annotations
 
@@ -29,10 +32,10 @@ class GradAccumulator:
     """backward(loss) per micro-batch, step_done() after the optimizer step."""
 
     def __init__(self, model: torch.nn.Module, enabled: bool):
-        choice = os.environ.get(ENV, "auto").strip() or "auto"
-        if choice not in ("auto", "autograd"):
-            raise ValueError(f"{ENV}={choice!r}: expected auto or autograd")
-        enabled = enabled and choice == "auto"
+        choice = os.environ.get(ENV, "autograd").strip() or "autograd"
+        if choice not in ("autograd", "foreach"):
+            raise ValueError(f"{ENV}={choice!r}: expected autograd or foreach")
+        enabled = enabled and choice == "foreach"
         self.params = [p for p in model.parameters() if p.requires_grad] if enabled else []
         self.enabled = bool(self.params)
         self.fresh = True   # the next backward is its step's first: copy, do not add

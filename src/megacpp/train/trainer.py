@@ -272,7 +272,8 @@ class Trainer:
         self.train_model = self.dist.wrap(self.model, self.recipe)
         self.compile_info = apply_compile(self.model, pol.compile, self.device, pol.parallel.sharding)
         self.grads_in_place = keep_grads_outside_graphs(self.model, self.compile_info)
-        # one foreach copy/add a micro-batch into the kept .grads (train.grads), one device only
+        # opt-in (MEGACPP_GRAD_SUM=foreach): one foreach copy/add a micro-batch into the kept
+        # .grads (train.grads), one device only; autograd's own sum by default
         self.grad_acc = _kernel_choice("gradient sum", lambda: GradAccumulator(
             self.model, self.grads_in_place and not self.dist.active))
         self.opt = Optimizers(self.model, pol.optimizer, self.device)
