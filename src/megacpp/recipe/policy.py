@@ -38,7 +38,8 @@ class PrecisionSpec:
     # The MoE experts' grouped GEMMs (not nn.Linear, so outside low_precision):
     # none | fp8_rowwise (forward and input gradient in FP8, weight gradient bf16)
     # | fp8_rowwise_wgrad (the weight gradient in FP8 too: one scale per expert
-    # and column, each expert's rows padded to 16; ops.fp8_grouped.wgrad)
+    # and column, each expert's rows padded to 16; ops.fp8_grouped.wgrad; 15% slower
+    # than fp8_rowwise at nam-1b-fp8 on an H200, BENCHMARKS.md nineteenth session)
     expert_low_precision: str = "none"
     # Modules kept in float32 whatever the compute dtype (matched by name part).
     fp32_modules: tuple[str, ...] = ("A_log", "D", "dt_bias", "norm", "router")

@@ -174,8 +174,8 @@ NAM_1B = {
 # the global 64 on one card; 85 GiB: a 141 GB H200, `--set policy.micro_batch=16`
 # on an 80 GB card). On H200s (seventeenth session, BENCHMARKS.md) these
 # settings ran at 45.0-46.5% MFU in 13 runs on at least four cards (this preset:
-# 45.8%, 45.0%), and 44.3-44.7% on a fifth card held at 0.85 of boost by its
-# power cap (eighteenth), against the bf16 preset's 41.3% at micro 16; 300 training steps
+# 45.8%, 45.0%; 45.6% twice in the nineteenth), and 44.3-44.7% on a card held at
+# 0.85 of boost by its power cap (eighteenth), against the bf16 preset's 41.3% at micro 16; 300 training steps
 # on C++ within 6.2e-2 of bf16's losses, val bits/byte 1.014 against 1.018.
 # The model spec is nam-1b's: precision is run policy, not the model's identity.
 NAM_1B_FP8 = deep_merge(NAM_1B, {"policy": {
