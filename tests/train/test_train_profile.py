@@ -86,11 +86,13 @@ def test_cuda_graph_runs_mark_a_new_iteration_before_every_forward(tiny_snapshot
     assert len(marks) == 6
 
 
-def test_cuda_graph_runs_keep_their_grads_outside_the_graphs(tiny_snapshot, tmp_path, monkeypatch):
+@pytest.mark.parametrize("grad_sum", ["autograd", "foreach"])
+def test_cuda_graph_runs_keep_their_grads_outside_the_graphs(grad_sum, tiny_snapshot, tmp_path, monkeypatch):
     """Under CUDA graphs every trainable parameter has a .grad of its own from the
     start and keeps that tensor across steps, so no .grad is ever a graph's output
-    buffer (a step's first micro-batch copies into it: train.grads); in other
-    modes grads are dropped after a step."""
+    buffer (autograd adds into it, or with MEGACPP_GRAD_SUM=foreach a step's first
+    micro-batch copies into it: train.grads); in other modes grads are dropped
+    after a step."""
     import torch
 
     from megacpp.train import compile as comp
@@ -100,6 +102,7 @@ def test_cuda_graph_runs_keep_their_grads_outside_the_graphs(tiny_snapshot, tmp_
     assert comp.keep_grads_outside_graphs(model, {"mode": "reduce-overhead"})
     assert torch.equal(model.weight.grad, torch.zeros(2, 3)) and torch.equal(model.bias.grad, torch.zeros(2))
 
+    monkeypatch.setenv("MEGACPP_GRAD_SUM", grad_sum)
     recipe = megacpp.load_recipe("nam-tiny", tiny_sets(**{"policy.eval_batches": 0, "policy.compile.mode": "none"}))
     t = Trainer(recipe, tmp_path / "run", tiny_snapshot, device="cpu", quiet=True, max_steps=2)
     monkeypatch.setattr(comp, "apply_compile", lambda *a, **k: {"mode": "reduce-overhead"})
@@ -112,5 +115,8 @@ def test_cuda_graph_runs_keep_their_grads_outside_the_graphs(tiny_snapshot, tmp_
     t.train_step(0)
     t.train_step(1)
     assert [p.grad.data_ptr() for p in params] == ptrs
-    # one device: the foreach sum, whose next backward copies over the kept .grads
-    assert t.grad_acc.enabled and t.grad_acc.fresh
+    if grad_sum == "foreach":
+        # one device: the foreach sum, whose next backward copies over the kept .grads
+        assert t.grad_acc.enabled and t.grad_acc.fresh
+    else:
+        assert not t.grad_acc.enabled
