@@ -116,3 +116,55 @@ def test_layers_equal_with_and_without_fusion(letter, seed, monkeypatch):
     assert len(res[0]) == len(res[1]) > 2
     for a, b_ in zip(*res):
         torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-10)
+
+
+def test_mamba_in_proj_split_equals_one_gemm(seed):
+    """policy.kernels.mamba_in_proj: the Mamba-2 layer with its in_proj as three
+    GEMMs over the weight's row slices equals the one-GEMM layer in float64,
+    outputs and every gradient, on fresh random inputs; and it does run three."""
+    from megacpp.model.mamba import Mamba2
+    from megacpp.train.activation import apply_mamba_in_proj
+
+    recipe = megacpp.load_recipe("nam-tiny", ["model.mamba.version=2"])
+    torch.manual_seed(seed)
+    model = megacpp.build_model(recipe.model).double()
+    layer = model.layers[recipe.layers.letters.index("M")]
+    assert isinstance(layer.mixer, Mamba2)
+    b, t, d = 2, 24, recipe.model.hidden_size
+    ctx = SeqContext(b, t, torch.device("cpu"), None, None)
+    model._precompute_context(ctx)
+    x = torch.randn(b, t, d, dtype=torch.float64)
+    res, mms = [], []
+    for mode in ("split", "one"):
+        assert apply_mamba_in_proj(model, mode) == (recipe.layers.letters.count("M") if mode == "split" else 0)
+        layer.zero_grad(set_to_none=True)
+        xs = x.clone().requires_grad_(True)
+        with _CountMatmuls() as cm:
+            y, _, _ = layer(xs, ctx)
+        mms.append(cm.n)
+        (y * torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(seed))).sum().backward()
+        res.append([y.detach(), xs.grad] + [p.grad for p in layer.parameters() if p.grad is not None])
+    assert mms[0] == mms[1] + 2            # three in_proj GEMMs instead of one
+    assert len(res[0]) == len(res[1]) > 5  # in_proj, conv, A_log, D, dt_bias, norm, out_proj
+    for a, b_ in zip(*res):
+        torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="'one' or 'split'"):
+        apply_mamba_in_proj(model, "three")
+
+
+def test_mamba_in_proj_split_leaves_a_converted_in_proj_alone():
+    """An in_proj that is not a plain nn.Linear (FP8 / NVFP4 conversion) keeps
+    its own forward: the split is not applied and not counted."""
+    from megacpp.model.mamba import Mamba2
+    from megacpp.train.activation import apply_mamba_in_proj
+
+    class _Converted(nn.Linear):
+        pass
+
+    recipe = megacpp.load_recipe("nam-tiny", ["model.mamba.version=2"])
+    model = megacpp.build_model(recipe.model)
+    mixers = [m for m in model.modules() if isinstance(m, Mamba2)]
+    old = mixers[0].in_proj
+    mixers[0].in_proj = _Converted(old.in_features, old.out_features, bias=False)
+    assert apply_mamba_in_proj(model, "split") == len(mixers) - 1
+    assert not mixers[0].split_in_proj and all(m.split_in_proj for m in mixers[1:])

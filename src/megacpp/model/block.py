@@ -66,7 +66,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, ctx: SeqContext):
         h = self.norm(x) if self.norm is not None else x
         y, aux, state = self.mixer(h, ctx)
-        return x + y, aux, state
+        # the sum in the wider dtype, rounded once to the stream's (policy.precision.residual)
+        return (x + y).to(x.dtype), aux, state
 
     def step(self, x: torch.Tensor, state):
         h = self.norm(x) if self.norm is not None else x

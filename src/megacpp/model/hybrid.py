@@ -97,6 +97,10 @@ class MTPDepth(nn.Module):
 
 
 class HybridLM(nn.Module):
+    # run policy, not identity (policy.precision.residual, set by train.precision):
+    # None keeps the embedding's dtype for the stream between layers; a dtype casts to it
+    residual_dtype: torch.dtype | None = None
+
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.spec = spec
@@ -198,6 +202,8 @@ class HybridLM(nn.Module):
 
     def _body(self, input_ids: torch.Tensor, ctx: SeqContext, want: tuple, return_hidden_only: bool):
         x = self.embed(input_ids)
+        if self.residual_dtype is not None:
+            x = x.to(self.residual_dtype)
         aux: dict = {"moe": [], "dsa": [], "layers": {}}
         collected: dict = {}
         for i, layer in enumerate(self.layers):

@@ -111,6 +111,11 @@ class _MambaBase(nn.Module):
 
 
 class Mamba2(_MambaBase):
+    # run policy, not identity (policy.kernels.mamba_in_proj, set by
+    # train.activation.apply_mamba_in_proj): in_proj as three GEMMs over row
+    # slices of its weight instead of one GEMM and a split
+    split_in_proj: bool = False
+
     def __init__(self, spec: ModelSpec):
         super().__init__()
         m, d = spec.mamba, spec.hidden_size
@@ -133,6 +138,16 @@ class Mamba2(_MambaBase):
     def _split(self, zxbcdt):
         return zxbcdt.split([self.d_inner, self.conv_dim, self.heads], dim=-1)
 
+    def _project(self, u):
+        """(z, xBC, dt) from in_proj: one GEMM then a split, or three GEMMs over
+        the weight's row slices (views: no copy), whose backward takes dz, dxBC
+        and ddt as they come instead of concatenating them for one GEMM."""
+        if not self.split_in_proj:
+            return self._split(self.in_proj(u))
+        w = self.in_proj.weight
+        a, b = self.d_inner, self.d_inner + self.conv_dim
+        return F.linear(u, w[:a]), F.linear(u, w[a:b]), F.linear(u, w[b:])
+
     def _xbc(self, xbc):
         GN = self.groups * self.state_dim
         x, B, C = xbc.split([self.d_inner, GN, GN], dim=-1)
@@ -143,7 +158,7 @@ class Mamba2(_MambaBase):
 
     def forward(self, u: torch.Tensor, ctx: SeqContext):
         b, t, _ = u.shape
-        z, xbc_in, dt_raw = self._split(self.in_proj(u))
+        z, xbc_in, dt_raw = self._project(u)
         xbc = causal_conv1d(xbc_in, self.conv1d.weight, self.conv1d.bias, ctx, activation="silu")
         x, B, C = self._xbc(xbc)
         dt, A = self._dt_A(dt_raw)

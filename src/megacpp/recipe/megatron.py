@@ -178,6 +178,9 @@ def translate(recipe: Recipe) -> Translation:
     elif pr.compute == "fp16":
         args += ["--fp16", "--initial-loss-scale", _num(pr.loss_scale_init),
                  "--loss-scale-window", str(pr.loss_scale_growth_interval)]
+    if pr.compute != "fp32" and pr.residual == "fp32":
+        # Megatron keeps the stream in the compute dtype unless told
+        args.append("--fp32-residual-connection")
     if pr.low_precision in ("fp8_rowwise", "fp8_tensorwise"):
         args += ["--fp8-format", "hybrid",
                  "--fp8-recipe", "tensorwise" if pr.low_precision == "fp8_tensorwise" else "blockwise"]
@@ -235,6 +238,8 @@ def translate(recipe: Recipe) -> Translation:
                    "has no Megatron flag")
     if p.kernels.moe_wgrad_splits != 1:
         issues.add("kernels.moe_wgrad_splits (megacpp's experts' weight gradient in parts) has no Megatron flag")
+    if p.kernels.mamba_in_proj != "one":
+        issues.add("kernels.mamba_in_proj (megacpp's Mamba in_proj as three GEMMs) has no Megatron flag")
 
     # batch, optimizer, schedule
     o, s = p.optimizer, p.schedule

@@ -34,6 +34,13 @@ class ScheduleSpec:
 class PrecisionSpec:
     compute: str = "bf16"            # fp32 | bf16 | fp16 (autocast dtype)
     params: str = "fp32"             # master weights
+    # The residual stream between layers (the embedding's output and every
+    # x + f(norm(x))): "fp32", or "compute" (the autocast dtype: half the
+    # bytes in every norm, residual add and saved layer input; each add still
+    # sums in float32 before one rounding, and norms take their statistics in
+    # float32). Megatron-LM's default is the compute dtype; its
+    # --fp32-residual-connection is "fp32".
+    residual: str = "fp32"
     low_precision: str = "none"      # none | fp8_rowwise | fp8_tensorwise | nvfp4_emulated
     # The MoE experts' grouped GEMMs (not nn.Linear, so outside low_precision):
     # none | fp8_rowwise (forward and input gradient in FP8, weight gradient bf16)
@@ -84,6 +91,13 @@ class KernelSpec:
     # the experts are narrow (model.moe._GroupedMM). 1 is torch's own backward.
     # Changes the gradient's rounding only (one bf16 rounding per part).
     moe_wgrad_splits: int = 1
+    # Mamba-2's in_proj as "one" GEMM whose output is split into z, xBC and dt,
+    # or "split": three GEMMs over row slices of the same weight, so the
+    # backward needs no concatenation of dz, dxBC and ddt (the gated norm's
+    # backward can write dz where its GEMMs read it). Same parameters, same
+    # function; a plain nn.Linear in_proj only (an FP8/NVFP4-converted one
+    # keeps its own forward).
+    mamba_in_proj: str = "one"
 
 
 @dataclass(frozen=True)

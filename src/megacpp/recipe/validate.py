@@ -25,6 +25,7 @@ IMPLEMENTED = {
     "schedule.kind": {"cosine", "wsd", "constant"},
     "precision.compute": {"fp32", "bf16", "fp16"},
     "precision.params": {"fp32", "bf16"},
+    "precision.residual": {"fp32", "compute"},
     "precision.low_precision": {"none", "fp8_rowwise", "fp8_tensorwise", "nvfp4_emulated"},
     "precision.expert_low_precision": {"none", "fp8_rowwise", "fp8_rowwise_wgrad"},
     "precision.fp32_matmul": {"tf32", "ieee"},
@@ -32,6 +33,7 @@ IMPLEMENTED = {
     "compile.scope": {"block", "model", "auto"},
     "kernels.ssd_states": {"recompute", "keep"},
     "kernels.delta_states": {"recompute", "keep"},
+    "kernels.mamba_in_proj": {"one", "split"},
     "parallel.sharding": {"none", "ddp", "fsdp2"},
     "parallel.gather": {"storage", "compute", "compute_subgroups"},
     "parallel.reduce": {"float32", "compute"},
@@ -225,6 +227,7 @@ def validate_policy(p: RunPolicy) -> None:
     pr = p.precision
     _choice(pr.compute, IMPLEMENTED["precision.compute"], f + "precision.compute")
     _choice(pr.params, IMPLEMENTED["precision.params"], f + "precision.params")
+    _choice(pr.residual, IMPLEMENTED["precision.residual"], f + "precision.residual")
     _choice(pr.low_precision, IMPLEMENTED["precision.low_precision"], f + "precision.low_precision")
     _choice(pr.fp32_matmul, IMPLEMENTED["precision.fp32_matmul"], f + "precision.fp32_matmul")
     if pr.params == "bf16" and pr.compute != "bf16":
@@ -245,6 +248,7 @@ def validate_policy(p: RunPolicy) -> None:
     _choice(p.compile.scope, IMPLEMENTED["compile.scope"], f + "compile.scope")
     _choice(p.kernels.ssd_states, IMPLEMENTED["kernels.ssd_states"], f + "kernels.ssd_states")
     _choice(p.kernels.delta_states, IMPLEMENTED["kernels.delta_states"], f + "kernels.delta_states")
+    _choice(p.kernels.mamba_in_proj, IMPLEMENTED["kernels.mamba_in_proj"], f + "kernels.mamba_in_proj")
     w = p.kernels.moe_wgrad_splits
     if isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= 16:
         _err(f + "kernels.moe_wgrad_splits", f"expected an integer from 1 to 16, got {w!r}")

@@ -79,3 +79,20 @@ def apply_moe_wgrad_splits(model: torch.nn.Module, splits: int) -> int:
     for m in experts:
         m.wgrad_splits = splits
     return len(experts)
+
+
+def apply_mamba_in_proj(model: torch.nn.Module, mode: str) -> int:
+    """policy.kernels.mamba_in_proj onto every Mamba-2 mixer: "split" runs its
+    in_proj as three GEMMs over row slices of the weight, "one" as one GEMM
+    split after. Returns how many mixers run split (a converted, non-plain
+    in_proj stays one GEMM and is not counted)."""
+    from torch import nn
+    from ..model.mamba import Mamba2
+    if mode not in ("one", "split"):
+        raise ValueError(f"policy.kernels.mamba_in_proj = {mode!r}: 'one' or 'split'")
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Mamba2):
+            m.split_in_proj = mode == "split" and type(m.in_proj) is nn.Linear and m.in_proj.bias is None
+            n += m.split_in_proj
+    return n

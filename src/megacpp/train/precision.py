@@ -70,6 +70,7 @@ class Precision:
             tf32 = spec.fp32_matmul == "tf32"
             torch.backends.cuda.matmul.allow_tf32 = tf32
             torch.backends.cudnn.allow_tf32 = tf32
+        self.residual_dtype = self.dtype if spec.residual == "compute" and self.dtype != torch.float32 else None
         self.params_report: dict | None = None
         self.lowp = None
 
@@ -83,6 +84,9 @@ class Precision:
         from .lowp import convert_low_precision
 
         self.params_report = cast_parameters(model, self.spec)
+        if hasattr(model, "residual_dtype"):
+            # "compute": the stream between layers in the autocast dtype (fp32 compute: no change)
+            model.residual_dtype = self.residual_dtype
         self.lowp = convert_low_precision(model, self.spec, self.device)
 
     def autocast(self):
@@ -136,7 +140,9 @@ class Precision:
 
     def describe(self) -> dict:
         sp = self.spec
-        out = {"compute": sp.compute, "params": sp.params, "low_precision": sp.low_precision,
+        out = {"compute": sp.compute, "params": sp.params,
+               "residual": str(self.residual_dtype or torch.float32).removeprefix("torch."),
+               "low_precision": sp.low_precision,
                "expert_low_precision": sp.expert_low_precision,
                "fp32_matmul": sp.fp32_matmul if self.device.type == "cuda" else "ieee (cpu)",
                "fp32_modules": list(sp.fp32_modules), "min_gemm_size": sp.min_gemm_size,
