@@ -27,7 +27,8 @@ def _model(residual: str, compute: str = "bf16"):
 
 
 def test_residual_is_a_checked_recipe_field():
-    assert megacpp.load_recipe("nam-125m").policy.precision.residual == "fp32"
+    assert megacpp.load_recipe("nam-1b").policy.precision.residual == "fp32"
+    assert megacpp.load_recipe("nam-125m").policy.precision.residual == "compute"
     assert megacpp.load_recipe("nam-tiny", ["policy.precision.residual=compute"]).policy.precision.residual == "compute"
     with pytest.raises(RecipeError) as e:
         megacpp.load_recipe("nam-tiny", ["policy.precision.residual=bf16"])
@@ -97,8 +98,9 @@ def test_block_sums_in_the_wider_dtype_then_rounds_once():
 
 
 def test_megatron_flag_follows_the_stream():
-    assert "--fp32-residual-connection" in translate(megacpp.load_recipe("nam-125m")).args
-    r = megacpp.load_recipe("nam-125m", ["policy.precision.residual=compute"])
+    assert "--fp32-residual-connection" in translate(megacpp.load_recipe("nam-1b")).args
+    assert "--fp32-residual-connection" not in translate(megacpp.load_recipe("nam-125m")).args
+    r = megacpp.load_recipe("nam-1b", ["policy.precision.residual=compute"])
     assert "--fp32-residual-connection" not in translate(r).args
-    r = megacpp.load_recipe("nam-125m", ["policy.precision.compute=fp32"])
+    r = megacpp.load_recipe("nam-1b", ["policy.precision.compute=fp32"])
     assert "--fp32-residual-connection" not in translate(r).args
