@@ -109,3 +109,18 @@ def test_conv_paths_name_each_width_kernels():
         assert conv_paths(model)["4"] == {"fwd": "walk", "bwd": "tiles"}
     finally:
         T.PATH.update(old)
+
+
+def test_mamba_in_proj_policy_is_validated_flagged_and_a_preset_choice():
+    import megacpp
+    from megacpp.errors import RecipeError
+    from megacpp.recipe.megatron import translate
+
+    with pytest.raises(RecipeError, match="policy.kernels.mamba_in_proj"):
+        megacpp.load_recipe("nam-tiny", ["policy.kernels.mamba_in_proj=three"])
+    split = megacpp.load_recipe("nam-tiny", ["policy.kernels.mamba_in_proj=split"])
+    assert any("kernels.mamba_in_proj" in i for i in translate(split).issues)
+    assert not any("kernels.mamba_in_proj" in i for i in translate(megacpp.load_recipe("nam-tiny")).issues)
+    # its measured A/B (BENCHMARKS.md, twentieth session); other presets keep one GEMM
+    assert megacpp.load_recipe("nam-125m").policy.kernels.mamba_in_proj == "split"
+    assert megacpp.load_recipe("nam-1b").policy.kernels.mamba_in_proj == "one"

@@ -58,6 +58,8 @@ def test_end_to_end_manifest(tmp_path, tiny_snapshot):
     assert b["fused_projections"] is False  # off unless MEGACPP_FUSED_PROJECTIONS=1
     assert b["moe_wgrad_splits"] == 1  # policy.kernels.moe_wgrad_splits as the E layers took it
     assert b["grad_sum"] == "autograd"  # the foreach sum needs CUDA graphs' kept .grads
+    assert b["mamba_in_proj_split_layers"] == 0  # nam-tiny: Mamba-3 (no split), policy "one"
+    assert b["precision"]["residual"] == "float32"  # policy.precision.residual = "fp32"
     # (f) outcome
     o = m["outcome"]
     assert o["status"] == "finished" and o["end_reason"] == "completed" and o["steps"] == 6
