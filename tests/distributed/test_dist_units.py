@@ -150,3 +150,50 @@ def test_fsdp2_keeps_the_compiled_layer_graphs():
     sub = _graphs_under_fsdp2(["policy.parallel.gather=compute_subgroups"])
     assert plain["breaks"] == 0 and sharded == plain and compute == plain, (plain, sharded, compute)
     assert sub["breaks"] > 0 and sub["graphs"] > plain["graphs"], sub  # the check can fail
+
+
+@pytest.mark.parametrize("gather", ["storage", "compute", "compute_subgroups"])
+def test_split_in_proj_under_fsdp2_follows_the_unsharded_model(gather):
+    """policy.kernels.mamba_in_proj = "split" under FSDP2 (a one-process gloo
+    group): where the layer is one group its in_proj weight is gathered
+    before the forward and the split runs; where in_proj is a group of its
+    own ("compute_subgroups") its hook needs the module call, so the layer
+    takes one GEMM. Either way loss and gradients follow the unsharded model."""
+    import tempfile
+
+    import torch.distributed as tdist
+
+    import megacpp
+    from megacpp.train.activation import apply_mamba_in_proj, mamba_in_proj_split
+
+    recipe = load_recipe("nam-tiny", tiny_sets(**{"model.depth": 4, "model.pattern": "AEMR",
+                                                  "model.mamba.version": 2,
+                                                  "policy.precision.compute": "bf16",
+                                                  "policy.parallel.gather": gather,
+                                                  "policy.kernels.mamba_in_proj": "split"}))
+    ids = torch.randint(0, recipe.model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(4))
+
+    def run(shard: bool):
+        torch.manual_seed(0)
+        model = megacpp.build_model(recipe.model)
+        assert apply_mamba_in_proj(model, "split") == 1
+        if shard:
+            fsdp2(model, recipe)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids).hidden.float().square().mean()
+        loss.backward()
+        w = model.layers[2].mamba.in_proj.weight
+        g = w.grad.full_tensor() if hasattr(w.grad, "full_tensor") else w.grad
+        return loss.detach(), g, mamba_in_proj_split(model)
+
+    want_loss, want_g, n = run(False)
+    assert n == 1
+    init = tempfile.NamedTemporaryFile(delete=False)
+    tdist.init_process_group("gloo", init_method=f"file://{init.name}", rank=0, world_size=1)
+    try:
+        loss, g, n = run(True)
+    finally:
+        tdist.destroy_process_group()
+    assert n == (0 if gather == "compute_subgroups" else 1)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(g.float(), want_g.float(), rtol=2e-2, atol=1e-6)

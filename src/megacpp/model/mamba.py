@@ -138,11 +138,19 @@ class Mamba2(_MambaBase):
     def _split(self, zxbcdt):
         return zxbcdt.split([self.d_inner, self.conv_dim, self.heads], dim=-1)
 
+    @property
+    def runs_split(self) -> bool:
+        """Whether forward takes the split. Not where FSDP2 shards in_proj as a
+        group of its own (policy.parallel.gather = "compute_subgroups"): its
+        all-gather hook fires only when the module itself is called."""
+        from torch.distributed.fsdp import FSDPModule
+        return self.split_in_proj and not isinstance(self.in_proj, FSDPModule)
+
     def _project(self, u):
         """(z, xBC, dt) from in_proj: one GEMM then a split, or three GEMMs over
         the weight's row slices (views: no copy), whose backward takes dz, dxBC
         and ddt as they come instead of concatenating them for one GEMM."""
-        if not self.split_in_proj:
+        if not self.runs_split:
             return self._split(self.in_proj(u))
         w = self.in_proj.weight
         a, b = self.d_inner, self.d_inner + self.conv_dim

@@ -96,3 +96,10 @@ def apply_mamba_in_proj(model: torch.nn.Module, mode: str) -> int:
             m.split_in_proj = mode == "split" and type(m.in_proj) is nn.Linear and m.in_proj.bias is None
             n += m.split_in_proj
     return n
+
+
+def mamba_in_proj_split(model: torch.nn.Module) -> int:
+    """How many Mamba-2 mixers take the split in_proj as wrapped now (after
+    FSDP2: one sharded as its own group runs one GEMM)."""
+    from ..model.mamba import Mamba2
+    return sum(m.runs_split for m in model.modules() if isinstance(m, Mamba2))
