@@ -197,3 +197,36 @@ def test_split_in_proj_under_fsdp2_follows_the_unsharded_model(gather):
     assert n == (0 if gather == "compute_subgroups" else 1)
     torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=0)
     torch.testing.assert_close(g.float(), want_g.float(), rtol=2e-2, atol=1e-6)
+
+
+@pytest.mark.parametrize("gather", ["storage", "compute", "compute_subgroups"])
+@pytest.mark.parametrize("residual", ["fp32", "compute"])
+def test_fsdp2_keeps_the_recipes_residual_dtype(gather, residual):
+    """policy.precision.residual under FSDP2 (a one-process gloo group): every
+    layer's output keeps the stream's dtype in every gather mode (FSDP2's
+    input cast would have put a bf16 stream back in float32 at each group)."""
+    import tempfile
+
+    import torch.distributed as tdist
+
+    import megacpp
+    from megacpp.train.precision import Precision
+
+    recipe = load_recipe("nam-tiny", tiny_sets(**{"model.depth": 4, "model.pattern": "AEMR",
+                                                  "policy.precision.compute": "bf16",
+                                                  "policy.precision.residual": residual,
+                                                  "policy.parallel.gather": gather}))
+    init = tempfile.NamedTemporaryFile(delete=False)
+    tdist.init_process_group("gloo", init_method=f"file://{init.name}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = megacpp.build_model(recipe.model)
+        Precision(recipe.policy.precision, torch.device("cpu")).apply(model)
+        fsdp2(model, recipe)
+        ids = torch.randint(0, recipe.model.vocab_size, (2, 32))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(ids, collect_hidden=[0, 1, 2, 3])
+    finally:
+        tdist.destroy_process_group()
+    want = torch.bfloat16 if residual == "compute" else torch.float32
+    assert [h.dtype for h in out.collected.values()] == [want] * 4

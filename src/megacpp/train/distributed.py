@@ -269,7 +269,10 @@ def fsdp2(model: torch.nn.Module, recipe) -> tuple[dict, list[torch.nn.Parameter
     prec, par = recipe.policy.precision, recipe.policy.parallel
     stored, compute = DTYPES[prec.params], DTYPES[prec.compute]
     reduce = compute if par.reduce == "compute" else torch.float32
-    mp = MixedPrecisionPolicy(param_dtype=stored, reduce_dtype=reduce)
+    # cast_forward_inputs off: the stream between layers keeps the recipe's dtype
+    # (policy.precision.residual); FSDP2 would otherwise cast a bf16 stream back
+    # up to the float32 storage dtype at every group's input
+    mp = MixedPrecisionPolicy(param_dtype=stored, reduce_dtype=reduce, cast_forward_inputs=False)
     lowp = stored == torch.float32 and compute in (torch.bfloat16, torch.float16)
     gemm_dtype = compute if (lowp and par.gather != "storage") else None
     # cast_forward_inputs off: FSDP2 would otherwise round each layer's input
