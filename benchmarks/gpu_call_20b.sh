@@ -13,17 +13,6 @@ for round in 1 2; do
   timeout 120 $B $S > $J/s$round.json 2> $J/s$round.err
 done
 timeout 150 python3 -m megacpp bench --recipe nam-125m --steps 3 --warmup 2 --no-family-times --top-kernels 60 --accum 0 --json $R $S > $J/prof_rs.json 2> $J/prof_rs.err
-python3 - <<'PY'
-import json, glob, os
-rows = []
-for f in sorted(glob.glob("/tmp/c20b/*[12].json"), key=os.path.getmtime):
-    try:
-        d = json.load(open(f))
-    except Exception as e:
-        print(f, "no result", e); continue
-    c = d.get("clocks", {})
-    print(f"{os.path.basename(f):10} {d['tokens_per_s']:>10,.0f} tok/s  MFU {d['mfu']*100:5.1f}%  peak {d['peak_memory_gib']:.2f} GiB  "
-          f"SM {c.get('sm_mhz_median', '?')}  {d['precision']}")
-PY
+python3 benchmarks/show_bench.py --rows $(ls -tr /tmp/c20b/*[12].json)
 python3 benchmarks/show_bench.py $J/prof_rs.json 2>&1 | sed -n 1,12p | cut -c1-200
 tar czf $OUT/c20b.tar.gz -C /tmp c20b

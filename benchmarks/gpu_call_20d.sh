@@ -8,14 +8,5 @@ for round in 1 2; do
   timeout 100 $B > $J/p$round.json 2> $J/p$round.err
   timeout 100 $B --set policy.precision.residual=compute > $J/r$round.json 2> $J/r$round.err
 done
-python3 - <<'PY'
-import json, glob, os
-for f in sorted(glob.glob("/tmp/c20d/*.json"), key=os.path.getmtime):
-    try:
-        d = json.load(open(f))
-    except Exception as e:
-        print(f, "no result", e); continue
-    c = d.get("clocks", {})
-    print(f"{os.path.basename(f):8} {d['tokens_per_s']:>9,.0f} tok/s  MFU {d['mfu']*100:5.1f}%  peak {d['peak_memory_gib']:.2f} GiB  SM {c.get('sm_mhz_median')}  {d['precision']}")
-PY
+python3 benchmarks/show_bench.py --rows $(ls -tr /tmp/c20d/*.json)
 tar czf $OUT/c20d.tar.gz -C /tmp c20d

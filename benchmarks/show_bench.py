@@ -6,6 +6,11 @@ kernels that moved most.
 
     python benchmarks/show_bench.py FILE.json [FILE.json ...]
     python benchmarks/show_bench.py --diff A.json B.json
+    python benchmarks/show_bench.py --rows FILE.json [FILE.json ...]
+
+--rows: one line a file, in the order given (an A/B's runs): tokens/s, MFU,
+peak memory, the SM clock while timed and the precision; a file that holds
+no result (a run cut by its time limit) says so and the rest still print.
 """
 from __future__ import annotations
 
@@ -63,7 +68,24 @@ def diff_text(a: dict, b: dict, top: int = 8) -> list[str]:
     return lines
 
 
+def row_text(path: str) -> str:
+    import os
+    name = os.path.basename(path)
+    try:
+        d = _result(path)
+    except (OSError, ValueError, SystemExit) as e:
+        return f"{name:14} no result ({str(e)[:60] or type(e).__name__})"
+    c = d.get("clocks") or {}
+    mfu = f"{d['mfu'] * 100:5.1f}%" if d.get("mfu") is not None else "  n/a"
+    return (f"{name:14} {d['tokens_per_s']:>10,.0f} tok/s  MFU {mfu}  peak {d['peak_memory_gib']:.2f} GiB  "
+            f"SM {c.get('sm_mhz_median', '?')}  {d.get('precision', '')}")
+
+
 def main(paths: list[str]) -> int:
+    if paths and paths[0] == "--rows":
+        for path in paths[1:]:
+            print(row_text(path))
+        return 0
     if paths and paths[0] == "--diff":
         if len(paths) != 3:
             print("usage: show_bench.py --diff A.json B.json", file=sys.stderr)

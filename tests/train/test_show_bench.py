@@ -33,3 +33,22 @@ def test_diff_names_the_change_and_matches_inductor_kernels_across_graphs(tmp_pa
     assert "4.00 ->    2.50 ms  triton_poi_fused_cat_mul_silu" in moved[0]
     assert "1.00 ->    -    ms  topk" in moved[1]
     assert show_bench.main(["--diff", str(pa)]) == 2
+
+
+def test_rows_one_line_a_file_and_a_cut_run_said(tmp_path, capsys):
+    a = _result("a", 410_000, 153.0, {}, [])
+    a.update(mfu=0.281, precision="bf16", clocks={"sm_mhz_median": 1897.5})
+    b = dict(a, tokens_per_s=424_300.0, mfu=0.291, peak_memory_gib=17.39, precision="bf16 (residual stream bf16)",
+             clocks={})
+    pa, pb, cut = tmp_path / "p1.json", tmp_path / "rs1.json", tmp_path / "r1.json"
+    pa.write_text(json.dumps(a))
+    pb.write_text(json.dumps(b))
+    cut.write_text("")                      # a bench killed by its time limit wrote nothing
+    assert show_bench.main(["--rows", str(pa), str(cut), str(pb)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 3
+    assert out[0].startswith("p1.json") and "410,000 tok/s" in out[0] and "MFU  28.1%" in out[0]
+    assert "SM 1897.5" in out[0] and out[0].endswith("bf16")
+    assert out[1].startswith("r1.json") and "no result" in out[1]
+    assert "424,300 tok/s" in out[2] and "peak 17.39 GiB" in out[2] and "SM ?" in out[2]
+    assert out[2].endswith("(residual stream bf16)")
