@@ -26,7 +26,7 @@ from ..recipe.count import summarize
 from ..recipe.pattern import FAMILY
 from .grads import GradAccumulator
 from .activation import (apply_activation_checkpointing, apply_delta_states, apply_mamba_in_proj,
-                         apply_moe_wgrad_splits, apply_ssd_states)
+                         apply_moe_wgrad_splits, apply_ssd_states, mamba_in_proj_split)
 from .compile import GRAPH_MODES, apply_compile, compile_stats, graph_step_begin, keep_grads_outside_graphs
 from .device import device_facts, peak_flops, pick_device
 from .gpu_clocks import ClockSampler, clocks_text
@@ -223,7 +223,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
     apply_ssd_states(model, pol.kernels.ssd_states)  # before compile: read at trace time
     apply_delta_states(model, pol.kernels.delta_states)
     apply_moe_wgrad_splits(model, pol.kernels.moe_wgrad_splits)
-    in_proj_split = apply_mamba_in_proj(model, pol.kernels.mamba_in_proj)  # before compile: read at trace time
+    apply_mamba_in_proj(model, pol.kernels.mamba_in_proj)  # before compile: read at trace time
     comp = apply_compile(model, pol.compile, dev, pol.parallel.sharding)
     grads_in_place = keep_grads_outside_graphs(model, comp)
     # as the trainer sums micro-batches on one device; a bad MEGACPP_GRAD_SUM is one clear error
@@ -313,9 +313,8 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
         peak_memory_gib=peak_mem, family_ms=fam, family_note=fam_note, patches=[r.to_dict() for r in records],
         compile={**comp, **compile_stats()}, activation_checkpointing={"policy": dict(pol.activation_checkpointing),
                                                                        "applied_layers": len(ac)},
-        precision=pol.precision.compute + (" (residual stream bf16)" if precision.residual_dtype == torch.bfloat16
-                                           else " (residual stream fp16)" if precision.residual_dtype is not None
-                                           else "")
+        precision=pol.precision.compute
+        + ("" if precision.residual_dtype is None else f" (residual stream {pol.precision.compute})")
         + ("" if pol.precision.low_precision == "none"
                                            else f"+{pol.precision.low_precision}")
         + ("" if pol.precision.expert_low_precision == "none"
@@ -327,7 +326,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
         gated_norm_backend=_gated_norm_text(gated_norm_record(model, dev, precision.dtype)),
         swiglu_backend=swiglu_record(model, dev, precision.dtype)["backend"] or "",
         fused_projections=fusion_enabled(), moe_wgrad_splits=moe_wgrad_splits(model) or 1,
-        mamba_in_proj_split=in_proj_split,
+        mamba_in_proj_split=mamba_in_proj_split(model),
         grad_sum="foreach" if grad_acc.enabled else "autograd",
         linear_ce_dw_path=linear_ce_dw_path(model),
         clocks=clocks.result,
