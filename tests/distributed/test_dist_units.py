@@ -1,6 +1,7 @@
 """The parts of data parallelism that can be checked without a training run."""
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -99,14 +100,26 @@ def test_fsdp2_refuses_mixed_dtype_layer():
         fsdp2(Model(), recipe)
 
 
+@contextlib.contextmanager
+def _one_process_group():
+    """A one-process gloo group (rank 0 of 1) for FSDP2 on CPU, destroyed after."""
+    import tempfile
+
+    import torch.distributed as tdist
+
+    init = tempfile.NamedTemporaryFile(delete=False)
+    tdist.init_process_group("gloo", init_method=f"file://{init.name}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        tdist.destroy_process_group()
+
+
 def _graphs_under_fsdp2(sets: list[str] | None) -> dict:
     """Dynamo's graphs and breaks for one bf16-autocast forward+backward of a
     4-layer nam-tiny whose layers are compiled one by one, as the trainer
     does, under fsdp2 (a one-process gloo group) or (sets None) unsharded."""
-    import tempfile
-
     import torch._dynamo
-    import torch.distributed as tdist
     from torch._dynamo.utils import counters
 
     import megacpp
@@ -116,28 +129,24 @@ def _graphs_under_fsdp2(sets: list[str] | None) -> dict:
                                                   "policy.precision.compute": "bf16"}) + (sets or []))
     torch.manual_seed(0)
     model = megacpp.build_model(recipe.model)
-    init = tempfile.NamedTemporaryFile(delete=False)
-    if sets is not None:
-        tdist.init_process_group("gloo", init_method=f"file://{init.name}", rank=0, world_size=1)
-    try:
-        if sets is not None:
-            fsdp2(model, recipe)
-        torch._dynamo.reset()
-        counters.clear()
-        compile_spec = type(recipe.policy.compile)(mode="default", scope="block", fullgraph=False)
-        apply_compile(model, compile_spec)
-        for layer in model.layers:  # the graph structure is the question, not inductor's code
-            layer._compiled_call_impl = torch.compile(layer._call_impl, backend="eager")
-        ids = torch.randint(0, recipe.model.vocab_size, (1, 32))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(ids)
-        out.hidden.float().square().mean().backward()
-        return {"graphs": int(counters["stats"]["unique_graphs"]),
-                "breaks": int(sum(counters["graph_break"].values()))}
-    finally:
-        if sets is not None:
-            tdist.destroy_process_group()
-        torch._dynamo.reset()
+    with _one_process_group() if sets is not None else contextlib.nullcontext():
+        try:
+            if sets is not None:
+                fsdp2(model, recipe)
+            torch._dynamo.reset()
+            counters.clear()
+            compile_spec = type(recipe.policy.compile)(mode="default", scope="block", fullgraph=False)
+            apply_compile(model, compile_spec)
+            for layer in model.layers:  # the graph structure is the question, not inductor's code
+                layer._compiled_call_impl = torch.compile(layer._call_impl, backend="eager")
+            ids = torch.randint(0, recipe.model.vocab_size, (1, 32))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(ids)
+            out.hidden.float().square().mean().backward()
+            return {"graphs": int(counters["stats"]["unique_graphs"]),
+                    "breaks": int(sum(counters["graph_break"].values()))}
+        finally:
+            torch._dynamo.reset()
 
 
 def test_fsdp2_keeps_the_compiled_layer_graphs():
@@ -159,10 +168,6 @@ def test_split_in_proj_under_fsdp2_follows_the_unsharded_model(gather):
     before the forward and the split runs; where in_proj is a group of its
     own ("compute_subgroups") its hook needs the module call, so the layer
     takes one GEMM. Either way loss and gradients follow the unsharded model."""
-    import tempfile
-
-    import torch.distributed as tdist
-
     import megacpp
     from megacpp.train.activation import apply_mamba_in_proj, mamba_in_proj_split
 
@@ -188,12 +193,8 @@ def test_split_in_proj_under_fsdp2_follows_the_unsharded_model(gather):
 
     want_loss, want_g, n = run(False)
     assert n == 1
-    init = tempfile.NamedTemporaryFile(delete=False)
-    tdist.init_process_group("gloo", init_method=f"file://{init.name}", rank=0, world_size=1)
-    try:
+    with _one_process_group():
         loss, g, n = run(True)
-    finally:
-        tdist.destroy_process_group()
     assert n == (0 if gather == "compute_subgroups" else 1)
     torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=0)
     torch.testing.assert_close(g.float(), want_g.float(), rtol=2e-2, atol=1e-6)
@@ -205,10 +206,6 @@ def test_fsdp2_keeps_the_recipes_residual_dtype(gather, residual):
     """policy.precision.residual under FSDP2 (a one-process gloo group): every
     layer's output keeps the stream's dtype in every gather mode (FSDP2's
     input cast would have put a bf16 stream back in float32 at each group)."""
-    import tempfile
-
-    import torch.distributed as tdist
-
     import megacpp
     from megacpp.train.precision import Precision
 
@@ -216,9 +213,7 @@ def test_fsdp2_keeps_the_recipes_residual_dtype(gather, residual):
                                                   "policy.precision.compute": "bf16",
                                                   "policy.precision.residual": residual,
                                                   "policy.parallel.gather": gather}))
-    init = tempfile.NamedTemporaryFile(delete=False)
-    tdist.init_process_group("gloo", init_method=f"file://{init.name}", rank=0, world_size=1)
-    try:
+    with _one_process_group():
         torch.manual_seed(0)
         model = megacpp.build_model(recipe.model)
         Precision(recipe.policy.precision, torch.device("cpu")).apply(model)
@@ -226,7 +221,5 @@ def test_fsdp2_keeps_the_recipes_residual_dtype(gather, residual):
         ids = torch.randint(0, recipe.model.vocab_size, (2, 32))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(ids, collect_hidden=[0, 1, 2, 3])
-    finally:
-        tdist.destroy_process_group()
     want = torch.bfloat16 if residual == "compute" else torch.float32
     assert [h.dtype for h in out.collected.values()] == [want] * 4
