@@ -187,6 +187,31 @@ def test_compile_tune_kernels_sets_inductor_and_is_recorded():
         torch.testing.assert_close(lin(x), x @ lin.weight.t() + lin.bias)
 
 
+def test_compile_pdl_and_combo_kernels_are_recorded():
+    """policy.compile.pdl is applied only where PDL can run: on the CPU the
+    compile record says why it was not, and inductor's switch stays off;
+    combo_kernels turns on inductor's combo kernels and says so."""
+    import torch
+    import torch._inductor.config as icfg
+
+    from megacpp.recipe.policy import CompileSpec
+    from megacpp.train.compile import apply_compile
+
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4)])
+    with icfg.patch({"combo_kernels": False, "triton.enable_pdl": False}):
+        info = apply_compile(model, CompileSpec(mode="default"), torch.device("cpu"))
+        assert "pdl" not in info and "combo_kernels" not in info
+        info = apply_compile(model, CompileSpec(mode="default", pdl=True, combo_kernels=True),
+                             torch.device("cpu"))
+        assert isinstance(info["pdl"], str) and info["pdl"].startswith("not applied")
+        assert "CUDA" in info["pdl"]
+        assert icfg.triton.enable_pdl is False
+        assert info["combo_kernels"] is True and icfg.combo_kernels is True
+        info = apply_compile(model, CompileSpec(mode="none", pdl=True), torch.device("cpu"))
+        assert info == {"mode": "none", "targets": 0}
+
+
 def test_bench_records_what_auto_compiled_to(monkeypatch):
     """On CPU "auto" compiles in inductor's default mode: the result says so and
     names the request; the families are timed (no CUDA graphs)."""

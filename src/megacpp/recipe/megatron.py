@@ -231,6 +231,10 @@ def translate(recipe: Recipe) -> Translation:
         issues.add("torch.compile mode has no Megatron flag (Megatron uses fused kernels instead)")
     if p.compile.tune_kernels:
         issues.add("compile.tune_kernels (inductor's kernel tuning) has no Megatron flag")
+    if p.compile.pdl:
+        issues.add("compile.pdl (inductor's programmatic dependent launch) has no Megatron flag")
+    if p.compile.combo_kernels:
+        issues.add("compile.combo_kernels (inductor's horizontal fusion) has no Megatron flag")
     if p.kernels.ssd_states != "recompute":
         issues.add("kernels.ssd_states (megacpp's Triton scan keeping its chunk states) has no Megatron flag")
     if p.kernels.delta_states != "recompute":

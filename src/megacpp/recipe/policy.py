@@ -71,6 +71,18 @@ class CompileSpec:
     # kernel is timed at a few block sizes / warp counts while compiling, so
     # the compile takes longer. No effect off CUDA.
     tune_kernels: bool = False
+    # Programmatic Dependent Launch for inductor's Triton kernels
+    # (torch._inductor.config.triton.enable_pdl; Hopper and later): a kernel
+    # may be launched while the one before it drains and waits in-kernel
+    # before its first access, which hides part of the launch gap between
+    # the thousands of kernels of a CUDA-graph step. Off where the GPU is
+    # older than sm90 or torch's inductor has no such switch (the compile
+    # record says why).
+    pdl: bool = False
+    # inductor's combo kernels (torch._inductor.config.combo_kernels):
+    # independent small kernels of a graph launched as one horizontally
+    # fused kernel: fewer launches, longer compiles.
+    combo_kernels: bool = False
 
 
 @dataclass(frozen=True)

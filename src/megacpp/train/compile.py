@@ -66,6 +66,23 @@ def keep_grads_outside_graphs(model: torch.nn.Module, info: dict) -> bool:
     return True
 
 
+def _enable_pdl(device: torch.device | None):
+    """Turns on inductor's Programmatic Dependent Launch (process-wide, as
+    tune_kernels) where it can run; returns True, or why not as a string (the
+    compile record keeps it, so a run that asked for PDL and ran without says so)."""
+    import torch._inductor.config as icfg
+    if not hasattr(icfg.triton, "enable_pdl"):
+        return f"not applied: torch {torch.__version__}'s inductor has no triton.enable_pdl"
+    dev = torch.device(device) if device is not None else None
+    if dev is None or dev.type != "cuda":
+        return "not applied: PDL is a CUDA launch attribute (device is not CUDA)"
+    major, minor = torch.cuda.get_device_capability(dev)
+    if major < 9:
+        return f"not applied: PDL needs sm90 or later (this GPU is sm{major}{minor})"
+    icfg.triton.enable_pdl = True
+    return True
+
+
 def apply_compile(model: torch.nn.Module, spec, device: torch.device | None = None, sharding: str = "none") -> dict:
     """Compile per spec (a CompileSpec); returns what ran: the resolved mode (and
     the requested one where "auto" chose), the scope and how many targets."""
@@ -82,6 +99,12 @@ def apply_compile(model: torch.nn.Module, spec, device: torch.device | None = No
         import torch._inductor.config as icfg
         icfg.coordinate_descent_tuning = True
         asked["tune_kernels"] = True
+    if spec.pdl:
+        asked["pdl"] = _enable_pdl(device)
+    if spec.combo_kernels:
+        import torch._inductor.config as icfg
+        icfg.combo_kernels = True
+        asked["combo_kernels"] = True
     kwargs = {"fullgraph": spec.fullgraph}
     if mode != "default":
         kwargs["mode"] = mode
