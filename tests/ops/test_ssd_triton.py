@@ -376,9 +376,40 @@ def test_cpu_interp_state_dtype(half, seed, gen, monkeypatch):
     keep_states_case("cpu", torch.bfloat16, gen, seed)
 
 
+@interp_only
+def test_cpu_interp_flat_state_loop_equals_nested(seed, gen, monkeypatch):
+    """The state scans' one-loop kernels (STATE_LOOP "flat") add the same
+    products in the same order as the nested ones: bitwise the same outputs
+    and gradients, with one block a chunk (chunk 16) and two (chunk 128, whose
+    default row block is 64; three chunks, unpacked, so every chunk's carry
+    reaches the initial state's gradient: document starts every ~10 steps
+    zero the decay from a chunk's first rows to its end, as a fast decay
+    does, and a wrong carry of the second row block went unseen), with an
+    initial state."""
+    from megacpp.ops.ssd import triton_ssd as T
+    for (b, l, h, p, g, n), chunk in (((2, 37, 2, 8, 2, 16), 16), ((1, 300, 1, 8, 1, 16), 128)):
+        ins = make_inputs(b, l, h, p, g, n, dtype=torch.float32, device="cpu", with_d=True,
+                          with_init=True, gen=gen)
+        starts = doc_starts(b, l, 0.1, gen) if chunk == 16 else None
+        if chunk == 128:
+            # a slow decay (make_inputs' A reaches -16): with a fast one the
+            # rows 64 steps before a chunk's end add ~1e-17 of the carry
+            ins[2] = torch.full_like(ins[2], -0.2)
+        runs = {}
+        for loop in ("nested", "flat"):
+            monkeypatch.setattr(T, "STATE_LOOP", loop)
+            runs[loop] = _grads_of(T.ssd_triton, ins, chunk, starts, False, seed)
+        assert len(runs["flat"]) == 9
+        for a, r in zip(runs["flat"], runs["nested"]):
+            assert torch.equal(a, r)
+    monkeypatch.setattr(T, "STATE_LOOP", "bogus")
+    with pytest.raises(ValueError, match="MEGACPP_SSD_STATE_LOOP"):
+        T.ssd_triton(*ins[:5], chunk)
+
+
 # this file's interpreter tests (the `cpu_interp` ones) and the variable that marks the
 # child they run in: test_triton_interpreter.py runs every op's in one child process
-INTERP_CHILD = ("MEGACPP_SSD_INTERP_CHILD", len(INTERP_CASES) + len(STARTS_INTERP) + 2 + 2)
+INTERP_CHILD = ("MEGACPP_SSD_INTERP_CHILD", len(INTERP_CASES) + len(STARTS_INTERP) + 2 + 2 + 1)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")

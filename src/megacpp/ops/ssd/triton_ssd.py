@@ -73,6 +73,7 @@ custom_op is the supported way for torch >= 2.4 (the GPU machine has 2.11).
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -181,6 +182,69 @@ def _state_fwd_kernel(
         S = S * tl.exp(cl.to(tl.float32)) + acc
     tl.store(final_ptr + pid_bh.to(tl.int64) * P * N + p[:, None] * N + n[None, :], S,
              mask=vp[:, None] & vn[None, :])
+
+
+@triton.jit
+def _state_fwd_flat_kernel(
+    x_ptr, B_ptr, dt_ptr, cum_ptr, init_ptr, states_ptr, final_ptr,
+    L, Q, NC, H, HPG, P, N,
+    s_xb, s_xl, s_xh, s_xp,
+    s_bb, s_bl, s_bg, s_bn,
+    s_ib, s_ih, s_ip, s_in,
+    HAS_INIT: tl.constexpr,
+    BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    DOT: tl.constexpr, IEEE: tl.constexpr,
+):
+    """_state_fwd_kernel's result with its two loops (chunks, then the
+    chunk's row blocks) as one: the chunk loop was the outer one, so Triton
+    pipelined only the short inner loop (Q / BK iterations) and every chunk
+    waited for its own loads. Here the loads of the next block are issued
+    while this one multiplies; the state is stored at a chunk's first block
+    and updated at its last (masked, no branch)."""
+    pid_pn = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    nbn = tl.cdiv(N, BN)
+    p = (pid_pn // nbn) * BP + tl.arange(0, BP)
+    n = (pid_pn % nbn) * BN + tl.arange(0, BN)
+    vp = p < P
+    vn = n < N
+    m2 = vp[:, None] & vn[None, :]
+    h = pid_bh % H
+    b = pid_bh // H
+    g = h // HPG
+    LP = NC * Q
+    if HAS_INIT:
+        S = tl.load(init_ptr + b.to(tl.int64) * s_ib + h * s_ih + p[:, None] * s_ip + n[None, :] * s_in,
+                    mask=m2, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros((BP, BN), dtype=tl.float32)
+    x_base = x_ptr + b.to(tl.int64) * s_xb + h * s_xh
+    B_base = B_ptr + b.to(tl.int64) * s_bb + g * s_bg
+    row = pid_bh.to(tl.int64) * LP
+    st_base = states_ptr + (b.to(tl.int64) * NC * H + h) * P * N
+    NK = tl.cdiv(Q, BK)
+    acc = tl.zeros((BP, BN), dtype=tl.float32)
+    for it in range(0, NC * NK):
+        c = it // NK
+        kb = it % NK
+        cl = tl.load(cum_ptr + row + c * Q + Q - 1)
+        k = kb * BK + tl.arange(0, BK)
+        tk = c * Q + k
+        vk = (k < Q) & (tk < L)
+        ck = tl.load(cum_ptr + row + tk, mask=k < Q, other=0.0)
+        dtk = tl.load(dt_ptr + row + tk, mask=k < Q, other=0.0)
+        w = tl.where(vk, tl.exp((cl - ck).to(tl.float32)) * dtk, 0.0)
+        xT = tl.load(x_base + tk[None, :] * s_xl + p[:, None] * s_xp, mask=vk[None, :] & vp[:, None], other=0.0)
+        bk = tl.load(B_base + tk[:, None] * s_bl + n[None, :] * s_bn, mask=vk[:, None] & vn[None, :], other=0.0)
+        # (x scaled, not B: see _state_fwd_kernel)
+        acc += _mm(xT.to(tl.float32) * w[None, :], bk, DOT, IEEE)
+        # the state entering chunk c, once, at its first block
+        tl.store(st_base + c * H * P * N + p[:, None] * N + n[None, :], S.to(states_ptr.dtype.element_ty),
+                 mask=m2 & (kb == 0))
+        last = kb == NK - 1
+        S = tl.where(last, S * tl.exp(cl.to(tl.float32)) + acc, S)
+        acc = tl.where(last, 0.0, acc)
+    tl.store(final_ptr + pid_bh.to(tl.int64) * P * N + p[:, None] * N + n[None, :], S, mask=m2)
 
 
 @triton.jit
@@ -301,6 +365,70 @@ def _state_bwd_kernel(
             ck_ = tl.load(C_base + tk[:, None] * s_cl + n[None, :] * s_cn, mask=vk[:, None] & vn[None, :], other=0.0)
             acc += _mm(dyT, ck_.to(tl.float32) * e[:, None], DOT, IEEE)
         dS = dS * ecl + acc
+    tl.store(dinit_ptr + pid_bh.to(tl.int64) * P * N + p[:, None] * N + n[None, :], dS, mask=m2)
+
+
+@triton.jit
+def _state_bwd_flat_kernel(
+    dy_ptr, C_ptr, cum_ptr, states_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, dcl_ptr,
+    L, Q, NC, H, HPG, P, N,
+    s_db, s_dl, s_dh, s_dp,
+    s_cb, s_cl, s_cg, s_cn,
+    s_fb, s_fh, s_fp, s_fn,
+    HAS_DFINAL: tl.constexpr,
+    BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    DOT: tl.constexpr, IEEE: tl.constexpr,
+):
+    """_state_bwd_kernel's result with its chunk and row-block loops as one
+    (see _state_fwd_flat_kernel): at a chunk's first block the incoming
+    gradient is stored and the whole-chunk decay part of d(cum) taken (the
+    entering state is read there only: masked elsewhere), at its last the
+    gradient is carried to the chunk before."""
+    pid_pn = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    npn = tl.num_programs(0)
+    nbn = tl.cdiv(N, BN)
+    p = (pid_pn // nbn) * BP + tl.arange(0, BP)
+    n = (pid_pn % nbn) * BN + tl.arange(0, BN)
+    vp = p < P
+    vn = n < N
+    m2 = vp[:, None] & vn[None, :]
+    h = pid_bh % H
+    b = pid_bh // H
+    g = h // HPG
+    LP = NC * Q
+    row = pid_bh.to(tl.int64) * LP
+    if HAS_DFINAL:
+        dS = tl.load(dfinal_ptr + b.to(tl.int64) * s_fb + h * s_fh + p[:, None] * s_fp + n[None, :] * s_fn,
+                     mask=m2, other=0.0).to(tl.float32)
+    else:
+        dS = tl.zeros((BP, BN), dtype=tl.float32)
+    dy_base = dy_ptr + b.to(tl.int64) * s_db + h * s_dh
+    C_base = C_ptr + b.to(tl.int64) * s_cb + g * s_cg
+    NK = tl.cdiv(Q, BK)
+    acc = tl.zeros((BP, BN), dtype=tl.float32)
+    for it in range(0, NC * NK):
+        c = NC - 1 - it // NK
+        kb = it % NK
+        first = kb == 0
+        cl = tl.load(cum_ptr + row + c * Q + Q - 1)
+        ecl = tl.exp(cl.to(tl.float32))
+        st_off = ((b.to(tl.int64) * NC + c) * H + h) * P * N + p[:, None] * N + n[None, :]
+        tl.store(dstates_ptr + st_off, dS.to(dstates_ptr.dtype.element_ty), mask=m2 & first)
+        s_in = tl.load(states_ptr + st_off, mask=m2 & first, other=0.0).to(tl.float32)
+        part = tl.sum(tl.sum(dS * s_in, axis=1), axis=0) * ecl
+        tl.store(dcl_ptr + (pid_bh.to(tl.int64) * NC + c) * npn + pid_pn, part, mask=first)
+        k = kb * BK + tl.arange(0, BK)
+        tk = c * Q + k
+        vk = (k < Q) & (tk < L)
+        ck = tl.load(cum_ptr + row + tk, mask=k < Q, other=0.0)
+        e = tl.where(vk, tl.exp(ck.to(tl.float32)), 0.0)
+        dyT = tl.load(dy_base + tk[None, :] * s_dl + p[:, None] * s_dp, mask=vk[None, :] & vp[:, None], other=0.0)
+        ck_ = tl.load(C_base + tk[:, None] * s_cl + n[None, :] * s_cn, mask=vk[:, None] & vn[None, :], other=0.0)
+        acc += _mm(dyT, ck_.to(tl.float32) * e[:, None], DOT, IEEE)
+        last = kb == NK - 1
+        dS = tl.where(last, dS * ecl + acc, dS)
+        acc = tl.where(last, 0.0, acc)
     tl.store(dinit_ptr + pid_bh.to(tl.int64) * P * N + p[:, None] * N + n[None, :], dS, mask=m2)
 
 
@@ -647,6 +775,24 @@ TUNED: dict[str, dict] = {
     "dbc": {"BR": 64, "BK": 16},
 }
 LAUNCH: dict[str, dict] = {k: {} for k in KERNELS}
+# The sequential scans across chunks (_state_fwd_kernel, _state_bwd_kernel):
+# "nested" (a loop over chunks around a loop over a chunk's row blocks) or
+# "flat" (one loop over both, which Triton can pipeline across chunks: the
+# _flat kernels). Same results up to the order of float32 sums within a
+# chunk's product. MEGACPP_SSD_STATE_LOOP overrides for an A/B.
+STATE_LOOP = os.environ.get("MEGACPP_SSD_STATE_LOOP", "nested")
+STATE_LOOPS = ("nested", "flat")
+
+
+def _state_kernel(direction: str):
+    """The kernel the forward ('fwd') or backward ('bwd') state scan launches."""
+    if STATE_LOOP not in STATE_LOOPS:
+        raise ValueError(f"ssd_triton STATE_LOOP (MEGACPP_SSD_STATE_LOOP) = {STATE_LOOP!r}: "
+                         f"expected one of {STATE_LOOPS}")
+    flat = STATE_LOOP == "flat"
+    if direction == "fwd":
+        return _state_fwd_flat_kernel if flat else _state_fwd_kernel
+    return _state_bwd_flat_kernel if flat else _state_bwd_kernel
 # The block sizes a launch may not change: they must cover a whole dimension.
 _FIXED = {"dx": ("BP",), "dcb": ("BQ", "BP"), "dbc": ("BP", "BN")}
 
@@ -705,7 +851,7 @@ def _states_fwd(prep: _Prep, x, B, initial_state):
     cfg = _launch("state_fwd", prep.ieee, BP=_blk(p, 64), BN=_blk(n, 64), BK=_blk(prep.q, 64), num_warps=4)
     init = initial_state if initial_state is not None else final
     grid = (triton.cdiv(p, cfg["BP"]) * triton.cdiv(n, cfg["BN"]), b * h)
-    _state_fwd_kernel[grid](
+    _state_kernel("fwd")[grid](
         x, B, prep.dt, prep.cum, init, states, final,
         prep.l, prep.q, nc, h, prep.hpg, p, n,
         *x.stride(), *B.stride(), *init.stride(),
@@ -757,7 +903,7 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size, starts=N
     npn = triton.cdiv(p, cfg["BP"]) * triton.cdiv(n, cfg["BN"])
     dcl = torch.empty(b * h, nc, npn, device=dev, dtype=torch.float32)
     df = dfinal if dfinal is not None else dinit
-    _state_bwd_kernel[(npn, b * h)](
+    _state_kernel("bwd")[(npn, b * h)](
         dy, C, prep.cum, states, df, dstates, dinit, dcl,
         l, q, nc, h, prep.hpg, p, n,
         *dy.stride(), *C.stride(), *df.stride(),
