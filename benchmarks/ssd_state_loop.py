@@ -1,8 +1,8 @@
 """The Triton SSD's state scans, nested loops against one loop (issue 8).
 
 At one layer's shape (nam-125m's by default), times `_state_fwd_kernel` /
-`_state_bwd_kernel` (STATE_LOOP "nested", at the TUNED launch) against the
-`_flat` kernels ("flat") at the same launch and at each --bk x --stages
+`_state_bwd_kernel` (STATE_LOOP "nested", at TUNED_NESTED's launch) against
+the `_flat` kernels ("flat") at TUNED's launch and at each --bk x --stages
 variant, each kernel's own time from torch.profiler; every flat variant's
 outputs and gradients are checked against the nested launch's (largest
 relative difference printed; > --tol fails the script). Ends with a table.

@@ -427,6 +427,13 @@ def test_launch_table_applies_tuned_to_half_operands_only(monkeypatch):
     assert T._launch("scan_fwd", True, BM=64, BK=64, num_warps=4) == {"BM": 64, "BK": 64, "num_warps": 4}
     monkeypatch.setitem(T.LAUNCH, "scan_fwd", {"BM": 32})
     assert T._launch("scan_fwd", True, BM=64, BK=64)["BM"] == 32
+    # the state scans: TUNED for the one-loop kernels, TUNED_NESTED for the nested ones
+    monkeypatch.setitem(T.TUNED, "state_bwd", {"BK": 128, "num_stages": 2})
+    monkeypatch.setitem(T.TUNED_NESTED, "state_bwd", {"BN": 32})
+    monkeypatch.setattr(T, "STATE_LOOP", "flat")
+    assert T._launch("state_bwd", False, BN=64, BK=64) == {"BN": 64, "BK": 128, "num_stages": 2}
+    monkeypatch.setattr(T, "STATE_LOOP", "nested")
+    assert T._launch("state_bwd", False, BN=64, BK=64) == {"BN": 32, "BK": 64}
     monkeypatch.setitem(T.LAUNCH, "dx", {"BP": 32})
     with pytest.raises(ValueError, match="BP"):
         T._launch("dx", False, BJ=64, BP=64)

@@ -35,6 +35,8 @@ What runs where (per chunk c of Q = chunk_size steps, per head):
     _state_fwd_kernel   chunk states sum_j exp(cum_last - cum_j) dt_j x_j B_j^T
                         fused with the sequential scan across chunks: writes
                         the state entering every chunk and the final state.
+                        (By default its `_flat` twin runs, and so for
+                        _state_bwd_kernel: see STATE_LOOP.)
     _scan_fwd_kernel    y_i = sum_{j<=i} CB[i,j] exp(cum_i - cum_j) dt_j x_j
                               + exp(cum_i) S_c C_i + D x_i.
     _state_bwd_kernel   the reverse scan: d(state entering chunk c+1)
@@ -765,22 +767,31 @@ KERNELS = ("cb", "state_fwd", "scan_fwd", "state_bwd", "dx", "dcb", "dbc")
 # one group): each kernel's own time fell 10-52% (dx 0.390 -> 0.215 ms, scan_fwd
 # 0.282 -> 0.135, dcb 0.278 -> 0.158, dbc 0.219 -> 0.148); outputs equal the
 # defaults' to 1.2e-7 (relative norm) there and at nam-125m's and nam-1b's layers.
+# The state scans' entries are the one-loop kernels' (STATE_LOOP "flat"):
+# `python3 benchmarks/ssd_state_loop.py` on an H200 (2026-11-29) at
+# nam-125m's layer, each kernel's own time: state_fwd 0.345 ms (the nested
+# kernel at its tuned launch) -> 0.291 at BK 64 and 4 stages, state_bwd
+# 0.252 -> 0.148 at BK 128 and 2 stages, outputs bitwise equal. The nested
+# kernels keep their own (TUNED_NESTED).
 TUNED: dict[str, dict] = {
     "cb": {},
-    "state_fwd": {"BP": 32},
+    "state_fwd": {"BP": 32, "BK": 64, "num_stages": 4},
     "scan_fwd": {"BK": 16, "BN": 32, "num_stages": 1},
-    "state_bwd": {"BN": 32},
+    "state_bwd": {"BN": 32, "BK": 128, "num_stages": 2},
     "dx": {"BJ": 32, "BI": 32, "num_warps": 4, "num_stages": 1},
     "dcb": {"BI": 32, "num_warps": 4},
     "dbc": {"BR": 64, "BK": 16},
 }
+TUNED_NESTED: dict[str, dict] = {"state_fwd": {"BP": 32}, "state_bwd": {"BN": 32}}
 LAUNCH: dict[str, dict] = {k: {} for k in KERNELS}
-# The sequential scans across chunks (_state_fwd_kernel, _state_bwd_kernel):
-# "nested" (a loop over chunks around a loop over a chunk's row blocks) or
-# "flat" (one loop over both, which Triton can pipeline across chunks: the
-# _flat kernels). Same results up to the order of float32 sums within a
-# chunk's product. MEGACPP_SSD_STATE_LOOP overrides for an A/B.
-STATE_LOOP = os.environ.get("MEGACPP_SSD_STATE_LOOP", "nested")
+# The sequential scans across chunks: "flat" (the _flat kernels: one loop
+# over chunks and their row blocks, which Triton pipelines across chunks;
+# the default) or "nested" (_state_fwd_kernel, _state_bwd_kernel: a loop over
+# chunks around a short loop over a chunk's row blocks, the only one Triton
+# pipelined). The same sums in the same order: bitwise equal results (CPU
+# interpreter and H200). MEGACPP_SSD_STATE_LOOP=nested for an A/B. At
+# nam-125m's step: +0.56% at the nested kernels' launch (BENCHMARKS.md).
+STATE_LOOP = os.environ.get("MEGACPP_SSD_STATE_LOOP", "flat")
 STATE_LOOPS = ("nested", "flat")
 
 
@@ -807,7 +818,8 @@ def _launch(name: str, ieee: bool, **default) -> dict:
     either way; tests/ops/test_ssd_triton.py, BENCHMARKS.md)."""
     cfg = dict(default)
     if not INTERPRET:
-        for over in ((TUNED[name] if not ieee else {}), LAUNCH[name]):
+        tuned = TUNED_NESTED[name] if STATE_LOOP == "nested" and name in TUNED_NESTED else TUNED[name]
+        for over in ((tuned if not ieee else {}), LAUNCH[name]):
             bad = set(over) & set(_FIXED.get(name, ()))
             if bad:
                 raise ValueError(f"ssd_triton: {name}'s {sorted(bad)} cover a whole dimension and cannot be set")
