@@ -38,9 +38,7 @@ OPTIONS = {
     "dcb": {"BI": [16, 32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
     "dbc": {"BR": [16, 32, 64], "BK": [16, 32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
 }
-# the state scans' kernels as STATE_LOOP (MEGACPP_SSD_STATE_LOOP) picks them
-KERNEL_NAME = {k: f"_{k}_flat_kernel" if k.startswith("state_") and T.STATE_LOOP == "flat" else f"_{k}_kernel"
-               for k in OPTIONS}
+KERNEL_NAME = {k: f"_{k}_kernel" for k in OPTIONS}
 
 
 def make_inputs(shape, seed=0):

@@ -377,34 +377,20 @@ def test_cpu_interp_state_dtype(half, seed, gen, monkeypatch):
 
 
 @interp_only
-def test_cpu_interp_flat_state_loop_equals_nested(seed, gen, monkeypatch):
-    """The state scans' one-loop kernels (STATE_LOOP "flat") add the same
-    products in the same order as the nested ones: bitwise the same outputs
-    and gradients, with one block a chunk (chunk 16) and two (chunk 128, whose
-    default row block is 64; three chunks, unpacked, so every chunk's carry
-    reaches the initial state's gradient: document starts every ~10 steps
-    zero the decay from a chunk's first rows to its end, as a fast decay
-    does, and a wrong carry of the second row block went unseen), with an
-    initial state."""
-    from megacpp.ops.ssd import triton_ssd as T
-    for (b, l, h, p, g, n), chunk in (((2, 37, 2, 8, 2, 16), 16), ((1, 300, 1, 8, 1, 16), 128)):
-        ins = make_inputs(b, l, h, p, g, n, dtype=torch.float32, device="cpu", with_d=True,
-                          with_init=True, gen=gen)
-        starts = doc_starts(b, l, 0.1, gen) if chunk == 16 else None
-        if chunk == 128:
-            # a slow decay (make_inputs' A reaches -16): with a fast one the
-            # rows 64 steps before a chunk's end add ~1e-17 of the carry
-            ins[2] = torch.full_like(ins[2], -0.2)
-        runs = {}
-        for loop in ("nested", "flat"):
-            monkeypatch.setattr(T, "STATE_LOOP", loop)
-            runs[loop] = _grads_of(T.ssd_triton, ins, chunk, starts, False, seed)
-        assert len(runs["flat"]) == 9
-        for a, r in zip(runs["flat"], runs["nested"]):
-            assert torch.equal(a, r)
-    monkeypatch.setattr(T, "STATE_LOOP", "bogus")
-    with pytest.raises(ValueError, match="MEGACPP_SSD_STATE_LOOP"):
-        T.ssd_triton(*ins[:5], chunk)
+def test_cpu_interp_two_row_blocks_a_chunk_match_reference(seed, gen):
+    """The state scans walk each chunk in row blocks (the default block is
+    64 rows, so chunk 128 takes two; every other interpreter case has one):
+    the state is stored at a chunk's first block and carried at its last.
+    Three chunks, unpacked and with a slow decay, so every block reaches the
+    carry and the initial state's gradient: with document starts every ~10
+    steps, or make_inputs' decays down to A = -16, a wrong carry of the
+    second block moved nothing (the rows 64 steps before a chunk's end add
+    ~1e-17 of it)."""
+    from megacpp.ops.ssd.triton_ssd import ssd_triton
+    ins = make_inputs(1, 300, 1, 8, 1, 16, dtype=torch.float32, device="cpu", with_d=True, with_init=True,
+                      gen=gen)
+    ins[2] = torch.full_like(ins[2], -0.2)
+    assert_close(compare(ssd_triton, ins, 128, seed), torch.float32)
 
 
 # this file's interpreter tests (the `cpu_interp` ones) and the variable that marks the
@@ -427,13 +413,6 @@ def test_launch_table_applies_tuned_to_half_operands_only(monkeypatch):
     assert T._launch("scan_fwd", True, BM=64, BK=64, num_warps=4) == {"BM": 64, "BK": 64, "num_warps": 4}
     monkeypatch.setitem(T.LAUNCH, "scan_fwd", {"BM": 32})
     assert T._launch("scan_fwd", True, BM=64, BK=64)["BM"] == 32
-    # the state scans: TUNED for the one-loop kernels, TUNED_NESTED for the nested ones
-    monkeypatch.setitem(T.TUNED, "state_bwd", {"BK": 128, "num_stages": 2})
-    monkeypatch.setitem(T.TUNED_NESTED, "state_bwd", {"BN": 32})
-    monkeypatch.setattr(T, "STATE_LOOP", "flat")
-    assert T._launch("state_bwd", False, BN=64, BK=64) == {"BN": 64, "BK": 128, "num_stages": 2}
-    monkeypatch.setattr(T, "STATE_LOOP", "nested")
-    assert T._launch("state_bwd", False, BN=64, BK=64) == {"BN": 32, "BK": 64}
     monkeypatch.setitem(T.LAUNCH, "dx", {"BP": 32})
     with pytest.raises(ValueError, match="BP"):
         T._launch("dx", False, BJ=64, BP=64)

@@ -34,9 +34,8 @@ What runs where (per chunk c of Q = chunk_size steps, per head):
                         lower triangle only.
     _state_fwd_kernel   chunk states sum_j exp(cum_last - cum_j) dt_j x_j B_j^T
                         fused with the sequential scan across chunks: writes
-                        the state entering every chunk and the final state.
-                        (By default its `_flat` twin runs, and so for
-                        _state_bwd_kernel: see STATE_LOOP.)
+                        the state entering every chunk and the final state;
+                        one loop over (chunk, row block), pipelined.
     _scan_fwd_kernel    y_i = sum_{j<=i} CB[i,j] exp(cum_i - cum_j) dt_j x_j
                               + exp(cum_i) S_c C_i + D x_i.
     _state_bwd_kernel   the reverse scan: d(state entering chunk c+1)
@@ -75,7 +74,6 @@ custom_op is the supported way for torch >= 2.4 (the GPU machine has 2.11).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -144,65 +142,15 @@ def _state_fwd_kernel(
     BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     DOT: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid_pn = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    nbn = tl.cdiv(N, BN)
-    p = (pid_pn // nbn) * BP + tl.arange(0, BP)
-    n = (pid_pn % nbn) * BN + tl.arange(0, BN)
-    vp = p < P
-    vn = n < N
-    h = pid_bh % H
-    b = pid_bh // H
-    g = h // HPG
-    LP = NC * Q
-    if HAS_INIT:
-        S = tl.load(init_ptr + b.to(tl.int64) * s_ib + h * s_ih + p[:, None] * s_ip + n[None, :] * s_in,
-                    mask=vp[:, None] & vn[None, :], other=0.0).to(tl.float32)
-    else:
-        S = tl.zeros((BP, BN), dtype=tl.float32)
-    x_base = x_ptr + b.to(tl.int64) * s_xb + h * s_xh
-    B_base = B_ptr + b.to(tl.int64) * s_bb + g * s_bg
-    row = pid_bh.to(tl.int64) * LP
-    st_base = states_ptr + (b.to(tl.int64) * NC * H + h) * P * N
-    for c in range(0, NC):
-        tl.store(st_base + c * H * P * N + p[:, None] * N + n[None, :], S.to(states_ptr.dtype.element_ty),
-                 mask=vp[:, None] & vn[None, :])
-        cl = tl.load(cum_ptr + row + c * Q + Q - 1)
-        acc = tl.zeros((BP, BN), dtype=tl.float32)
-        for k0 in range(0, Q, BK):
-            k = k0 + tl.arange(0, BK)
-            tk = c * Q + k
-            vk = (k < Q) & (tk < L)
-            ck = tl.load(cum_ptr + row + tk, mask=k < Q, other=0.0)
-            dtk = tl.load(dt_ptr + row + tk, mask=k < Q, other=0.0)
-            w = tl.where(vk, tl.exp((cl - ck).to(tl.float32)) * dtk, 0.0)
-            xT = tl.load(x_base + tk[None, :] * s_xl + p[:, None] * s_xp, mask=vk[None, :] & vp[:, None], other=0.0)
-            bk = tl.load(B_base + tk[:, None] * s_bl + n[None, :] * s_bn, mask=vk[:, None] & vn[None, :], other=0.0)
-            # scale x (not B) by the weight: dt * x stays normal-sized where dt is
-            # huge (document resets), so half operands cannot overflow
-            acc += _mm(xT.to(tl.float32) * w[None, :], bk, DOT, IEEE)
-        S = S * tl.exp(cl.to(tl.float32)) + acc
-    tl.store(final_ptr + pid_bh.to(tl.int64) * P * N + p[:, None] * N + n[None, :], S,
-             mask=vp[:, None] & vn[None, :])
-
-
-@triton.jit
-def _state_fwd_flat_kernel(
-    x_ptr, B_ptr, dt_ptr, cum_ptr, init_ptr, states_ptr, final_ptr,
-    L, Q, NC, H, HPG, P, N,
-    s_xb, s_xl, s_xh, s_xp,
-    s_bb, s_bl, s_bg, s_bn,
-    s_ib, s_ih, s_ip, s_in,
-    HAS_INIT: tl.constexpr,
-    BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    DOT: tl.constexpr, IEEE: tl.constexpr,
-):
-    """_state_fwd_kernel's result with its two loops (chunks, then the
-    chunk's row blocks) as one: the chunk loop was the outer one, so Triton
-    pipelined only the short inner loop (Q / BK iterations) and every chunk
-    waited for its own loads. Here the loads of the next block are issued
-    while this one multiplies; the state is stored at a chunk's first block
-    and updated at its last (masked, no branch)."""
+    """The chunk states and the scan across chunks in one loop over (chunk,
+    row block of the chunk): the state entering chunk c is stored at its
+    first block and carried, S <- S exp(cum_last) + sum_j exp(cum_last -
+    cum_j) dt_j x_j B_j^T, at its last (masked, no branch). One loop, so
+    Triton pipelines the next block's loads across chunk boundaries; with a
+    loop over chunks around one over a chunk's blocks, only the short inner
+    loop was pipelined and every chunk waited for its own loads (0.345 ->
+    0.291 ms a call at nam-125m's layer on an H200, bitwise the same
+    result; BENCHMARKS.md, twenty-first session)."""
     pid_pn = tl.program_id(0)
     pid_bh = tl.program_id(1)
     nbn = tl.cdiv(N, BN)
@@ -238,7 +186,8 @@ def _state_fwd_flat_kernel(
         w = tl.where(vk, tl.exp((cl - ck).to(tl.float32)) * dtk, 0.0)
         xT = tl.load(x_base + tk[None, :] * s_xl + p[:, None] * s_xp, mask=vk[None, :] & vp[:, None], other=0.0)
         bk = tl.load(B_base + tk[:, None] * s_bl + n[None, :] * s_bn, mask=vk[:, None] & vn[None, :], other=0.0)
-        # (x scaled, not B: see _state_fwd_kernel)
+        # scale x (not B) by the weight: dt * x stays normal-sized where dt is
+        # huge (document resets), so half operands cannot overflow
         acc += _mm(xT.to(tl.float32) * w[None, :], bk, DOT, IEEE)
         # the state entering chunk c, once, at its first block
         tl.store(st_base + c * H * P * N + p[:, None] * N + n[None, :], S.to(states_ptr.dtype.element_ty),
@@ -326,66 +275,12 @@ def _state_bwd_kernel(
     BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     DOT: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid_pn = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    npn = tl.num_programs(0)
-    nbn = tl.cdiv(N, BN)
-    p = (pid_pn // nbn) * BP + tl.arange(0, BP)
-    n = (pid_pn % nbn) * BN + tl.arange(0, BN)
-    vp = p < P
-    vn = n < N
-    m2 = vp[:, None] & vn[None, :]
-    h = pid_bh % H
-    b = pid_bh // H
-    g = h // HPG
-    LP = NC * Q
-    row = pid_bh.to(tl.int64) * LP
-    if HAS_DFINAL:
-        dS = tl.load(dfinal_ptr + b.to(tl.int64) * s_fb + h * s_fh + p[:, None] * s_fp + n[None, :] * s_fn,
-                     mask=m2, other=0.0).to(tl.float32)
-    else:
-        dS = tl.zeros((BP, BN), dtype=tl.float32)
-    dy_base = dy_ptr + b.to(tl.int64) * s_db + h * s_dh
-    C_base = C_ptr + b.to(tl.int64) * s_cb + g * s_cg
-    for cc in range(0, NC):
-        c = NC - 1 - cc
-        st_off = ((b.to(tl.int64) * NC + c) * H + h) * P * N + p[:, None] * N + n[None, :]
-        tl.store(dstates_ptr + st_off, dS.to(dstates_ptr.dtype.element_ty), mask=m2)
-        s_in = tl.load(states_ptr + st_off, mask=m2, other=0.0).to(tl.float32)
-        cl = tl.load(cum_ptr + row + c * Q + Q - 1)
-        ecl = tl.exp(cl.to(tl.float32))
-        part = tl.sum(tl.sum(dS * s_in, axis=1), axis=0) * ecl
-        tl.store(dcl_ptr + (pid_bh.to(tl.int64) * NC + c) * npn + pid_pn, part)
-        acc = tl.zeros((BP, BN), dtype=tl.float32)
-        for k0 in range(0, Q, BK):
-            k = k0 + tl.arange(0, BK)
-            tk = c * Q + k
-            vk = (k < Q) & (tk < L)
-            ck = tl.load(cum_ptr + row + tk, mask=k < Q, other=0.0)
-            e = tl.where(vk, tl.exp(ck.to(tl.float32)), 0.0)
-            dyT = tl.load(dy_base + tk[None, :] * s_dl + p[:, None] * s_dp, mask=vk[None, :] & vp[:, None], other=0.0)
-            ck_ = tl.load(C_base + tk[:, None] * s_cl + n[None, :] * s_cn, mask=vk[:, None] & vn[None, :], other=0.0)
-            acc += _mm(dyT, ck_.to(tl.float32) * e[:, None], DOT, IEEE)
-        dS = dS * ecl + acc
-    tl.store(dinit_ptr + pid_bh.to(tl.int64) * P * N + p[:, None] * N + n[None, :], dS, mask=m2)
-
-
-@triton.jit
-def _state_bwd_flat_kernel(
-    dy_ptr, C_ptr, cum_ptr, states_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, dcl_ptr,
-    L, Q, NC, H, HPG, P, N,
-    s_db, s_dl, s_dh, s_dp,
-    s_cb, s_cl, s_cg, s_cn,
-    s_fb, s_fh, s_fp, s_fn,
-    HAS_DFINAL: tl.constexpr,
-    BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    DOT: tl.constexpr, IEEE: tl.constexpr,
-):
-    """_state_bwd_kernel's result with its chunk and row-block loops as one
-    (see _state_fwd_flat_kernel): at a chunk's first block the incoming
-    gradient is stored and the whole-chunk decay part of d(cum) taken (the
-    entering state is read there only: masked elsewhere), at its last the
-    gradient is carried to the chunk before."""
+    """The reverse scan in one loop over (chunk, row block), as
+    _state_fwd_kernel: at a chunk's first block the incoming state gradient
+    is stored and the whole-chunk decay part of d(cum) taken (the entering
+    state is read there only: masked elsewhere), at its last the gradient is
+    carried to the chunk before (0.252 -> 0.148 ms a call at nam-125m's
+    layer against the two-loop kernel)."""
     pid_pn = tl.program_id(0)
     pid_bh = tl.program_id(1)
     npn = tl.num_programs(0)
@@ -767,12 +662,10 @@ KERNELS = ("cb", "state_fwd", "scan_fwd", "state_bwd", "dx", "dcb", "dbc")
 # one group): each kernel's own time fell 10-52% (dx 0.390 -> 0.215 ms, scan_fwd
 # 0.282 -> 0.135, dcb 0.278 -> 0.158, dbc 0.219 -> 0.148); outputs equal the
 # defaults' to 1.2e-7 (relative norm) there and at nam-125m's and nam-1b's layers.
-# The state scans' entries are the one-loop kernels' (STATE_LOOP "flat"):
-# `python3 benchmarks/ssd_state_loop.py` on an H200 (2026-11-29) at
-# nam-125m's layer, each kernel's own time: state_fwd 0.345 ms (the nested
-# kernel at its tuned launch) -> 0.291 at BK 64 and 4 stages, state_bwd
-# 0.252 -> 0.148 at BK 128 and 2 stages, outputs bitwise equal. The nested
-# kernels keep their own (TUNED_NESTED).
+# The state scans' entries: `benchmarks/ssd_state_loop.py` (at `4fb76ea`) on
+# an H200 (2026-11-29) at nam-125m's layer, each kernel's own time:
+# state_fwd 0.291 ms at BK 64 and 4 stages, state_bwd 0.148 at BK 128 and
+# 2 stages (the sweep: BK 32/64/128 x 1-4 stages), outputs bitwise equal.
 TUNED: dict[str, dict] = {
     "cb": {},
     "state_fwd": {"BP": 32, "BK": 64, "num_stages": 4},
@@ -782,28 +675,7 @@ TUNED: dict[str, dict] = {
     "dcb": {"BI": 32, "num_warps": 4},
     "dbc": {"BR": 64, "BK": 16},
 }
-TUNED_NESTED: dict[str, dict] = {"state_fwd": {"BP": 32}, "state_bwd": {"BN": 32}}
 LAUNCH: dict[str, dict] = {k: {} for k in KERNELS}
-# The sequential scans across chunks: "flat" (the _flat kernels: one loop
-# over chunks and their row blocks, which Triton pipelines across chunks;
-# the default) or "nested" (_state_fwd_kernel, _state_bwd_kernel: a loop over
-# chunks around a short loop over a chunk's row blocks, the only one Triton
-# pipelined). The same sums in the same order: bitwise equal results (CPU
-# interpreter and H200). MEGACPP_SSD_STATE_LOOP=nested for an A/B. At
-# nam-125m's step: +0.56% at the nested kernels' launch (BENCHMARKS.md).
-STATE_LOOP = os.environ.get("MEGACPP_SSD_STATE_LOOP", "flat")
-STATE_LOOPS = ("nested", "flat")
-
-
-def _state_kernel(direction: str):
-    """The kernel the forward ('fwd') or backward ('bwd') state scan launches."""
-    if STATE_LOOP not in STATE_LOOPS:
-        raise ValueError(f"ssd_triton STATE_LOOP (MEGACPP_SSD_STATE_LOOP) = {STATE_LOOP!r}: "
-                         f"expected one of {STATE_LOOPS}")
-    flat = STATE_LOOP == "flat"
-    if direction == "fwd":
-        return _state_fwd_flat_kernel if flat else _state_fwd_kernel
-    return _state_bwd_flat_kernel if flat else _state_bwd_kernel
 # The block sizes a launch may not change: they must cover a whole dimension.
 _FIXED = {"dx": ("BP",), "dcb": ("BQ", "BP"), "dbc": ("BP", "BN")}
 
@@ -818,8 +690,7 @@ def _launch(name: str, ieee: bool, **default) -> dict:
     either way; tests/ops/test_ssd_triton.py, BENCHMARKS.md)."""
     cfg = dict(default)
     if not INTERPRET:
-        tuned = TUNED_NESTED[name] if STATE_LOOP == "nested" and name in TUNED_NESTED else TUNED[name]
-        for over in ((tuned if not ieee else {}), LAUNCH[name]):
+        for over in ((TUNED[name] if not ieee else {}), LAUNCH[name]):
             bad = set(over) & set(_FIXED.get(name, ()))
             if bad:
                 raise ValueError(f"ssd_triton: {name}'s {sorted(bad)} cover a whole dimension and cannot be set")
@@ -863,7 +734,7 @@ def _states_fwd(prep: _Prep, x, B, initial_state):
     cfg = _launch("state_fwd", prep.ieee, BP=_blk(p, 64), BN=_blk(n, 64), BK=_blk(prep.q, 64), num_warps=4)
     init = initial_state if initial_state is not None else final
     grid = (triton.cdiv(p, cfg["BP"]) * triton.cdiv(n, cfg["BN"]), b * h)
-    _state_kernel("fwd")[grid](
+    _state_fwd_kernel[grid](
         x, B, prep.dt, prep.cum, init, states, final,
         prep.l, prep.q, nc, h, prep.hpg, p, n,
         *x.stride(), *B.stride(), *init.stride(),
@@ -915,7 +786,7 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size, starts=N
     npn = triton.cdiv(p, cfg["BP"]) * triton.cdiv(n, cfg["BN"])
     dcl = torch.empty(b * h, nc, npn, device=dev, dtype=torch.float32)
     df = dfinal if dfinal is not None else dinit
-    _state_kernel("bwd")[(npn, b * h)](
+    _state_bwd_kernel[(npn, b * h)](
         dy, C, prep.cum, states, df, dstates, dinit, dcl,
         l, q, nc, h, prep.hpg, p, n,
         *dy.stride(), *C.stride(), *df.stride(),
