@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from megacpp.model.mlp import activate
 from megacpp.ops.swiglu import swiglu, swiglu_backend, swiglu_backend_reason, swiglu_fast
@@ -50,6 +51,23 @@ def assert_within(errs, dtype):
     assert_errors_within(errs, dtype, TOL)
 
 
+def compare_scaled(fn, h, dy, gen):
+    """fn(h, scale) with a float32 row scale (as the MoE's gates) against the
+    float64 reference: y, dh and d(scale); d(scale) keeps scale's dtype."""
+    scale = torch.rand(h.shape[:-1], generator=gen).to(h.device) + 0.1
+    out = {}
+    for name, cast in (("got", None), ("ref", torch.float64)):
+        hl = (h.detach().to(cast) if cast else h.detach().clone()).requires_grad_(True)
+        sl = (scale.to(cast) if cast else scale.clone()).requires_grad_(True)
+        y = (fn if cast is None else swiglu)(hl, sl)
+        y.backward(dy.to(y.dtype))
+        out[name] = {"y": y, "dh": hl.grad, "dscale": sl.grad}
+    got, ref = out["got"], out["ref"]
+    assert got["y"].dtype == h.dtype and got["dh"].dtype == h.dtype and got["dscale"].dtype == torch.float32
+    assert got["dscale"].shape == scale.shape
+    return {k: err_norm_max(got[k], ref[k]) for k in ref}
+
+
 # ------------------------------------------------------------- reference
 
 def test_reference_is_the_definition_and_the_models_activation(gen):
@@ -60,6 +78,15 @@ def test_reference_is_the_definition_and_the_models_activation(gen):
     assert torch.equal(activate(h, "swiglu"), swiglu(h))     # on CPU the model takes the reference
     with pytest.raises(ValueError, match="must be even"):
         swiglu(h[..., :13])
+    # a row scale multiplies each row (the MoE's gates, run policy kernels.moe_gate)
+    scale = torch.rand(3, 5, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(swiglu(h, scale), want * scale[..., None], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="one number a row"):
+        swiglu(h, scale[:, :4])
+    # under bf16 the product is rounded, then scaled in float32 and rounded once
+    hb, sb = h.to(torch.bfloat16), scale.float()
+    want_b = ((F.silu(hb[..., :7]) * hb[..., 7:]).float() * sb[..., None]).to(torch.bfloat16)
+    assert torch.equal(swiglu(hb, sb), want_b)
 
 
 def test_cpu_dispatch_is_the_reference(gen, monkeypatch):
@@ -88,6 +115,10 @@ INTERP_CASES = [pytest.param(((37, 96), torch.float32), id="f32"),
                 pytest.param(((3, 5, 202), torch.float32), id="f32-ragged-3d"),
                 pytest.param(((70, 64), torch.float16), id="f16-many-rows"),
                 pytest.param(((9, 2100), torch.float16), id="f16-wider-than-a-block")]
+# the row scale: one column block (f 48), three (f 2100 > 1024: partial sums), fp16
+INTERP_SCALED = [pytest.param(((37, 96), torch.float32), id="f32"),
+                 pytest.param(((2, 3, 2100), torch.float32), id="f32-3d-three-blocks"),
+                 pytest.param(((70, 64), torch.float16), id="f16")]
 
 cuda_only = pytest.mark.skipif(not (CUDA and HAS_TRITON), reason="needs CUDA and triton")
 interp_only = pytest.mark.skipif(not (CHILD and HAS_TRITON), reason="runs in the TRITON_INTERPRET=1 child of "
@@ -106,6 +137,18 @@ def test_cuda_matches_reference(shape, dtype, seed, gen):
 
 @cuda_only
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", CASES)
+def test_cuda_row_scale_matches_reference(shape, dtype, seed, gen):
+    from megacpp.ops.swiglu.triton_swiglu import swiglu_triton
+    h, dy = make(shape, dtype, "cuda", gen)
+    errs = compare_scaled(swiglu_triton, h, dy, gen)
+    assert_within({k: v for k, v in errs.items() if k != "dscale"}, dtype)
+    assert_within({"dscale": errs["dscale"]}, torch.float32 if dtype == torch.float32 else torch.float16)
+
+
+@cuda_only
+@pytest.mark.gpu
 def test_cuda_bf16_rounds_as_the_reference(seed, gen, monkeypatch):
     """Under bf16 the kernels round where the reference's ops round: outputs and
     gradients equal the eager reference's but for rare ulp flips of a float32
@@ -118,6 +161,10 @@ def test_cuda_bf16_rounds_as_the_reference(seed, gen, monkeypatch):
     for k in ("y", "dh"):
         differ = (got[k] != ref[k]).float().mean().item()
         assert differ < 1e-3, f"{k}: {differ:.2e} of the elements differ from the eager reference"
+    # with a float32 row scale (the MoE's gates): the same roundings
+    scale = torch.rand(h.shape[:-1], generator=gen).cuda() + 0.1
+    differ = (swiglu_triton(h, scale) != swiglu(h, scale)).float().mean().item()
+    assert differ < 1e-3, f"scaled y: {differ:.2e} of the elements differ from the eager reference"
     torch._dynamo.reset()
     f = torch.compile(swiglu_fast, fullgraph=True)
     assert_within(compare(f, h, dy), torch.bfloat16)
@@ -133,13 +180,29 @@ def test_cpu_interp_matches_reference(case, seed, gen):
 
 
 @interp_only
+@pytest.mark.parametrize("case", INTERP_SCALED)
+def test_cpu_interp_row_scale_matches_reference(case, seed, gen):
+    """The MoE's gates as the activation's row scale: y, dh and d(scale),
+    one column block a row and several (d(scale)'s partial sums)."""
+    from megacpp.ops.swiglu.triton_swiglu import swiglu_triton
+    shape, dtype = case
+    h, dy = make(shape, dtype, "cpu", gen)
+    errs = compare_scaled(swiglu_triton, h, dy, gen)
+    assert_within({k: v for k, v in errs.items() if k != "dscale"}, dtype)
+    # d(scale) sums a row's f products of dy and the rounded product in float32
+    assert_within({"dscale": errs["dscale"]}, torch.float32 if dtype == torch.float32 else torch.float16)
+
+
+@interp_only
 def test_cpu_interp_custom_op_strided_rows_and_compile(seed, gen):
     """opcheck of both custom ops; rows with a stride (a slice of a wider
     tensor) and a non-contiguous cotangent; traced without a graph break."""
     from megacpp.ops.swiglu import triton_swiglu as T
     h, dy = make((6, 40), torch.float32, "cpu", gen)
-    torch.library.opcheck(T._swiglu_fwd_op, (h,), test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(T._swiglu_bwd_op, (dy, h), test_utils=("test_schema", "test_faketensor"))
+    scale = torch.rand(6, generator=gen)
+    for sc in (None, scale):
+        torch.library.opcheck(T._swiglu_fwd_op, (h, sc), test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(T._swiglu_bwd_op, (dy, h, sc), test_utils=("test_schema", "test_faketensor"))
     dys = torch.randn(20, 6, generator=gen).t()
     assert not dys.is_contiguous()
     grads = []
@@ -170,4 +233,4 @@ def test_triton_entry_refuses_float64_and_odd_widths(gen):
 
 # this file's interpreter tests (the `cpu_interp` ones) and the variable that marks the
 # child they run in: test_triton_interpreter.py runs every op's in one child process
-INTERP_CHILD = ("MEGACPP_SWIGLU_INTERP_CHILD", len(INTERP_CASES) + 1)
+INTERP_CHILD = ("MEGACPP_SWIGLU_INTERP_CHILD", len(INTERP_CASES) + len(INTERP_SCALED) + 1)

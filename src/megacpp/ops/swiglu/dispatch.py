@@ -1,6 +1,6 @@
 """Which SwiGLU runs: the Triton kernels or the pure-torch reference.
 
-    swiglu_fast(h)
+    swiglu_fast(h, scale=None)
 
 has `reference.swiglu`'s signature and result. It takes the Triton kernels
 (`triton_swiglu.swiglu_triton`) when `swiglu_backend(h.device, h.dtype)` says
@@ -54,9 +54,9 @@ def swiglu_backend(device, dtype: torch.dtype | None = None) -> str:
     return BACKEND.backend(swiglu_backend_reason(device, dtype))
 
 
-def swiglu_fast(h: torch.Tensor) -> torch.Tensor:
+def swiglu_fast(h: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """reference.swiglu's signature; Triton on CUDA when available (see swiglu_backend)."""
     if swiglu_backend(h.device, h.dtype) == "triton":
         from .triton_swiglu import swiglu_triton
-        return swiglu_triton(h)
-    return swiglu_reference(h)
+        return swiglu_triton(h, scale)
+    return swiglu_reference(h, scale)

@@ -2,7 +2,7 @@
 
 Same signature and result as `reference.swiglu`:
 
-    swiglu_triton(h) -> silu(h[..., :f]) * h[..., f:]
+    swiglu_triton(h, scale=None) -> silu(h[..., :f]) * h[..., f:] [* scale[..., None]]
 
 Importing this module imports triton; `megacpp.ops.swiglu` only does so on
 first access of `swiglu_triton` (CI has no GPU).
@@ -10,20 +10,27 @@ first access of `swiglu_triton` (CI has no GPU).
   _swiglu_fwd_kernel  one program per (block of rows, block of f columns):
                       loads gate and up once, writes y.
   _swiglu_bwd_kernel  the same tiling: loads gate, up and dy once, writes
-                      d gate and d up (nothing but h is saved).
+                      d gate and d up (nothing but h is saved); with a row
+                      scale also each program's share of d(scale) (the row
+                      sums of dy times the unscaled product, added up in
+                      torch where a row spans several column blocks).
 
 Rounding follows the reference's ops in h's dtype: silu(gate) is rounded
 before the product; d up = dy * silu(gate) and dy * up are rounded before
 SiLU's backward, whose result is rounded once. The arithmetic is float32
 (torch's own opmath), so under bf16 the kernels and the reference agree to
 the last bit except where a float32 sigmoid differs by an ulp before a
-rounding.
+rounding. A row scale (reference.swiglu) multiplies the rounded product in
+float32 and is rounded once; d(y) * scale is rounded to h's dtype before
+the product's backward, as autograd rounds it through the reference's cast.
 
 torch.compile: forward and backward are torch.library.custom_ops (one opaque
 node each) with register_fake and register_autograd, as the other kernels
 here are.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -33,6 +40,7 @@ from .._triton_util import FLEXIBLE_LAYOUT as _FLEXIBLE
 from .._triton_util import device_ctx as _device_ctx
 from .._triton_util import p2 as _p2
 from .reference import check as _check
+from .reference import check_scale as _check_scale
 
 # Elements of one program's (rows x columns) tile, and the widest column block.
 TILE = 4096
@@ -46,7 +54,8 @@ def _tile(base, r, c, R, F, s_r):
 
 
 @triton.jit
-def _swiglu_fwd_kernel(h_ptr, y_ptr, R, F, s_hr, s_yr, BR: tl.constexpr, BF: tl.constexpr):
+def _swiglu_fwd_kernel(h_ptr, scale_ptr, y_ptr, R, F, s_hr, s_yr,
+                       HAS_SCALE: tl.constexpr, BR: tl.constexpr, BF: tl.constexpr):
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     c = tl.program_id(1) * BF + tl.arange(0, BF)
     hp, m = _tile(h_ptr, r, c, R, F, s_hr)
@@ -54,12 +63,17 @@ def _swiglu_fwd_kernel(h_ptr, y_ptr, R, F, s_hr, s_yr, BR: tl.constexpr, BF: tl.
     u = tl.load(hp + F, mask=m, other=0.0)
     gf = g.to(tl.float32)
     s = (gf * tl.sigmoid(gf)).to(g.dtype)            # F.silu's result in h's dtype
+    y = s.to(tl.float32) * u.to(tl.float32)
+    if HAS_SCALE:
+        sc = tl.load(scale_ptr + r, mask=r < R, other=0.0).to(tl.float32)
+        y = y.to(g.dtype).to(tl.float32) * sc[:, None]   # the product rounded, then scaled
     yp, _ = _tile(y_ptr, r, c, R, F, s_yr)
-    tl.store(yp, (s.to(tl.float32) * u.to(tl.float32)).to(y_ptr.dtype.element_ty), mask=m)
+    tl.store(yp, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _swiglu_bwd_kernel(h_ptr, dy_ptr, dh_ptr, R, F, s_hr, s_dr, s_or, BR: tl.constexpr, BF: tl.constexpr):
+def _swiglu_bwd_kernel(h_ptr, scale_ptr, dy_ptr, dh_ptr, dscale_ptr, R, F, s_hr, s_dr, s_or,
+                       HAS_SCALE: tl.constexpr, BR: tl.constexpr, BF: tl.constexpr):
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     c = tl.program_id(1) * BF + tl.arange(0, BF)
     hp, m = _tile(h_ptr, r, c, R, F, s_hr)
@@ -70,6 +84,12 @@ def _swiglu_bwd_kernel(h_ptr, dy_ptr, dh_ptr, R, F, s_hr, s_dr, s_or, BR: tl.con
     gf = g.to(tl.float32)
     sg = tl.sigmoid(gf)
     s = (gf * sg).to(g.dtype).to(tl.float32)
+    if HAS_SCALE:
+        p = (s * u.to(tl.float32)).to(g.dtype).to(tl.float32)     # the unscaled product, rounded
+        part = tl.sum(tl.where(m, dy * p, 0.0), axis=1)
+        tl.store(dscale_ptr + r.to(tl.int64) * tl.num_programs(1) + tl.program_id(1), part, mask=r < R)
+        sc = tl.load(scale_ptr + r, mask=r < R, other=0.0).to(tl.float32)
+        dy = (dy * sc[:, None]).to(g.dtype).to(tl.float32)       # d(product), in h's dtype
     du = dy * s                                     # d up, as the product's backward rounds it
     ds = (dy * u.to(tl.float32)).to(g.dtype).to(tl.float32)
     dg = ds * sg * (1.0 + gf * (1.0 - sg))          # SiLU's backward, as torch computes it
@@ -90,66 +110,84 @@ def _launch(R: int, F: int) -> tuple[dict, tuple]:
     return {"BR": br, "BF": bf, "num_warps": 4}, (triton.cdiv(R, br), triton.cdiv(F, bf))
 
 
-def _forward(h: torch.Tensor) -> torch.Tensor:
+def _forward(h: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     F = h.shape[-1] // 2
     h2 = _rows(h)
     R = h2.shape[0]
     y = torch.empty(*h.shape[:-1], F, device=h.device, dtype=h.dtype)
     if R and F:
         cfg, grid = _launch(R, F)
-        _swiglu_fwd_kernel[grid](h2, y, R, F, h2.stride(0), F, **cfg)
+        sc = scale.reshape(-1).contiguous() if scale is not None else h2
+        _swiglu_fwd_kernel[grid](h2, sc, y, R, F, h2.stride(0), F, HAS_SCALE=scale is not None, **cfg)
     return y
 
 
-def _backward(dy: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+def _backward(dy: torch.Tensor, h: torch.Tensor, scale: torch.Tensor | None):
+    """(dh, d(scale) in scale's shape and dtype, or None without a scale)."""
     F = h.shape[-1] // 2
     h2, dy2 = _rows(h), _rows(dy)
     R = h2.shape[0]
     dh = torch.empty(h.shape, device=h.device, dtype=h.dtype)
+    dscale = None
     if R and F:
         cfg, grid = _launch(R, F)
-        _swiglu_bwd_kernel[grid](h2, dy2, dh, R, F, h2.stride(0), dy2.stride(0), 2 * F, **cfg)
-    return dh
+        sc = scale.reshape(-1).contiguous() if scale is not None else h2
+        part = torch.empty(R, grid[1], device=h.device, dtype=torch.float32) if scale is not None else h2
+        _swiglu_bwd_kernel[grid](h2, sc, dy2, dh, part, R, F, h2.stride(0), dy2.stride(0), 2 * F,
+                                 HAS_SCALE=scale is not None, **cfg)
+        if scale is not None:
+            dscale = part.sum(1)
+    if scale is not None:
+        dscale = (dscale if dscale is not None else torch.zeros(R, device=h.device)).view(scale.shape)
+        dscale = dscale.to(scale.dtype)
+    return dh, dscale
 
 
 @torch.library.custom_op("megacpp::swiglu_fwd", mutates_args=(), tags=_FLEXIBLE)
-def _swiglu_fwd_op(h: torch.Tensor) -> torch.Tensor:
+def _swiglu_fwd_op(h: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
     with _device_ctx(h):
-        return _forward(h)
+        return _forward(h, scale)
 
 
 @_swiglu_fwd_op.register_fake
-def _(h):
+def _(h, scale):
     return h.new_empty(*h.shape[:-1], h.shape[-1] // 2)
 
 
 @torch.library.custom_op("megacpp::swiglu_bwd", mutates_args=(), tags=_FLEXIBLE)
-def _swiglu_bwd_op(dy: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+def _swiglu_bwd_op(dy: torch.Tensor, h: torch.Tensor, scale: Optional[torch.Tensor]) -> list[torch.Tensor]:
+    """[dh, d(scale)] (without a scale an empty placeholder: custom-op outputs may not be None)."""
     with _device_ctx(h):
-        return _backward(dy, h)
+        dh, dscale = _backward(dy, h, scale)
+    return [dh, dscale if dscale is not None else h.new_empty(0)]
 
 
 @_swiglu_bwd_op.register_fake
-def _(dy, h):
-    return torch.empty_like(h, memory_format=torch.contiguous_format)
+def _(dy, h, scale):
+    return [torch.empty_like(h, memory_format=torch.contiguous_format),
+            torch.empty_like(scale, memory_format=torch.contiguous_format) if scale is not None else h.new_empty(0)]
 
 
 def _setup_context(ctx, inputs, output):
-    (h,) = inputs
-    ctx.save_for_backward(h)
+    h, scale = inputs
+    ctx.save_for_backward(h, scale)
+    ctx.has_scale = scale is not None
 
 
 def _backward_fn(ctx, dy):
-    (h,) = ctx.saved_tensors
-    return _swiglu_bwd_op(dy, h)
+    h, scale = ctx.saved_tensors
+    dh, dscale = _swiglu_bwd_op(dy, h, scale if ctx.has_scale else None)
+    return dh, (dscale if ctx.has_scale else None)
 
 
 _swiglu_fwd_op.register_autograd(_backward_fn, setup_context=_setup_context)
 
 
-def swiglu_triton(h: torch.Tensor) -> torch.Tensor:
-    """SwiGLU in Triton; same argument and result as `reference.swiglu`."""
+def swiglu_triton(h: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """SwiGLU in Triton; same arguments and result as `reference.swiglu`."""
     _check(h)
-    if h.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"swiglu_triton: h is {h.dtype}; float64 goes to the reference")
-    return _swiglu_fwd_op(h)
+    _check_scale(h, scale)
+    for name, t in (("h", h), ("scale", scale)):
+        if t is not None and t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"swiglu_triton: {name} is {t.dtype}; float64 goes to the reference")
+    return _swiglu_fwd_op(h, scale)
