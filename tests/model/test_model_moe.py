@@ -57,6 +57,28 @@ def _matches_reference(moe, x0, y_atol=2e-5, y_rtol=1e-5):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", list(CONFIGS))
+def test_gates_in_the_activation_equal_reference(name, impl, seed):
+    """policy.kernels.moe_gate = "activation": each expert row's activation is
+    scaled by its gate before the second GEMM instead of the output after it.
+    The same function: output and every gradient (the router's through the
+    gates) against the per-expert loop, in every routing mode, both paths."""
+    from megacpp.train.activation import apply_moe_gate
+    x0 = torch.randn(3, 21, 32)
+    if impl == "grouped_mm" and not grouped_mm_available(x0.device, x0.dtype, 32, 32, 16):
+        pytest.skip("torch._grouped_mm not available here")
+    moe = make_moe(CONFIGS[name], activation="gelu" if name.startswith("gelu") else "swiglu")
+    moe.impl = impl
+    wrapper = torch.nn.Sequential(moe)
+    assert apply_moe_gate(wrapper, "activation") == 1 and moe.gate_in_activation
+    grads = _matches_reference(moe, x0)
+    assert grads[1 + [n for n, _ in moe.named_parameters()].index("router.weight")].abs().sum() > 0
+    assert apply_moe_gate(wrapper, "combine") == 0 and not moe.gate_in_activation
+    with pytest.raises(ValueError, match="'combine' or 'activation'"):
+        apply_moe_gate(wrapper, "before")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", list(CONFIGS))
 def test_grouped_equals_reference(name, impl, seed):
     x0 = torch.randn(3, 21, 32)
     if impl == "grouped_mm" and not grouped_mm_available(x0.device, x0.dtype, 32, 32, 16):

@@ -124,3 +124,26 @@ def test_mamba_in_proj_policy_is_validated_flagged_and_a_preset_choice():
     # its measured A/B (BENCHMARKS.md, twentieth session); other presets keep one GEMM
     assert megacpp.load_recipe("nam-125m").policy.kernels.mamba_in_proj == "split"
     assert megacpp.load_recipe("nam-1b").policy.kernels.mamba_in_proj == "one"
+
+
+def test_moe_gate_policy_is_validated_flagged_and_recorded(tmp_path):
+    """policy.kernels.moe_gate: a bad value is one error naming the field; the
+    Megatron translation flags "activation"; a run records how many E layers
+    took the gates in the activation (every preset keeps "combine" until a
+    GPU A/B says otherwise)."""
+    import megacpp
+    from megacpp.errors import RecipeError
+    from megacpp.recipe.megatron import translate
+    from megacpp.train.activation import apply_moe_gate, moe_gate_layers
+
+    with pytest.raises(RecipeError, match="policy.kernels.moe_gate"):
+        megacpp.load_recipe("nam-tiny", ["policy.kernels.moe_gate=before"])
+    act = megacpp.load_recipe("nam-tiny", ["policy.kernels.moe_gate=activation"])
+    assert any("kernels.moe_gate" in i for i in translate(act).issues)
+    assert not any("kernels.moe_gate" in i for i in translate(megacpp.load_recipe("nam-tiny")).issues)
+    for name in ("nam-tiny", "nam-125m", "nam-1b", "nam56r"):
+        assert megacpp.load_recipe(name).policy.kernels.moe_gate == "combine"
+    model = megacpp.build_model(act.model)
+    e_layers = act.layers.letters.count("E")
+    assert e_layers > 0
+    assert apply_moe_gate(model, act.policy.kernels.moe_gate) == e_layers == moe_gate_layers(model)

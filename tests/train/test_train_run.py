@@ -59,6 +59,7 @@ def test_end_to_end_manifest(tmp_path, tiny_snapshot):
     assert b["moe_wgrad_splits"] == 1  # policy.kernels.moe_wgrad_splits as the E layers took it
     assert b["grad_sum"] == "autograd"  # the foreach sum needs CUDA graphs' kept .grads
     assert b["mamba_in_proj_split_layers"] == 0  # nam-tiny: Mamba-3 (no split), policy "one"
+    assert b["moe_gate_activation_layers"] == 0  # policy.kernels.moe_gate "combine" (the default)
     assert b["precision"]["residual"] == "float32"  # policy.precision.residual = "fp32"
     # (f) outcome
     o = m["outcome"]

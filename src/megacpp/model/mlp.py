@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.swiglu import swiglu_fast
+from ..ops.swiglu.reference import check_scale, scale_rows
 from ..recipe.spec import ModelSpec
 from . import init as winit
 
@@ -21,19 +22,22 @@ def is_gated(activation: str) -> bool:
     return activation in GATED
 
 
-def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+def activate(h: torch.Tensor, activation: str, scale: torch.Tensor | None = None) -> torch.Tensor:
     """h (..., up * ffn) -> (..., ffn). SwiGLU through ops.swiglu: its reference
     (the expression the other gated activations use) or its Triton kernels
-    where ops.swiglu.swiglu_backend picks them."""
+    where ops.swiglu.swiglu_backend picks them. scale (h.shape[:-1]), if
+    given, multiplies each row of the result (the MoE's gates under
+    policy.kernels.moe_gate = "activation"), in float32, rounded once."""
     if activation == "swiglu":
-        return swiglu_fast(h)
+        return swiglu_fast(h, scale)
+    check_scale(h, scale)
     if activation == "geglu":
         gate, up = h.chunk(2, dim=-1)
-        return F.gelu(gate) * up
+        return scale_rows(F.gelu(gate) * up, scale)
     if activation == "gelu":
-        return F.gelu(h)
+        return scale_rows(F.gelu(h), scale)
     if activation == "relu2":
-        return F.relu(h).square()
+        return scale_rows(F.relu(h).square(), scale)
     raise ValueError(f"unknown activation {activation!r} (swiglu | geglu | gelu | relu2)")
 
 

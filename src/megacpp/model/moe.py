@@ -269,8 +269,11 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, splits: int
 
 def grouped_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
                 activation: str, impl: str = "auto", low_precision: str = "none",
-                wgrad_splits: int = 1) -> torch.Tensor:
+                wgrad_splits: int = 1, row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Every expert's FFN on its own rows. x (A, d) sorted by expert; counts (E,).
+    row_scale (A,), if given, multiplies each row's activation before the
+    second GEMM (the gates, policy.kernels.moe_gate = "activation"): the
+    FFN's output is linear in it, so the result is the output scaled per row.
 
     impl: "grouped_mm" | "bmm" (padded batched matmul) | "auto" (grouped_mm when available).
     low_precision: "none" | "fp8_rowwise:Q" (both GEMMs through ops.fp8_grouped:
@@ -292,14 +295,14 @@ def grouped_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out
         wg = kind == "fp8_rowwise_wgrad"
         offs = torch.cumsum(counts, 0).to(torch.int32)
         h = _ContiguousGrad.apply(FP8GroupedMM.apply(x, w_in, offs, mode, wg))
-        return _ContiguousGrad.apply(FP8GroupedMM.apply(activate(h, activation), w_out, offs, mode, wg))
+        return _ContiguousGrad.apply(FP8GroupedMM.apply(activate(h, activation, row_scale), w_out, offs, mode, wg))
     if impl == "auto":
         ok = grouped_mm_available(x.device, x.dtype, d, w_in.shape[-1], w_out.shape[1], w_out.shape[-1])
         impl = "grouped_mm" if ok else "bmm"
     if impl == "grouped_mm":
         offs = torch.cumsum(counts, 0).to(torch.int32)
         h = _ContiguousGrad.apply(grouped_mm(x, w_in, offs, wgrad_splits))
-        return _ContiguousGrad.apply(grouped_mm(activate(h, activation), w_out, offs, wgrad_splits))
+        return _ContiguousGrad.apply(grouped_mm(activate(h, activation, row_scale), w_out, offs, wgrad_splits))
     if impl != "bmm":
         raise ValueError(f"unknown grouped impl {impl!r} (auto | grouped_mm | bmm)")
     # Padded: scatter each expert's rows into an (E, max_count, d) block.
@@ -309,7 +312,10 @@ def grouped_ffn(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out
     cap = int(counts.max()) if A else 0
     buf = x.new_zeros(E, cap, d)
     buf = buf.index_put((expert, pos), x)
-    out = torch.bmm(activate(torch.bmm(buf, w_in), activation), w_out)
+    sbuf = None
+    if row_scale is not None:   # the scales in the same padded layout (padding rows: 0)
+        sbuf = row_scale.new_zeros(E, cap).index_put((expert, pos), row_scale)
+    out = torch.bmm(activate(torch.bmm(buf, w_in), activation, sbuf), w_out)
     return out[expert, pos]
 
 
@@ -390,13 +396,14 @@ class Experts(nn.Module):
         winit.normal_(self.w_out, out_std)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, activation: str, impl: str = "auto",
-                dtype: torch.dtype | None = None) -> torch.Tensor:
-        """x (A, d) sorted by expert, counts (E,) -> (A, d). Going through forward
-        (not reading w_in/w_out from outside) lets a wrapper that hooks this
-        module, such as an FSDP2 group of its own, gather the weights first."""
+                dtype: torch.dtype | None = None, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """x (A, d) sorted by expert, counts (E,) -> (A, d); row_scale (A,): see
+        grouped_ffn. Going through forward (not reading w_in/w_out from outside)
+        lets a wrapper that hooks this module, such as an FSDP2 group of its
+        own, gather the weights first."""
         dtype = dtype or x.dtype
         return grouped_ffn(x.to(dtype), counts, self.w_in.to(dtype), self.w_out.to(dtype), activation, impl,
-                           self.low_precision, self.wgrad_splits)
+                           self.low_precision, self.wgrad_splits, row_scale)
 
 
 class MoE(nn.Module):
@@ -410,6 +417,12 @@ class MoE(nn.Module):
         self.activation = spec.activation
         # Which grouped path to take ("auto" | "grouped_mm" | "bmm"); tests pin it.
         self.impl = "auto"
+        # policy.kernels.moe_gate (run policy, not identity; train.activation.apply_moe_gate):
+        # False weights each expert output by its gate where a token's slots are summed
+        # ("combine"); True scales each row's activation by it before the experts'
+        # second GEMM ("activation"): the same function (the GEMM is linear), but the
+        # backward keeps no expert outputs and needs no separate gate-gradient pass.
+        self.gate_in_activation = False
         self.router = nn.Linear(d, self.rows, bias=False)
         self.experts = Experts(e.num_experts, d, e.expert_ffn, spec.activation)
         self.shared = MLP(d, e.shared_ffn, spec.activation) if e.shared_ffn else None
@@ -522,25 +535,33 @@ class MoE(nn.Module):
             dtype = torch.get_autocast_dtype(x.device.type)
         T, k = xt.shape[0], self.top_k
         slot_order = self.routing != "expert_choice" and r.token.numel() == T * k and self._dropless()
+        in_act = self.gate_in_activation
         if slot_order:
             # The rows in expert order are a permutation of the T*k slots, so
             # their backward needs no accumulating scatter (see gather_slots).
             # Cast first: the gather then moves the experts' dtype (bf16 under
             # autocast), not float32 rows for a separate cast to read.
             rows = gather_slots(xt.to(dtype), order, k, inverse)
-            out = self.experts(rows, counts, self.activation, self.impl, dtype)
+            # gate_in_activation: the gates in expert order (a permutation: its
+            # backward is the gather by `inverse`) scale the activation
+            row_gate = permute_rows(r.gate, order, inverse) if in_act else None
+            out = self.experts(rows, counts, self.activation, self.impl, dtype, row_gate)
             # Every token holds exactly k slots (flat slot j = token j // k):
             # slot s reads expert row inverse[s] (a gather, whose backward is the
-            # gather by `order`), then a token's k rows are weighted and summed in
-            # float32; compiled, the gather is a load of that sum's kernel. The
-            # gates are already in slot order.
-            slots = permute_rows(out, inverse, order).view(T, k, -1)
-            y = (fp(slots) * r.gate.view(T, k, 1).to(fp(slots).dtype)).sum(dim=1).to(x.dtype)
+            # gather by `order`), then a token's k rows are weighted (unless the
+            # activation was) and summed in float32; compiled, the gather is a
+            # load of that sum's kernel. The gates are already in slot order.
+            slots = fp(permute_rows(out, inverse, order).view(T, k, -1))
+            if not in_act:
+                slots = slots * r.gate.view(T, k, 1).to(slots.dtype)
+            y = slots.sum(dim=1).to(x.dtype)
         else:
             # the gates in expert order; order is a permutation, so no accumulating backward
             token, gate = r.token[order], permute_rows(r.gate, order, inverse)
-            out = self.experts(torch.index_select(xt, 0, token), counts, self.activation, self.impl, dtype)
-            out = fp(out) * gate[:, None].to(fp(out).dtype)
+            out = self.experts(torch.index_select(xt, 0, token), counts, self.activation, self.impl, dtype,
+                               gate if in_act else None)
+            if not in_act:
+                out = fp(out) * gate[:, None].to(fp(out).dtype)
             y = torch.zeros_like(xt).index_add(0, token, out.to(x.dtype))
         if self.shared is not None:
             y = y + self.shared(xt)[0]

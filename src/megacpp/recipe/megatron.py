@@ -242,6 +242,8 @@ def translate(recipe: Recipe) -> Translation:
                    "has no Megatron flag")
     if p.kernels.moe_wgrad_splits != 1:
         issues.add("kernels.moe_wgrad_splits (megacpp's experts' weight gradient in parts) has no Megatron flag")
+    if p.kernels.moe_gate != "combine":
+        issues.add("kernels.moe_gate (megacpp's MoE gates applied to the experts' activation) has no Megatron flag")
     if p.kernels.mamba_in_proj != "one":
         issues.add("kernels.mamba_in_proj (megacpp's Mamba in_proj as three GEMMs) has no Megatron flag")
 

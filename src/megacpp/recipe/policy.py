@@ -110,6 +110,13 @@ class KernelSpec:
     # function; a plain nn.Linear in_proj only (an FP8/NVFP4-converted one
     # keeps its own forward).
     mamba_in_proj: str = "one"
+    # Where the MoE's gates weight the experts (model.moe.MoE.gate_in_activation):
+    # "combine" multiplies each expert output by its gate as a token's slots are
+    # summed; "activation" scales each row's activation by it before the
+    # experts' second GEMM. The same function (the GEMM is linear in it), with
+    # one rounding moved; "activation" keeps no expert outputs for the backward
+    # and its gate gradient comes out of the activation's backward.
+    moe_gate: str = "combine"
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ IMPLEMENTED = {
     "kernels.ssd_states": {"recompute", "keep"},
     "kernels.delta_states": {"recompute", "keep"},
     "kernels.mamba_in_proj": {"one", "split"},
+    "kernels.moe_gate": {"combine", "activation"},
     "parallel.sharding": {"none", "ddp", "fsdp2"},
     "parallel.gather": {"storage", "compute", "compute_subgroups"},
     "parallel.reduce": {"float32", "compute"},
@@ -249,6 +250,7 @@ def validate_policy(p: RunPolicy) -> None:
     _choice(p.kernels.ssd_states, IMPLEMENTED["kernels.ssd_states"], f + "kernels.ssd_states")
     _choice(p.kernels.delta_states, IMPLEMENTED["kernels.delta_states"], f + "kernels.delta_states")
     _choice(p.kernels.mamba_in_proj, IMPLEMENTED["kernels.mamba_in_proj"], f + "kernels.mamba_in_proj")
+    _choice(p.kernels.moe_gate, IMPLEMENTED["kernels.moe_gate"], f + "kernels.moe_gate")
     w = p.kernels.moe_wgrad_splits
     if isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= 16:
         _err(f + "kernels.moe_wgrad_splits", f"expected an integer from 1 to 16, got {w!r}")

@@ -81,6 +81,28 @@ def apply_moe_wgrad_splits(model: torch.nn.Module, splits: int) -> int:
     return len(experts)
 
 
+def apply_moe_gate(model: torch.nn.Module, mode: str) -> int:
+    """policy.kernels.moe_gate onto every MoE layer: "activation" scales each
+    expert row's activation by its gate, "combine" weights the expert outputs
+    where a token's slots are summed. Returns how many MoE layers take the
+    gate in the activation (0 under "combine" or without E layers)."""
+    from ..model.moe import MoE
+    if mode not in ("combine", "activation"):
+        raise ValueError(f"policy.kernels.moe_gate = {mode!r}: 'combine' or 'activation'")
+    n = 0
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.gate_in_activation = mode == "activation"
+            n += m.gate_in_activation
+    return n
+
+
+def moe_gate_layers(model: torch.nn.Module) -> int:
+    """How many MoE layers scale the experts' activation by the gates (the record)."""
+    from ..model.moe import MoE
+    return sum(bool(m.gate_in_activation) for m in model.modules() if isinstance(m, MoE))
+
+
 def apply_mamba_in_proj(model: torch.nn.Module, mode: str) -> int:
     """policy.kernels.mamba_in_proj onto every Mamba-2 mixer: "split" runs its
     in_proj as three GEMMs over row slices of the weight, "one" as one GEMM

@@ -26,7 +26,8 @@ from ..recipe.count import summarize
 from ..recipe.pattern import FAMILY
 from .grads import GradAccumulator
 from .activation import (apply_activation_checkpointing, apply_delta_states, apply_mamba_in_proj,
-                         apply_moe_wgrad_splits, apply_ssd_states, mamba_in_proj_split)
+                         apply_moe_gate, apply_moe_wgrad_splits, apply_ssd_states, mamba_in_proj_split,
+                         moe_gate_layers)
 from .compile import GRAPH_MODES, apply_compile, compile_stats, graph_step_begin, keep_grads_outside_graphs
 from .device import device_facts, peak_flops, pick_device
 from .gpu_clocks import ClockSampler, clocks_text
@@ -71,6 +72,7 @@ class BenchResult:
     fused_projections: bool = False  # model.projections.fusion_enabled(): off unless asked
     moe_wgrad_splits: int = 1        # policy.kernels.moe_wgrad_splits as the E layers took it
     mamba_in_proj_split: int = 0     # Mamba-2 layers whose in_proj ran as three GEMMs (policy.kernels.mamba_in_proj)
+    moe_gate_layers: int = 0         # E layers with the gates in the experts' activation (policy.kernels.moe_gate)
     grad_sum: str = ""               # micro-batch gradients summed by "foreach" (train.grads) or "autograd"
     linear_ce_dw_path: str | None = None  # the Triton head's d_weight accumulation, once it ran
     clocks: dict = field(default_factory=dict)  # gpu_clocks.ClockSampler over the timed steps
@@ -224,6 +226,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
     apply_delta_states(model, pol.kernels.delta_states)
     apply_moe_wgrad_splits(model, pol.kernels.moe_wgrad_splits)
     apply_mamba_in_proj(model, pol.kernels.mamba_in_proj)  # before compile: read at trace time
+    apply_moe_gate(model, pol.kernels.moe_gate)             # likewise
     comp = apply_compile(model, pol.compile, dev, pol.parallel.sharding)
     grads_in_place = keep_grads_outside_graphs(model, comp)
     # as the trainer sums micro-batches on one device; a bad MEGACPP_GRAD_SUM is one clear error
@@ -326,7 +329,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
         gated_norm_backend=_gated_norm_text(gated_norm_record(model, dev, precision.dtype)),
         swiglu_backend=swiglu_record(model, dev, precision.dtype)["backend"] or "",
         fused_projections=fusion_enabled(), moe_wgrad_splits=moe_wgrad_splits(model) or 1,
-        mamba_in_proj_split=mamba_in_proj_split(model),
+        mamba_in_proj_split=mamba_in_proj_split(model), moe_gate_layers=moe_gate_layers(model),
         grad_sum="foreach" if grad_acc.enabled else "autograd",
         linear_ce_dw_path=linear_ce_dw_path(model),
         clocks=clocks.result,
@@ -382,6 +385,7 @@ def bench_text(r: BenchResult) -> str:
              + f"; fused projections: {'on' if r.fused_projections else 'off'}"
              + (f"; MoE wgrad splits: {r.moe_wgrad_splits}" if r.moe_wgrad_splits != 1 else "")
              + (f"; Mamba in_proj: split ({r.mamba_in_proj_split} layers)" if r.mamba_in_proj_split else "")
+             + (f"; MoE gates in the activation ({r.moe_gate_layers} layers)" if r.moe_gate_layers else "")
              + (f"; grad sum: {r.grad_sum}" if r.grad_sum else "")
              + f"; packed attention: {r.attention_backend or '?'}; data: {r.data}"]
     if r.clocks:

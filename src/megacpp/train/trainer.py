@@ -36,7 +36,8 @@ from ..recipe.validate import stp_layers
 from ..run.manifest import MANIFEST, git_commit, new_manifest, write_json_atomic
 from .grads import GradAccumulator
 from .activation import (apply_activation_checkpointing, apply_delta_states, apply_mamba_in_proj,
-                         apply_moe_wgrad_splits, apply_ssd_states, mamba_in_proj_split)
+                         apply_moe_gate, apply_moe_wgrad_splits, apply_ssd_states, mamba_in_proj_split,
+                         moe_gate_layers)
 from .checkpoint import DCP, latest_good, load_sharded, load_weights, read_state, save_checkpoint, save_sharded
 from .compile import apply_compile, compile_stats, graph_step_begin, keep_grads_outside_graphs
 from .device import device_facts, memory_available, peak_flops, peak_memory, pick_device
@@ -270,6 +271,7 @@ class Trainer:
         apply_delta_states(self.model, pol.kernels.delta_states)
         apply_moe_wgrad_splits(self.model, pol.kernels.moe_wgrad_splits)
         apply_mamba_in_proj(self.model, pol.kernels.mamba_in_proj)
+        apply_moe_gate(self.model, pol.kernels.moe_gate)
         self.train_model = self.dist.wrap(self.model, self.recipe)
         self.compile_info = apply_compile(self.model, pol.compile, self.device, pol.parallel.sharding)
         self.grads_in_place = keep_grads_outside_graphs(self.model, self.compile_info)
@@ -385,6 +387,8 @@ class Trainer:
             "moe_wgrad_splits": moe_wgrad_splits(self.model),
             # Mamba-2 layers whose in_proj ran as three GEMMs (policy.kernels.mamba_in_proj = "split")
             "mamba_in_proj_split_layers": mamba_in_proj_split(self.model),
+            # E layers whose experts' activation took the gates (policy.kernels.moe_gate)
+            "moe_gate_activation_layers": moe_gate_layers(self.model),
             "linear_ce_dw_path": linear_ce_dw_path(self.model),
             # how micro-batches' gradients are summed into .grad: one foreach pass
             # a micro-batch (train.grads, CUDA graphs on one device) or autograd's
