@@ -93,16 +93,15 @@ def apply_compile(model: torch.nn.Module, spec, device: torch.device | None = No
         asked["requested_scope"] = spec.scope
     if mode == "none":
         return {"mode": "none", "targets": 0}
+    # inductor's switches are process-wide, as its config is: every later
+    # compile of this process takes them too (a run compiles one model)
+    import torch._inductor.config as icfg
     if spec.tune_kernels:
-        # process-wide, as inductor's config is: every later compile of this
-        # process tunes too (a run compiles one model)
-        import torch._inductor.config as icfg
         icfg.coordinate_descent_tuning = True
         asked["tune_kernels"] = True
     if spec.pdl:
         asked["pdl"] = _enable_pdl(device)
     if spec.combo_kernels:
-        import torch._inductor.config as icfg
         icfg.combo_kernels = True
         asked["combo_kernels"] = True
     kwargs = {"fullgraph": spec.fullgraph}

@@ -128,19 +128,18 @@ def _backward(dy: torch.Tensor, h: torch.Tensor, scale: torch.Tensor | None):
     h2, dy2 = _rows(h), _rows(dy)
     R = h2.shape[0]
     dh = torch.empty(h.shape, device=h.device, dtype=h.dtype)
-    dscale = None
+    part = None   # d(scale): one float32 partial sum a row and column block
     if R and F:
         cfg, grid = _launch(R, F)
         sc = scale.reshape(-1).contiguous() if scale is not None else h2
-        part = torch.empty(R, grid[1], device=h.device, dtype=torch.float32) if scale is not None else h2
-        _swiglu_bwd_kernel[grid](h2, sc, dy2, dh, part, R, F, h2.stride(0), dy2.stride(0), 2 * F,
-                                 HAS_SCALE=scale is not None, **cfg)
         if scale is not None:
-            dscale = part.sum(1)
-    if scale is not None:
-        dscale = (dscale if dscale is not None else torch.zeros(R, device=h.device)).view(scale.shape)
-        dscale = dscale.to(scale.dtype)
-    return dh, dscale
+            part = torch.empty(R, grid[1], device=h.device, dtype=torch.float32)
+        _swiglu_bwd_kernel[grid](h2, sc, dy2, dh, part if part is not None else h2, R, F, h2.stride(0),
+                                 dy2.stride(0), 2 * F, HAS_SCALE=scale is not None, **cfg)
+    if scale is None:
+        return dh, None
+    dscale = part.sum(1) if part is not None else torch.zeros(R, device=h.device)
+    return dh, dscale.view(scale.shape).to(scale.dtype)
 
 
 @torch.library.custom_op("megacpp::swiglu_fwd", mutates_args=(), tags=_FLEXIBLE)
