@@ -378,9 +378,11 @@ def test_cpu_interp_state_dtype(half, seed, gen, monkeypatch):
 
 @interp_only
 def test_cpu_interp_two_row_blocks_a_chunk_match_reference(seed, gen):
-    """The state scans walk each chunk in row blocks (the default block is
-    64 rows, so chunk 128 takes two; every other interpreter case has one):
-    the state is stored at a chunk's first block and carried at its last.
+    """The kernels walk each chunk in row blocks (the default block is 64
+    rows, so chunk 128 takes two; every other interpreter case has one): the
+    state scans store a chunk's state at its first block and carry it at its
+    last, _dx/_dbc/_scan_fwd add the off-diagonal blocks (a planted error
+    dropping _dx_kernel's is caught here only).
     Three chunks, unpacked and with a slow decay, so every block reaches the
     carry and the initial state's gradient: with document starts every ~10
     steps, or make_inputs' decays down to A = -16, a wrong carry of the
