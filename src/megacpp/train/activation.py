@@ -81,6 +81,16 @@ def apply_moe_wgrad_splits(model: torch.nn.Module, splits: int) -> int:
     return len(experts)
 
 
+def apply_kernel_policy(model: torch.nn.Module, kernels) -> None:
+    """Every policy.kernels choice (a KernelSpec) onto the model's layers, as
+    the trainer and the bench both do before compiling (read at trace time)."""
+    apply_ssd_states(model, kernels.ssd_states)
+    apply_delta_states(model, kernels.delta_states)
+    apply_moe_wgrad_splits(model, kernels.moe_wgrad_splits)
+    apply_mamba_in_proj(model, kernels.mamba_in_proj)
+    apply_moe_gate(model, kernels.moe_gate)
+
+
 def apply_moe_gate(model: torch.nn.Module, mode: str) -> int:
     """policy.kernels.moe_gate onto every MoE layer: "activation" scales each
     expert row's activation by its gate, "combine" weights the expert outputs

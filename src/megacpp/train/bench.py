@@ -25,9 +25,7 @@ from ..recipe import Recipe
 from ..recipe.count import summarize
 from ..recipe.pattern import FAMILY
 from .grads import GradAccumulator
-from .activation import (apply_activation_checkpointing, apply_delta_states, apply_mamba_in_proj,
-                         apply_moe_gate, apply_moe_wgrad_splits, apply_ssd_states, mamba_in_proj_split,
-                         moe_gate_layers)
+from .activation import apply_activation_checkpointing, apply_kernel_policy, mamba_in_proj_split, moe_gate_layers
 from .compile import GRAPH_MODES, apply_compile, compile_stats, graph_step_begin, keep_grads_outside_graphs
 from .device import device_facts, peak_flops, pick_device
 from .gpu_clocks import ClockSampler, clocks_text
@@ -222,11 +220,7 @@ def run_bench(recipe: Recipe, steps: int = 20, warmup: int = 5, device: str | No
     records = install_patches(model, pol.patches, dev, precision.dtype)
     precision.apply(model)  # parameter dtypes + low-precision GEMMs, as the trainer does
     ac = apply_activation_checkpointing(model, recipe.layers.letters, pol.activation_checkpointing)
-    apply_ssd_states(model, pol.kernels.ssd_states)  # before compile: read at trace time
-    apply_delta_states(model, pol.kernels.delta_states)
-    apply_moe_wgrad_splits(model, pol.kernels.moe_wgrad_splits)
-    apply_mamba_in_proj(model, pol.kernels.mamba_in_proj)  # before compile: read at trace time
-    apply_moe_gate(model, pol.kernels.moe_gate)             # likewise
+    apply_kernel_policy(model, pol.kernels)  # before compile: read at trace time
     comp = apply_compile(model, pol.compile, dev, pol.parallel.sharding)
     grads_in_place = keep_grads_outside_graphs(model, comp)
     # as the trainer sums micro-batches on one device; a bad MEGACPP_GRAD_SUM is one clear error

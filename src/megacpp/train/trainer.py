@@ -35,9 +35,7 @@ from ..recipe.count import summarize
 from ..recipe.validate import stp_layers
 from ..run.manifest import MANIFEST, git_commit, new_manifest, write_json_atomic
 from .grads import GradAccumulator
-from .activation import (apply_activation_checkpointing, apply_delta_states, apply_mamba_in_proj,
-                         apply_moe_gate, apply_moe_wgrad_splits, apply_ssd_states, mamba_in_proj_split,
-                         moe_gate_layers)
+from .activation import apply_activation_checkpointing, apply_kernel_policy, mamba_in_proj_split, moe_gate_layers
 from .checkpoint import DCP, latest_good, load_sharded, load_weights, read_state, save_checkpoint, save_sharded
 from .compile import apply_compile, compile_stats, graph_step_begin, keep_grads_outside_graphs
 from .device import device_facts, memory_available, peak_flops, peak_memory, pick_device
@@ -267,11 +265,7 @@ class Trainer:
         self.letters = self.recipe.layers.letters
         self.ac_applied = apply_activation_checkpointing(self.model, self.letters,
                                                          pol.activation_checkpointing)
-        apply_ssd_states(self.model, pol.kernels.ssd_states)  # before compile: read at trace time
-        apply_delta_states(self.model, pol.kernels.delta_states)
-        apply_moe_wgrad_splits(self.model, pol.kernels.moe_wgrad_splits)
-        apply_mamba_in_proj(self.model, pol.kernels.mamba_in_proj)
-        apply_moe_gate(self.model, pol.kernels.moe_gate)
+        apply_kernel_policy(self.model, pol.kernels)  # before compile: read at trace time
         self.train_model = self.dist.wrap(self.model, self.recipe)
         self.compile_info = apply_compile(self.model, pol.compile, self.device, pol.parallel.sharding)
         self.grads_in_place = keep_grads_outside_graphs(self.model, self.compile_info)
