@@ -110,6 +110,8 @@ CASES = [
      "one device only", None),
     ('base = "nam-tiny"\n[policy.patches]\nfancy = "required"\n', "policy.patches.fancy", "unknown patch", 3),
     ('base = "nam-tiny"\n[policy.aux.stp]\nlayers = "1,x"\n', "policy.aux.stp.layers", "layer indices", 3),
+    # "²" passes str.isdigit() but not int(): one error naming the field (a fuzzed case, 2026-11-29)
+    ('base = "nam-tiny"\n[policy.aux.stp]\nlayers = "²"\n', "policy.aux.stp.layers", "layer indices", 3),
     ('base = "nam-tiny"\n[policy.aux.stp]\nlayers = "40"\n', "policy.aux.stp.layers", "outside the model", 3),
     ('base = "nam-tiny"\n[policy.optimizer]\nname = "sgd"\n', "policy.optimizer.name", "must be one of", 3),
     ('base = "nam-tiny"\nfoo = 1\n', "foo", "unknown top-level key", 2),

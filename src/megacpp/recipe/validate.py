@@ -6,6 +6,8 @@ policy, and that nothing asks for a feature this version does not build.
 """
 from __future__ import annotations
 
+import re
+
 from ..errors import RecipeError
 from .pattern import _clean, parse_pattern
 from .policy import RunPolicy
@@ -309,7 +311,8 @@ def stp_layers(spec: str, depth: int | None) -> list[int] | str:
     out = []
     for part in spec.split(","):
         part = part.strip()
-        if not part.lstrip("-").isdigit():
+        # ASCII digits only: str.isdigit() also passes "²", which int() refuses
+        if not re.fullmatch(r"-?[0-9]+", part):
             _err(field, f"must be 'final' or comma-separated layer indices, got {spec!r}")
         i = int(part)
         if i < 0 or (depth is not None and i >= depth):
