@@ -31,6 +31,8 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=40)
     ap.add_argument("--first-seed", type=int, default=1)
     ap.add_argument("--cases", default="resets-g2-D,mamba3-g=h,ragged-g1-D-init")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="x, B, C and the initial state's dtype (dt, A, D stay float32)")
     ap.add_argument("--tuned", action="store_true", help="float32 at TUNED's launch")
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", default="cuda", help="cpu: under TRITON_INTERPRET=1, to try the script")
@@ -51,7 +53,7 @@ def main() -> int:
         for seed in range(a.first_seed, a.first_seed + a.seeds):
             gen = torch.Generator().manual_seed(seed)
             torch.manual_seed(seed)
-            ins = make_inputs(b, l, h, p, g, n, dtype=torch.float32, device=a.device, with_d=with_d,
+            ins = make_inputs(b, l, h, p, g, n, dtype=getattr(torch, a.dtype), device=a.device, with_d=with_d,
                               with_init=with_init, resets=resets, gen=gen)
             errs = compare(triton_ssd.ssd_triton, ins, chunk, seed)
             bad |= not all(math.isfinite(v) for e in errs.values() for v in e)
@@ -59,12 +61,12 @@ def main() -> int:
             rest.append(max(max(e) for k, e in errs.items() if k != "dA"))
         da.sort()
         norms = [d[0] for d in da]
-        row = dict(case=name, exp=_triton_util.EXP, tuned=a.tuned, seeds=a.seeds,
+        row = dict(case=name, dtype=a.dtype, exp=_triton_util.EXP, tuned=a.tuned, seeds=a.seeds,
                    dA_norm_median=norms[(len(norms) - 1) // 2], dA_norm_p90=norms[int(0.9 * (len(norms) - 1))],
                    dA_norm_worst=norms[-1], dA_max_worst=max(d[1] for d in da), worst_seed=da[-1][2],
                    rest_worst=max(rest))
         rows.append(row)
-        print(f"{name:18s} exp={row['exp']:9s} tuned={int(a.tuned)}  dA norm: median {row['dA_norm_median']:.2e}"
+        print(f"{name:18s} {a.dtype:8s} exp={row['exp']:9s} tuned={int(a.tuned)}  dA norm: median {row['dA_norm_median']:.2e}"
               f"  p90 {row['dA_norm_p90']:.2e}  worst {row['dA_norm_worst']:.2e} (seed {row['worst_seed']})"
               f"  max {row['dA_max_worst']:.2e}  | rest worst {row['rest_worst']:.2e}", flush=True)
     if a.json:
