@@ -23,6 +23,13 @@ CHILD = os.environ.get("MEGACPP_SWIGLU_INTERP_CHILD") == "1"
 # (norm, max) relative to the float64 reference: y and d h are rounded once
 # or twice to the type (2^-11 fp16, 2^-8 bf16), as the reference's own ops round.
 TOL = {torch.float32: (1e-6, 1e-5), torch.float16: (2e-3, 4e-3), torch.bfloat16: (1.5e-2, 3e-2)}
+# d(scale) sums a row's f products of dy and the product rounded to h's dtype
+# (as the reference rounds it), so its relative error is about that
+# rounding's, u / sqrt(3) with u = 2^-8 under bf16 (2.3e-3): an H200 gave
+# 2.1-2.5e-3 (norm) on four seeds (2026-11-29), beyond float16's 2e-3 that
+# bounded it before. 4x that for bf16; a wrong or missing term is O(1).
+DSCALE_TOL = {torch.float32: TOL[torch.float32], torch.float16: TOL[torch.float16],
+              torch.bfloat16: (1e-2, 2e-2)}
 
 
 def make(shape, dtype, device, gen):
@@ -144,7 +151,7 @@ def test_cuda_row_scale_matches_reference(shape, dtype, seed, gen):
     h, dy = make(shape, dtype, "cuda", gen)
     errs = compare_scaled(swiglu_triton, h, dy, gen)
     assert_within({k: v for k, v in errs.items() if k != "dscale"}, dtype)
-    assert_within({"dscale": errs["dscale"]}, torch.float32 if dtype == torch.float32 else torch.float16)
+    assert_errors_within({"dscale": errs["dscale"]}, dtype, DSCALE_TOL)
 
 
 @cuda_only
@@ -190,7 +197,7 @@ def test_cpu_interp_row_scale_matches_reference(case, seed, gen):
     errs = compare_scaled(swiglu_triton, h, dy, gen)
     assert_within({k: v for k, v in errs.items() if k != "dscale"}, dtype)
     # d(scale) sums a row's f products of dy and the rounded product in float32
-    assert_within({"dscale": errs["dscale"]}, torch.float32 if dtype == torch.float32 else torch.float16)
+    assert_errors_within({"dscale": errs["dscale"]}, dtype, DSCALE_TOL)
 
 
 @interp_only

@@ -129,8 +129,8 @@ def test_mamba_in_proj_policy_is_validated_flagged_and_a_preset_choice():
 def test_moe_gate_policy_is_validated_flagged_and_recorded(tmp_path):
     """policy.kernels.moe_gate: a bad value is one error naming the field; the
     Megatron translation flags "activation"; a run records how many E layers
-    took the gates in the activation (every preset keeps "combine" until a
-    GPU A/B says otherwise)."""
+    took the gates in the activation (nam-125m takes "activation" after its
+    GPU A/B, twenty-second session; the other presets keep "combine")."""
     import megacpp
     from megacpp.errors import RecipeError
     from megacpp.recipe.megatron import translate
@@ -141,8 +141,9 @@ def test_moe_gate_policy_is_validated_flagged_and_recorded(tmp_path):
     act = megacpp.load_recipe("nam-tiny", ["policy.kernels.moe_gate=activation"])
     assert any("kernels.moe_gate" in i for i in translate(act).issues)
     assert not any("kernels.moe_gate" in i for i in translate(megacpp.load_recipe("nam-tiny")).issues)
-    for name in ("nam-tiny", "nam-125m", "nam-1b", "nam56r"):
+    for name in ("nam-tiny", "nam-1b", "nam56r"):
         assert megacpp.load_recipe(name).policy.kernels.moe_gate == "combine"
+    assert megacpp.load_recipe("nam-125m").policy.kernels.moe_gate == "activation"
     model = megacpp.build_model(act.model)
     e_layers = act.layers.letters.count("E")
     assert e_layers > 0
