@@ -121,7 +121,7 @@ DA_TOL_FP32 = (1e-3, 1e-3)
 # percentile 1.8e-3, worst 7.2e-3 (max 8.9e-3); the Mamba-3 case (resets
 # too) worst 8.9e-4; the ragged case without resets worst 7.3e-6, while
 # every other output stayed within 1e-6. So DA_TOL_FP32 failed about one GPU
-# seed in five: the CUDA tests take this bound, ~5x the worst seen, still
+# seed in five: the CUDA tests take this bound, ~6x the worst seen, still
 # far below the O(1) error of a wrong or missing term. Not the cause:
 # Triton's approximate float32 exp (libdevice's expf gave the same errors).
 DA_TOL_FP32_CUDA = (5e-2, 5e-2)
@@ -136,13 +136,17 @@ DA_TOL_FP16 = (2e-2, 2e-2)
 # percentile ~4.5e-3, 99th 1.6e-2, and CI seed 419811619 at 0.141 (norm 0.129)
 # while every other gradient stayed within 1e-2. A wrong term or sign puts dA
 # off by order 1, which this bound still catches. Only the interpreter's
-# small bf16 case takes it (its_bf16_da=True); the H200's bf16 cases passed TOL.
+# small bf16 case takes it (its_bf16_da=True), and so do the CUDA tests' bf16
+# cases: on an H200 (2026-11-29, benchmarks/ssd_fp32_seeds.py --dtype
+# bfloat16, 30 seeds a case) dA's worst was 1.3e-2 (norm) / 1.7e-2 (max) in
+# the ragged case, two thirds of TOL's 2e-2 after 30 seeds, with the same
+# cancelling sum behind it.
 DA_TOL_BF16 = (0.25, 0.25)
 
 
 def assert_close(errs, dtype, its_bf16_da=False, cuda=False):
     """errs within TOL; dA within its own bound (cuda: errs came from the GPU's kernels)."""
-    da_tol = {torch.float16: DA_TOL_FP16, **({torch.bfloat16: DA_TOL_BF16} if its_bf16_da else {})}
+    da_tol = {torch.float16: DA_TOL_FP16, **({torch.bfloat16: DA_TOL_BF16} if its_bf16_da or cuda else {})}
     if dtype in da_tol and "dA" in errs:
         (norm, mx), (tn, tm) = errs["dA"], da_tol[dtype]
         assert norm <= tn and mx <= tm, f"{dtype} dA beyond ({tn}, {tm}): {errs['dA']}; all: {errs}"
