@@ -767,6 +767,12 @@ def _forward(x, dt, A, B, C, D, initial_state, chunk_size, starts=None, keep=Fal
     return y, final.to(x.dtype)
 
 
+# A dict to receive the backward's intermediate parts of d(a) (and what they
+# come from) on every call, or None: benchmarks/ssd_da_parts.py compares the
+# GPU's with the interpreter's on the same inputs.
+PARTS: dict | None = None
+
+
 def _backward(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size, starts=None, kept=None):
     """kept: the forward's (states, cb, dt, cum), or None to recompute them."""
     prep = _Prep(x, dt, A, B, chunk_size, starts, saved=kept[2:] if kept is not None else None)
@@ -845,6 +851,9 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size, starts=N
         **kw, **cfg,
     )
 
+    if PARTS is not None:   # a diagnostic asked for the glue's inputs (benchmarks/ssd_da_parts.py)
+        PARTS.update(da_intra=da_intra, s_last=s_last, dcum_state=dcum_state, dcl=dcl, ddt_dir=ddt_dir,
+                     dstates=dstates, dcb=dcb, dt=prep.dt, cum=prep.cum)
     # glue: d(a), then d(dt) and per-chunk parts of d(A) (float64, _dglue_kernel)
     ddt = torch.empty(b, l, h, device=dev, dtype=dt.dtype)
     dA_part = torch.empty(b, h, nc, device=dev, dtype=torch.float64)
