@@ -72,6 +72,24 @@ def exp32(x, IEEE: tl.constexpr):
         return tl.exp(x)
 
 
+_INTERP = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def mul_rn(a, b):
+    """a * b rounded, and never contracted into a later add or subtract.
+
+    Triton compiles with FP fusion on, so `t - a * b` may become one FMA that
+    subtracts the unrounded product: where t was summed from the rounded
+    product (an exclusive prefix as cumsum(g) - g), the difference is then the
+    product's rounding error instead of an exact 0. libdevice's mul_rn is a
+    `mul.rn`, which PTX never fuses. (The interpreter, numpy, never fuses.)"""
+    if _INTERP:
+        return a * b
+    else:
+        return libdevice.mul_rn(a, b)
+
+
 @triton.jit
 def mm(a, b, DOT: tl.constexpr, IEEE: tl.constexpr):
     """a @ b with operands cast to DOT, accumulated in float32."""

@@ -87,6 +87,7 @@ from .._triton_util import blk as _blk
 from .._triton_util import device_ctx as _device_ctx
 from .._triton_util import dot_dtype as _dot_dtype
 from .._triton_util import exp32 as _exp
+from .._triton_util import mul_rn as _mul_rn
 from .._triton_util import mm as _mm
 from .._triton_util import p2 as _p2
 from .reference import _check
@@ -454,7 +455,11 @@ def _dcb_kernel(
         # Summing only straddling pairs (instead of a reverse cumsum of
         # per-position d(cum), whose terms cancel) keeps d(a_k) exactly 0
         # across a reset (decay 0) and float32-accurate elsewhere.
-        gm = dcb_h * cb
+        # gm rounded once for both uses: with the product fused into the
+        # subtraction, pre was its rounding error (not 0) where every earlier
+        # term is 0, e.g. across a reset, and dA took that times the reset's
+        # dt (~1e3): 7e-3 off on an H200 where the interpreter was 4e-6
+        gm = _mul_rn(dcb_h, cb)
         pre = tl.cumsum(gm, axis=1) - gm
         part = tl.sum(tl.where(i[:, None] >= jq[None, :], pre, 0.0), axis=0)
         tl.store(da_ptr + (((b.to(tl.int64) * H + h) * NC + c) * nbi + ib) * Q + jq, part, mask=jq < Q)
