@@ -1,16 +1,17 @@
 """Sweep the Triton causal conv kernels' launch parameters on this GPU (issue 8).
 
 For each kernel of ops/causal_conv/triton_conv.py on one path (--path
-walk: fwd_walk, bwd_walk, the default; --path tiles: fwd, dpre, dx),
+walk: fwd_walk, bwd_walk, the default; --path tiles: fwd, dpre, dx;
+--path fused: bwd_fused, the one-pass backward, its forward the walk),
 coordinate descent over its launch options at one conv's shape
 (benchmarks/tune_util.py); every variant's outputs (y, dx, d(weight),
 d(bias)) are checked against the default launch's. Then the chosen set and
 the defaults are timed end to end (fwd + bwd, CUDA events) at every
 --shapes entry, and a table is printed last with the TUNED line to paste.
---paths first times the two paths' defaults against each other (and checks
+--paths first times the paths' defaults against each other (and checks
 they agree) at every shape.
 
-    python benchmarks/conv_tune.py [--path walk|tiles] [--kernels K ...] [--paths] [--tune-shape 8,2048,1792,4] [--shapes ...] [--json OUT]
+    python benchmarks/conv_tune.py [--path walk|tiles|fused] [--kernels K ...] [--paths] [--tune-shape 8,2048,1792,4] [--shapes ...] [--json OUT]
 
 Shapes are batch,seqlen,channels,K: mamba2-130m's / nam-125m's M conv
 (1792 channels, bias), nam-125m's R convs (768, no bias) by default;
@@ -41,9 +42,15 @@ OPTIONS["dpre"] = {"RT": [8, 16, 32], "BT": [32, 64, 128, 256], "BC": [32, 64, 1
 for _k in ("fwd_walk", "bwd_walk"):
     OPTIONS[_k] = {"BT": [8, 16, 32, 64], "BC": [32, 64, 128, 256, 512], "num_warps": [1, 2, 4],
                    "num_stages": [1, 2]}
+# the one-pass backward: K tiles of g live at once, so smaller tiles than the two passes'
+OPTIONS["bwd_fused"] = {"BT": [8, 16, 32, 64], "BC": [32, 64, 128], "num_warps": [1, 2, 4, 8],
+                        "num_stages": [1, 2]}
 KERNEL_NAME = {"fwd": "_conv_fwd_kernel", "dpre": "_conv_dpre_kernel", "dx": "_conv_dx_kernel",
-               "fwd_walk": "_conv_fwd_walk_kernel", "bwd_walk": "_conv_bwd_walk_kernel"}
-PATH_KERNELS = {"walk": ["fwd_walk", "bwd_walk"], "tiles": ["fwd", "dpre", "dx"]}
+               "fwd_walk": "_conv_fwd_walk_kernel", "bwd_walk": "_conv_bwd_walk_kernel",
+               "bwd_fused": "_conv_bwd_fused_kernel"}
+PATH_KERNELS = {"walk": ["fwd_walk", "bwd_walk"], "tiles": ["fwd", "dpre", "dx"], "fused": ["bwd_fused"]}
+# (forward, backward) path of each --path
+PATH_PAIR = {"walk": ("walk", "walk"), "tiles": ("tiles", "tiles"), "fused": ("walk", "fused")}
 
 
 def make_inputs(shape, seed=0):
@@ -76,15 +83,16 @@ def compare_paths(target: Target, shapes: list[str], tol: float) -> list[dict]:
     for s in shapes:
         inp = make_inputs(target.parse_shape(s), 2)  # checked like the sweep's shapes
         res = {}
-        for p in ("tiles", "walk"):
-            T.PATH.update(fwd=p, bwd=p)
+        for p in ("tiles", "fused", "walk"):
+            T.PATH.update(zip(("fwd", "bwd"), PATH_PAIR[p]))
             res[p] = (fwd_bwd(inp), total_ms(lambda: fwd_bwd(inp)))
         T.PATH.update(fwd="walk", bwd="walk")
-        err = max(rel(a, b) for a, b in zip(res["walk"][0], res["tiles"][0]))
-        rows.append({"shape": s, "tiles_ms": res["tiles"][1], "walk_ms": res["walk"][1], "max_rel_err": err})
-    print(f"\n{'shape':24} {'tiles ms':>9} {'walk ms':>8} {'speedup':>8} {'max rel err':>12}")
+        err = max(rel(a, b) for p in ("tiles", "fused") for a, b in zip(res["walk"][0], res[p][0]))
+        rows.append({"shape": s, "tiles_ms": res["tiles"][1], "fused_ms": res["fused"][1],
+                     "walk_ms": res["walk"][1], "max_rel_err": err})
+    print(f"\n{'shape':24} {'tiles ms':>9} {'fused ms':>9} {'walk ms':>8} {'max rel err':>12}")
     for r in rows:
-        print(f"{r['shape']:24} {r['tiles_ms']:9.3f} {r['walk_ms']:8.3f} {r['tiles_ms'] / r['walk_ms']:8.2f} "
+        print(f"{r['shape']:24} {r['tiles_ms']:9.3f} {r['fused_ms']:9.3f} {r['walk_ms']:8.3f} "
               f"{r['max_rel_err']:12.1e}{'  MISMATCH' if not r['max_rel_err'] <= tol else ''}", flush=True)
     return rows
 
@@ -96,7 +104,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tol", type=float, default=1e-3)
     ap.add_argument("--path", choices=sorted(PATH_KERNELS), default="walk", help="the kernels tuned")
     ap.add_argument("--kernels", nargs="+", help="only these of the path's kernels (default: all of them)")
-    ap.add_argument("--paths", action="store_true", help="first time the two paths' defaults at --shapes")
+    ap.add_argument("--paths", action="store_true", help="first time the paths' defaults at --shapes")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -105,7 +113,7 @@ def main(argv=None) -> int:
     target = Target("causal conv fwd+bwd (bf16, packed, SiLU)", "batch,seqlen,channels,K",
                     T, OPTIONS, KERNEL_NAME, make_inputs, fwd_bwd)
     paths = compare_paths(target, args.shapes, args.tol) if args.paths else None
-    T.PATH.update(fwd=args.path, bwd=args.path)
+    T.PATH.update(zip(("fwd", "bwd"), PATH_PAIR[args.path]))
     kernels = args.kernels or PATH_KERNELS[args.path]
     if set(kernels) - set(PATH_KERNELS[args.path]):
         ap.error(f"--kernels {kernels}: the {args.path} path's kernels are {PATH_KERNELS[args.path]}")

@@ -130,17 +130,19 @@ INTERP_CASES = [
 ]
 
 cuda_only = pytest.mark.skipif(not (CUDA and HAS_TRITON), reason="needs CUDA and triton")
-# both kernel paths: the walks (K <= 4, the default) and the tiles (any K)
-PATHS = ["walk", "tiles"]
+# the kernel paths: the walks (K <= 4, the default), the tiles (any K), and
+# the one-pass tiles of the backward ("fused", its forward the walk)
+PATHS = ["walk", "tiles", "fused"]
 
 
 @contextlib.contextmanager
 def conv_path(p, launch=None):
-    """Run the conv's forward and backward on kernel path p ('walk' | 'tiles'),
-    the walks with `launch` (small blocks reach the block edges in few rows)."""
+    """Run the conv's forward and backward on kernel path p ('walk' | 'tiles' |
+    'fused': the walk forward, the one-pass backward), the walks with `launch`
+    (small blocks reach the block edges in few rows)."""
     from megacpp.ops.causal_conv import triton_conv as T
     old_path, old_launch = dict(T.PATH), {k: dict(v) for k, v in T.LAUNCH.items()}
-    T.PATH.update(fwd=p, bwd=p)
+    T.PATH.update(fwd="walk" if p == "fused" else p, bwd=p)
     for k in ("fwd_walk", "bwd_walk"):
         T.LAUNCH[k] = dict(launch or {})
     try:

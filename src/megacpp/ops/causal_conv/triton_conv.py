@@ -15,7 +15,10 @@ dtype as the reference's SiLU backward rounds it) with per-program float32
 partial sums of d(weight) and d(bias), added up in torch; then dx from g,
 summed in float32 and rounded once. (One pass that recomputed g at the K
 outputs each x_t reaches took 2.1 ms a call at mamba2-130m's shape on an
-H200, against ~0.1 ms for the forward: K * K live tiles.)
+H200, against ~0.1 ms for the forward: K * K live tiles.) The walks (K <= 4,
+the default) do the same one row at a time; `_conv_bwd_fused_kernel` (PATH
+"fused") is one pass of tiles that recomputes g at each of the K shifts
+dx reads, in smaller tiles than that first one pass (see DEFAULT).
 
 Precision against the reference under bf16: the reference rounds the
 pre-activation's gradient to bf16 (F.silu's backward on a bf16 tensor) and
@@ -27,6 +30,7 @@ implementations and register_autograd, as in ops/ssd/triton_ssd.py.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -198,6 +202,57 @@ def _conv_dx_kernel(
         dx += gs.to(tl.float32) * ws[None, :]
     tl.store(dx_ptr + b.to(tl.int64) * s_ob + t[:, None] * s_ol + c[None, :] * s_oc,
              dx.to(dx_ptr.dtype.element_ty), mask=vt[:, None] & vc[None, :])
+
+
+@triton.jit
+def _conv_bwd_fused_kernel(
+    x_ptr, w_ptr, bias_ptr, doc_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr,
+    L, CH,
+    s_xb, s_xl, s_xc, s_db, s_dl, s_gb, s_gl, s_gc, s_ob, s_ol, s_oc,
+    K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOC: tl.constexpr, SILU: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr,
+):
+    """The backward in one pass over (BT time steps, BC channels) tiles: g at
+    the tile's rows with the partial d(weight)/d(bias) sums of those rows (as
+    _conv_dpre_kernel), and dx_t = sum_s w[K-1-s] g_{t+s} with g_{t+s}
+    recomputed at each shift s from dy and x (as _conv_dx_kernel, whose g
+    _conv_dpre_kernel stores): nothing but dx and the partials is written,
+    and every load of a program is independent of its stores (the walks
+    store a row before loading the next)."""
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2)
+    t = pid_t * BT + tl.arange(0, BT)
+    c = pid_c * BC + tl.arange(0, BC)
+    vt = t < L
+    vc = c < CH
+    kk = tl.arange(0, KP)
+    x_base = x_ptr + b.to(tl.int64) * s_xb
+    d_base = doc_ptr + b.to(tl.int64) * s_db
+    d_t = _doc_of(d_base, t, vt, s_dl, HAS_DOC)
+    g = _dpre(x_ptr, w_ptr, bias_ptr, doc_ptr, dy_ptr, b, t, c, vc, L, s_xb, s_xl, s_xc, s_db, s_dl,
+              s_gb, s_gl, s_gc, K, HAS_BIAS, HAS_DOC, SILU, BT, BC)
+    dw = tl.zeros((KP, BC), dtype=tl.float32)
+    for k in tl.static_range(K):
+        ts = t - k
+        ok = _in_doc(vt & (ts >= 0), d_base, ts, d_t, s_dl, HAS_DOC)
+        xv = tl.load(x_base + ts[:, None] * s_xl + c[None, :] * s_xc, mask=ok[:, None] & vc[None, :], other=0.0)
+        dw += tl.where(kk[:, None] == k, tl.sum(g * xv.to(tl.float32), axis=0)[None, :], 0.0)
+    dx = g * tl.load(w_ptr + c * K + (K - 1), mask=vc, other=0.0).to(tl.float32)[None, :]
+    for s in tl.static_range(1, K):
+        ts = t + s
+        ok = _in_doc(vt & (ts < L), d_base, ts, d_t, s_dl, HAS_DOC)
+        gs = _dpre(x_ptr, w_ptr, bias_ptr, doc_ptr, dy_ptr, b, ts, c, vc, L, s_xb, s_xl, s_xc, s_db, s_dl,
+                   s_gb, s_gl, s_gc, K, HAS_BIAS, HAS_DOC, SILU, BT, BC)
+        ws = tl.load(w_ptr + c * K + (K - 1 - s), mask=vc, other=0.0).to(tl.float32)
+        dx += tl.where(ok[:, None], gs * ws[None, :], 0.0)
+    tl.store(dx_ptr + b.to(tl.int64) * s_ob + t[:, None] * s_ol + c[None, :] * s_oc,
+             dx.to(dx_ptr.dtype.element_ty), mask=vt[:, None] & vc[None, :])
+    part = (b * tl.num_programs(0) + pid_t).to(tl.int64)
+    tl.store(dw_ptr + (part * CH + c[None, :]) * K + (K - 1 - kk[:, None]), dw,
+             mask=(kk[:, None] < K) & vc[None, :])
+    if HAS_BIAS:
+        tl.store(db_ptr + part * CH + c, tl.sum(g, axis=0), mask=vc)
 
 
 # ---------------------------------------------------------------- the walks
@@ -427,23 +482,35 @@ def _conv_bwd_walk_kernel(
 # conv (batch 8, 2048 steps, 1792 channels, K 4, bf16): 0.295 ms a call at 32 x
 # 128 -> 0.139 (the tiles' two passes: ~0.25); the forward had no better
 # launch than 32 x 128 (0.057 ms, the tiles' 0.054).
-KERNELS = ("fwd", "dpre", "dx", "fwd_walk", "bwd_walk")
+KERNELS = ("fwd", "dpre", "dx", "fwd_walk", "bwd_walk", "bwd_fused")
 _TILE = {"BT": 64, "BC": 128, "num_warps": 4}
+# bwd_fused: its K shifted recomputations of g keep ~K tiles live, so the
+# tile is a quarter of the two-pass tiles' (an untuned first guess)
 DEFAULT = {"fwd": _TILE, "dpre": _TILE, "dx": _TILE, "fwd_walk": {"BT": 32, "BC": 128, "num_warps": 1},
-           "bwd_walk": {"BT": 8, "BC": 64, "num_warps": 1}}
+           "bwd_walk": {"BT": 8, "BC": 64, "num_warps": 1}, "bwd_fused": {"BT": 32, "BC": 64, "num_warps": 4}}
 TUNED: dict[str, dict] = {k: {} for k in KERNELS}
 LAUNCH: dict[str, dict] = {k: {} for k in KERNELS}
 # Which kernels run: "walk" (K <= WALK_MAX_K) or "tiles" (any K; the only
-# path for longer convs). benchmarks/conv_tune.py --paths times both.
-PATH = {"fwd": "walk", "bwd": "walk"}
+# path for longer convs); the backward also "fused" (one pass of tiles, any
+# K; not yet measured on a GPU). benchmarks/conv_tune.py --paths times them.
+# MEGACPP_CONV_BWD picks the backward's for a process (A/B runs; the run
+# record's conv paths say which ran).
+PATH = {"fwd": "walk", "bwd": os.environ.get("MEGACPP_CONV_BWD", "walk")}
+_PATHS = {"fwd": ("walk", "tiles"), "bwd": ("walk", "tiles", "fused")}
+if PATH["bwd"] not in _PATHS["bwd"]:
+    raise ValueError(f"MEGACPP_CONV_BWD={PATH['bwd']!r}: 'walk', 'tiles' or 'fused'")
 
 
 def path(direction: str, K: int) -> str:
-    """'walk' or 'tiles': the kernels the forward ('fwd') or backward ('bwd') of a width-K conv runs."""
+    """The kernels the forward ('fwd': 'walk' | 'tiles') or backward ('bwd': also
+    'fused') of a width-K conv runs."""
     p = PATH[direction]
-    if p not in ("walk", "tiles"):
-        raise ValueError(f"causal conv PATH[{direction!r}] = {p!r}: 'walk' or 'tiles'")
-    return "walk" if p == "walk" and K <= WALK_MAX_K else "tiles"
+    if p not in _PATHS[direction]:
+        raise ValueError(f"causal conv PATH[{direction!r}] = {p!r}: "
+                         + " or ".join(repr(x) for x in _PATHS[direction]))
+    if p == "walk" and K > WALK_MAX_K:
+        return "tiles"
+    return p
 
 
 def _launch(name: str, b: int, l: int, ch: int) -> tuple[dict, tuple]:
@@ -487,17 +554,20 @@ def _backward(dy, x, weight, bias, doc_ids, silu):
     b, l, ch = x.shape
     K, w, doc = _operands(x, weight, doc_ids)
     dy = dy.contiguous()
-    walk = path("bwd", K) == "walk"
-    cfg, grid = _launch("bwd_walk" if walk else "dpre", b, l, ch)
+    kind = path("bwd", K)
+    walk = kind == "walk"
+    cfg, grid = _launch({"walk": "bwd_walk", "tiles": "dpre", "fused": "bwd_fused"}[kind], b, l, ch)
     parts = b * grid[0]
     dw = torch.empty(parts, ch, K, device=x.device, dtype=torch.float32)
     db = torch.empty(parts, ch, device=x.device, dtype=torch.float32) if bias is not None else dw
     dx = torch.empty(b, l, ch, device=x.device, dtype=x.dtype)
     flags = dict(K=K, HAS_BIAS=bias is not None, HAS_DOC=doc_ids is not None, SILU=silu)
-    if walk:
-        _conv_bwd_walk_kernel[grid](
+    if walk or kind == "fused":
+        kernel = _conv_bwd_walk_kernel if walk else _conv_bwd_fused_kernel
+        extra = {} if walk else {"KP": triton.next_power_of_2(K)}
+        kernel[grid](
             x, w, bias if bias is not None else w, doc, dy, dx, dw, db, l, ch,
-            *x.stride(), *doc.stride(), *dy.stride(), *dx.stride(), **flags, **cfg,
+            *x.stride(), *doc.stride(), *dy.stride(), *dx.stride(), **flags, **extra, **cfg,
         )
     else:
         g = torch.empty_like(dy) if silu else dy
