@@ -17,31 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import traceback
 
 import torch
 
+from kernel_check_util import cuda_time
+
 
 def rel(a, b):
     a, b = a.detach().float(), b.detach().float()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def time_ms(fn, iters, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        out.append(s.elapsed_time(e))
-    return statistics.median(out)
 
 
 def cu_seqlens(doc_ids):
@@ -160,8 +146,8 @@ def main() -> int:
                 ref = (o, dq, dk_, dv_)
             errs = [rel(x, r) for x, r in zip((o, dq, dk_, dv_), ref)]
             qq, kk, vv = (x.detach().clone().requires_grad_() for x in (q, k, v))
-            f_ms = time_ms(lambda: fn(q, k, v), a.iters)
-            fb_ms = time_ms(lambda: fn(qq, kk, vv).backward(do), a.iters)
+            f_ms = cuda_time(lambda: fn(q, k, v), a.iters)
+            fb_ms = cuda_time(lambda: fn(qq, kk, vv).backward(do), a.iters)
             row = dict(backend=name, fwd_ms=f_ms, fwd_bwd_ms=fb_ms, bwd_ms=fb_ms - f_ms,
                        err_o=errs[0], err_dq=errs[1], err_dk=errs[2], err_dv=errs[3])
             print(f"{name:24s} fwd {f_ms:6.3f} ms  fwd+bwd {fb_ms:6.3f} ms  (bwd {fb_ms - f_ms:6.3f})  "

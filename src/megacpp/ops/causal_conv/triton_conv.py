@@ -61,6 +61,16 @@ def _in_doc(ok, d_base, ts, d_t, s_dl, HAS_DOC: tl.constexpr):
 
 
 @triton.jit
+def _tile(L, CH, BT: tl.constexpr, BC: tl.constexpr):
+    """A tile program's (row block, batch row, time steps t, channels c, t < L, c < CH)."""
+    pid_t = tl.program_id(0)
+    b = tl.program_id(2)
+    t = pid_t * BT + tl.arange(0, BT)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    return pid_t, b, t, c, t < L, c < CH
+
+
+@triton.jit
 def _pre(x_ptr, w_ptr, bias_ptr, doc_ptr, b, t, c, vc, L,
          s_xb, s_xl, s_xc, s_db, s_dl,
          K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOC: tl.constexpr,
@@ -90,12 +100,7 @@ def _conv_fwd_kernel(
     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOC: tl.constexpr, SILU: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = tl.program_id(2)
-    t = pid_t * BT + tl.arange(0, BT)
-    c = pid_c * BC + tl.arange(0, BC)
-    vc = c < CH
+    pid_t, b, t, c, vt, vc = _tile(L, CH, BT, BC)
     pre = _pre(x_ptr, w_ptr, bias_ptr, doc_ptr, b, t, c, vc, L, s_xb, s_xl, s_xc, s_db, s_dl,
                K, HAS_BIAS, HAS_DOC, BT, BC)
     y = pre.to(y_ptr.dtype.element_ty)   # the reference's rounding before the activation
@@ -183,13 +188,7 @@ def _conv_dx_kernel(
     K: tl.constexpr, HAS_DOC: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
 ):
     """dx_t = sum_s w[K-1-s] g_{t+s}, over the outputs t+s of x_t's document."""
-    pid_t = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = tl.program_id(2)
-    t = pid_t * BT + tl.arange(0, BT)
-    c = pid_c * BC + tl.arange(0, BC)
-    vt = t < L
-    vc = c < CH
+    pid_t, b, t, c, vt, vc = _tile(L, CH, BT, BC)
     g_base = g_ptr + b.to(tl.int64) * s_gb
     d_base = doc_ptr + b.to(tl.int64) * s_db
     d_t = _doc_of(d_base, t, vt, s_dl, HAS_DOC)
@@ -219,13 +218,7 @@ def _conv_bwd_fused_kernel(
     _conv_dpre_kernel stores): nothing but dx and the partials is written,
     and every load of a program is independent of its stores (the walks
     store a row before loading the next)."""
-    pid_t = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = tl.program_id(2)
-    t = pid_t * BT + tl.arange(0, BT)
-    c = pid_c * BC + tl.arange(0, BC)
-    vt = t < L
-    vc = c < CH
+    pid_t, b, t, c, vt, vc = _tile(L, CH, BT, BC)
     kk = tl.arange(0, KP)
     x_base = x_ptr + b.to(tl.int64) * s_xb
     d_base = doc_ptr + b.to(tl.int64) * s_db
