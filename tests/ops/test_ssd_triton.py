@@ -414,9 +414,46 @@ def test_cpu_interp_two_row_blocks_a_chunk_match_reference(seed, gen):
     assert_close(compare(ssd_triton, ins, 128, seed), torch.float32)
 
 
+def intra_da_at_resets(device, shape, chunk, gen):
+    """The backward's intra-chunk d(a) (triton_ssd.PARTS["da_intra"], summed
+    over row blocks) at the steps whose log-decay is a reset (dt A = -1e4).
+    Every pair of steps spanning a reset has decay exp(-1e4) = 0, so each
+    must be exactly 0: dA multiplies it by the reset's dt (~1e3). On an H200
+    an FMA-fused cumsum(g) - g left 1e-9..3e-5 there (BENCHMARKS.md,
+    twenty-second session)."""
+    from megacpp.ops.ssd import triton_ssd as T
+    b, l, h, p, g, n = shape
+    ins = make_inputs(b, l, h, p, g, n, dtype=torch.float32, device=device, with_d=True, with_init=False,
+                      resets=0.05, gen=gen)
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in ins]
+    captured = {}
+    T.PARTS = captured
+    try:
+        y, s = T.ssd_triton(*leaves[:5], chunk, D=leaves[5])
+        (y.sum() + s.sum()).backward()
+    finally:
+        T.PARTS = None
+    da = captured["da_intra"].sum(3).reshape(b, h, -1)
+    reset = captured["dt"] * ins[2].view(1, h, 1) < -1e3
+    assert reset.any(), "no reset step drawn"
+    return da[reset]
+
+
+@interp_only
+def test_cpu_interp_intra_da_is_zero_at_resets(seed, gen):
+    assert torch.count_nonzero(intra_da_at_resets("cpu", (1, 96, 2, 16, 1, 16), 32, gen)) == 0
+
+
+@cuda_only
+@pytest.mark.gpu
+def test_cuda_intra_da_is_zero_at_resets(seed, gen):
+    vals = intra_da_at_resets("cuda", (2, 300, 4, 64, 2, 128), 128, gen)
+    assert torch.count_nonzero(vals) == 0, f"nonzero intra-chunk d(a) at resets: {vals[vals != 0][:8].tolist()}"
+
+
 # this file's interpreter tests (the `cpu_interp` ones) and the variable that marks the
 # child they run in: test_triton_interpreter.py runs every op's in one child process
-INTERP_CHILD = ("MEGACPP_SSD_INTERP_CHILD", len(INTERP_CASES) + len(STARTS_INTERP) + 2 + 2 + 1)
+INTERP_CHILD = ("MEGACPP_SSD_INTERP_CHILD", len(INTERP_CASES) + len(STARTS_INTERP) + 2 + 2 + 1 + 1)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
