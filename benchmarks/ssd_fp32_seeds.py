@@ -3,8 +3,7 @@ seeds (a GPU check, not a timing): the distribution of dA's error, which the
 CUDA tests bound separately (tests/ops/test_ssd_triton.py DA_TOL_FP32), next
 to the worst error of every other output.
 
-    MEGACPP_TRITON_EXP=approx    python3 benchmarks/ssd_fp32_seeds.py --seeds 40
-    MEGACPP_TRITON_EXP=libdevice python3 benchmarks/ssd_fp32_seeds.py --seeds 40
+    python3 benchmarks/ssd_fp32_seeds.py --seeds 40 [--dtype bfloat16]
     ... --tuned   (float32 at the bf16 sweep's launch, TUNED, which the
                    kernels otherwise apply to half precision only)
 
@@ -40,7 +39,6 @@ def main() -> int:
     if a.device == "cuda" and not torch.cuda.is_available():
         print("needs CUDA", file=sys.stderr)
         return 2
-    from megacpp.ops import _triton_util
     from megacpp.ops.ssd import triton_ssd
     if a.tuned:
         for k, v in triton_ssd.TUNED.items():
@@ -61,12 +59,12 @@ def main() -> int:
             rest.append(max(max(e) for k, e in errs.items() if k != "dA"))
         da.sort()
         norms = [d[0] for d in da]
-        row = dict(case=name, dtype=a.dtype, exp=_triton_util.EXP, tuned=a.tuned, seeds=a.seeds,
+        row = dict(case=name, dtype=a.dtype, tuned=a.tuned, seeds=a.seeds,
                    dA_norm_median=norms[(len(norms) - 1) // 2], dA_norm_p90=norms[int(0.9 * (len(norms) - 1))],
                    dA_norm_worst=norms[-1], dA_max_worst=max(d[1] for d in da), worst_seed=da[-1][2],
                    rest_worst=max(rest))
         rows.append(row)
-        print(f"{name:18s} {a.dtype:8s} exp={row['exp']:9s} tuned={int(a.tuned)}  dA norm: median {row['dA_norm_median']:.2e}"
+        print(f"{name:18s} {a.dtype:8s} tuned={int(a.tuned)}  dA norm: median {row['dA_norm_median']:.2e}"
               f"  p90 {row['dA_norm_p90']:.2e}  worst {row['dA_norm_worst']:.2e} (seed {row['worst_seed']})"
               f"  max {row['dA_max_worst']:.2e}  | rest worst {row['rest_worst']:.2e}", flush=True)
     if a.json:

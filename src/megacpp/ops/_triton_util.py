@@ -49,29 +49,6 @@ if INTERPRET:
     fix_interpreter_index()
 
 
-# How the kernels take exp of float32 values when their operands are float32
-# (IEEE): Triton's NVIDIA backend lowers tl.exp(x) to ex2.approx.f32(x * log2e),
-# whose product rounds in float32 (a relative error of about |x| * 6e-8 in
-# every decay), where the interpreter's numpy exp is exact to an ulp.
-# "libdevice" takes CUDA's libdevice expf for float32 operands (IEEE) on the
-# GPU; half-precision operands keep tl.exp (their products round far coarser).
-# MEGACPP_TRITON_EXP picks it for a process (the A/B of
-# benchmarks/ssd_fp32_seeds.py); the interpreter always runs numpy's exp.
-EXP = os.environ.get("MEGACPP_TRITON_EXP", "approx")
-if EXP not in ("approx", "libdevice"):
-    raise ValueError(f"MEGACPP_TRITON_EXP={EXP!r}: 'approx' or 'libdevice'")
-EXACT_EXP = tl.constexpr(EXP == "libdevice" and not INTERPRET)
-
-
-@triton.jit
-def exp32(x, IEEE: tl.constexpr):
-    """exp(x) of float32 x: libdevice's when IEEE and EXACT_EXP, else tl.exp."""
-    if IEEE and EXACT_EXP:
-        return libdevice.exp(x)
-    else:
-        return tl.exp(x)
-
-
 _INTERP = tl.constexpr(INTERPRET)
 
 

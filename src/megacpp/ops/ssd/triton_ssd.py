@@ -86,7 +86,6 @@ from .._triton_util import INTERPRET
 from .._triton_util import blk as _blk
 from .._triton_util import device_ctx as _device_ctx
 from .._triton_util import dot_dtype as _dot_dtype
-from .._triton_util import exp32 as _exp
 from .._triton_util import mul_rn as _mul_rn
 from .._triton_util import mm as _mm
 from .._triton_util import p2 as _p2
@@ -185,7 +184,7 @@ def _state_fwd_kernel(
         vk = (k < Q) & (tk < L)
         ck = tl.load(cum_ptr + row + tk, mask=k < Q, other=0.0)
         dtk = tl.load(dt_ptr + row + tk, mask=k < Q, other=0.0)
-        w = tl.where(vk, _exp((cl - ck).to(tl.float32), IEEE) * dtk, 0.0)
+        w = tl.where(vk, tl.exp((cl - ck).to(tl.float32)) * dtk, 0.0)
         xT = tl.load(x_base + tk[None, :] * s_xl + p[:, None] * s_xp, mask=vk[None, :] & vp[:, None], other=0.0)
         bk = tl.load(B_base + tk[:, None] * s_bl + n[None, :] * s_bn, mask=vk[:, None] & vn[None, :], other=0.0)
         # scale x (not B) by the weight: dt * x stays normal-sized where dt is
@@ -195,7 +194,7 @@ def _state_fwd_kernel(
         tl.store(st_base + c * H * P * N + p[:, None] * N + n[None, :], S.to(states_ptr.dtype.element_ty),
                  mask=m2 & (kb == 0))
         last = kb == NK - 1
-        S = tl.where(last, S * _exp(cl.to(tl.float32), IEEE) + acc, S)
+        S = tl.where(last, S * tl.exp(cl.to(tl.float32)) + acc, S)
         acc = tl.where(last, 0.0, acc)
     tl.store(final_ptr + pid_bh.to(tl.int64) * P * N + p[:, None] * N + n[None, :], S, mask=m2)
 
@@ -241,7 +240,7 @@ def _scan_fwd_kernel(
         ci = tl.load(C_base + ti[:, None] * s_cl + n[None, :] * s_cn, mask=vi[:, None] & vn[None, :], other=0.0)
         sT = tl.load(st_base + p[None, :] * N + n[:, None], mask=vp[None, :] & vn[:, None], other=0.0)
         acc += _mm(ci, sT, DOT, IEEE)
-    acc = acc * _exp(cum_i.to(tl.float32), IEEE)[:, None]
+    acc = acc * tl.exp(cum_i.to(tl.float32))[:, None]
 
     # intra-chunk: causal blocks only
     cb_base = CB_ptr + ((b.to(tl.int64) * NC + c) * G + g) * Q * Q
@@ -254,7 +253,7 @@ def _scan_fwd_kernel(
         dt_k = tl.load(dt_ptr + row + tk, mask=k < Q, other=0.0)
         causal = (i[:, None] >= k[None, :]) & (i < Q)[:, None] & (k < Q)[None, :]
         cb = tl.load(cb_base + i[:, None] * Q + k[None, :], mask=causal, other=0.0)
-        dec = _exp(tl.where(causal, (cum_i[:, None] - cum_k[None, :]).to(tl.float32), float("-inf")), IEEE)
+        dec = tl.exp(tl.where(causal, (cum_i[:, None] - cum_k[None, :]).to(tl.float32), float("-inf")))
         xk = tl.load(x_base + tk[:, None] * s_xl + p[None, :] * s_xp, mask=vk[:, None] & vp[None, :], other=0.0)
         acc += _mm(cb * dec, xk.to(tl.float32) * dt_k[:, None], DOT, IEEE)
 
@@ -311,7 +310,7 @@ def _state_bwd_kernel(
         kb = it % NK
         first = kb == 0
         cl = tl.load(cum_ptr + row + c * Q + Q - 1)
-        ecl = _exp(cl.to(tl.float32), IEEE)
+        ecl = tl.exp(cl.to(tl.float32))
         st_off = ((b.to(tl.int64) * NC + c) * H + h) * P * N + p[:, None] * N + n[None, :]
         tl.store(dstates_ptr + st_off, dS.to(dstates_ptr.dtype.element_ty), mask=m2 & first)
         s_in = tl.load(states_ptr + st_off, mask=m2 & first, other=0.0).to(tl.float32)
@@ -321,7 +320,7 @@ def _state_bwd_kernel(
         tk = c * Q + k
         vk = (k < Q) & (tk < L)
         ck = tl.load(cum_ptr + row + tk, mask=k < Q, other=0.0)
-        e = tl.where(vk, _exp(ck.to(tl.float32), IEEE), 0.0)
+        e = tl.where(vk, tl.exp(ck.to(tl.float32)), 0.0)
         dyT = tl.load(dy_base + tk[None, :] * s_dl + p[:, None] * s_dp, mask=vk[None, :] & vp[:, None], other=0.0)
         ck_ = tl.load(C_base + tk[:, None] * s_cl + n[None, :] * s_cn, mask=vk[:, None] & vn[None, :], other=0.0)
         acc += _mm(dyT, ck_.to(tl.float32) * e[:, None], DOT, IEEE)
@@ -364,7 +363,7 @@ def _dx_kernel(
     cum_j = tl.load(cum_ptr + row + tj, mask=j < Q, other=0.0)
     dt_j = tl.load(dt_ptr + row + tj, mask=j < Q, other=0.0)
     cl = tl.load(cum_ptr + row + c * Q + Q - 1)
-    e_j = tl.where(j < Q, _exp((cl - cum_j).to(tl.float32), IEEE), 0.0)
+    e_j = tl.where(j < Q, tl.exp((cl - cum_j).to(tl.float32)), 0.0)
 
     # T = B_j dstates^T (dstates: gradient of the state this chunk adds)
     B_base = B_ptr + b.to(tl.int64) * s_bb + g * s_bg
@@ -388,7 +387,7 @@ def _dx_kernel(
         cum_i = tl.load(cum_ptr + row + ti, mask=i < Q, other=0.0)
         causal = (i[None, :] >= j[:, None]) & (i < Q)[None, :] & (j < Q)[:, None]
         cbT = tl.load(cb_base + i[None, :] * Q + j[:, None], mask=causal, other=0.0)
-        dec = _exp(tl.where(causal, (cum_i[None, :] - cum_j[:, None]).to(tl.float32), float("-inf")), IEEE)
+        dec = tl.exp(tl.where(causal, (cum_i[None, :] - cum_j[:, None]).to(tl.float32), float("-inf")))
         dyi = tl.load(dy_base + ti[:, None] * s_dl + p[None, :] * s_dp, mask=vi[:, None] & vp[None, :], other=0.0)
         acc += _mm(cbT * dec, dyi, DOT, IEEE)
 
@@ -447,7 +446,7 @@ def _dcb_kernel(
         xT = tl.load(x_ptr + b.to(tl.int64) * s_xb + h * s_xh + tj[None, :] * s_xl + p[:, None] * s_xp,
                      mask=vj[None, :] & vp[:, None], other=0.0)
         dyx = _mm(dyi, xT, DOT, IEEE)
-        dec = _exp(tl.where(causal, (cum_i[:, None] - cum_j[None, :]).to(tl.float32), float("-inf")), IEEE)
+        dec = tl.exp(tl.where(causal, (cum_i[:, None] - cum_j[None, :]).to(tl.float32), float("-inf")))
         dcb_h = dyx * dec * dt_j[None, :]
         dcbg += dcb_h
         # d(a_k) from the pairs (i, j) whose decay spans step k (j < k <= i):
@@ -509,8 +508,8 @@ def _dbc_kernel(
         cum_r = tl.load(cum_ptr + row + tr, mask=r < Q, other=0.0)
         dt_r = tl.load(dt_ptr + row + tr, mask=r < Q, other=0.0)
         cl = tl.load(cum_ptr + row + c * Q + Q - 1)
-        e_in = tl.where(r < Q, _exp(cum_r.to(tl.float32), IEEE), 0.0)
-        w = tl.where(r < Q, _exp((cl - cum_r).to(tl.float32), IEEE), 0.0) * dt_r
+        e_in = tl.where(r < Q, tl.exp(cum_r.to(tl.float32)), 0.0)
+        w = tl.where(r < Q, tl.exp((cl - cum_r).to(tl.float32)), 0.0) * dt_r
         dyr = tl.load(dy_ptr + b.to(tl.int64) * s_db + h * s_dh + tr[:, None] * s_dl + p[None, :] * s_dp,
                       mask=vr[:, None] & vp[None, :], other=0.0)
         xr = tl.load(x_ptr + b.to(tl.int64) * s_xb + h * s_xh + tr[:, None] * s_xl + p[None, :] * s_xp,
